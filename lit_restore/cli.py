@@ -1,0 +1,216 @@
+"""`lit-restore` command line: parses arguments and calls the function that does the work.
+
+No logic lives here. Heavy imports happen inside each command so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _prep_shards(a: argparse.Namespace) -> int:
+    from data_prep.shards import prep_shards
+
+    return prep_shards(
+        inputs=a.inputs, out=a.out, lq=a.lq, gt=a.gt, task=a.task, name=a.name, crop=a.crop,
+        stride=a.stride, max_count=a.max_count, max_size=a.max_size, seed=a.seed,
+        workers=a.workers, overwrite=a.overwrite, prefix=a.prefix,
+    )
+
+
+def _prep_sample(a: argparse.Namespace) -> int:
+    from data_prep.sample import prep_sample
+
+    return prep_sample(out=a.out, crop=a.crop, train_crops=a.train_crops, val_crops=a.val_crops,
+                       seed=a.seed, overwrite=a.overwrite)
+
+
+def _degrade(a: argparse.Namespace) -> int:
+    from lit_restore.data.degrade.preview import degrade_command
+
+    return degrade_command(image=a.image, out=a.out, ops=a.ops, grid=a.grid, list_tasks=a.list_tasks,
+                           suite=a.suite, seed=a.seed)
+
+
+def _fit(a: argparse.Namespace) -> int:
+    from lit_restore.config import load_config, to_yaml
+
+    cfg = load_config(a.config, a.overrides)
+    if a.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    from lit_restore.fit import fit
+
+    fit(cfg)
+    return 0
+
+
+def _export(a: argparse.Namespace) -> int:
+    from lit_restore.export import export_command
+
+    return export_command(ckpt=a.ckpt, out=a.out, ema=not a.no_ema, onnx=not a.no_onnx)
+
+
+def _restore(a: argparse.Namespace) -> int:
+    from lit_restore.restore import restore_command
+
+    return restore_command(
+        weights=a.weights, inputs=a.inputs, out=a.out, prompt=a.prompt, fast=a.fast,
+        max_passes=a.max_passes, steps=a.steps, sampler=a.sampler, guidance_text=a.guidance_text,
+        guidance_image=a.guidance_image, tile=a.tile, overlap=a.overlap, device=a.device, seed=a.seed,
+    )
+
+
+def _evaluate(a: argparse.Namespace) -> int:
+    from lit_restore.evaluate import evaluate_command
+
+    return evaluate_command(
+        weights=a.weights, suite=a.suite, data=a.data, out=a.out, lines=a.lines, save_lines=a.save_lines,
+        tasks=a.tasks, max_images=a.max_images, crop_border=a.crop_border, y_channel=a.y_channel,
+        lpips_weights=a.lpips_weights, fast=a.fast, steps=a.steps, device=a.device,
+    )
+
+
+def _sbatch(a: argparse.Namespace) -> int:
+    from lit_restore.slurm import sbatch_command
+
+    return sbatch_command(
+        config=a.config, overrides=a.overrides, nodes=a.nodes, devices_per_node=a.devices_per_node,
+        partition=a.partition, time=a.time, cpus_per_task=a.cpus_per_task, gpus=not a.no_gpus,
+        job_name=a.job_name, submit=a.submit, out=a.out,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lit-restore", description="All-in-one image restoration training on Lightning.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("prep-shards", help="image folders → WebDataset tar shards",
+                       description="Write clean image folders (or paired --lq/--gt folders) as tar shards.")
+    s.add_argument("inputs", nargs="*", help="clean image folders (searched recursively)")
+    s.add_argument("--out", required=True, help="output folder for shards, manifest.json and the skip report")
+    s.add_argument("--lq", help="paired mode: folder of degraded images")
+    s.add_argument("--gt", help="paired mode: folder of clean images (matched to --lq by file stem)")
+    s.add_argument("--task", help="paired mode: degradation type of the --lq images (e.g. rain, haze, sr)")
+    s.add_argument("--name", help="dataset name stored in each sample's metadata (default: folder name)")
+    s.add_argument("--crop", type=int, default=0, help="pre-crop large images into sub-images of this size (0: off)")
+    s.add_argument("--stride", type=int, default=0, help="stride between sub-images (default: crop, no overlap)")
+    s.add_argument("--max-count", type=int, default=1000, help="samples per shard at most")
+    s.add_argument("--max-size", type=float, default=1e9, help="bytes per shard at most")
+    s.add_argument("--seed", type=int, default=0, help="seed of the write-time shuffle")
+    s.add_argument("--workers", type=int, default=0, help="encoding processes (0: all cores)")
+    s.add_argument("--prefix", default="shard", help="shard file name prefix")
+    s.add_argument("--overwrite", action="store_true", help="replace existing shards in --out")
+    s.set_defaults(func=_prep_shards)
+
+    s = sub.add_parser("prep-sample", help="build the quickstart shards from scikit-image's sample photos",
+                       description="Random crops of the photos shipped with scikit-image → train and val shards.")
+    s.add_argument("--out", default="data/sample", help="output folder")
+    s.add_argument("--crop", type=int, default=128, help="crop size")
+    s.add_argument("--train-crops", type=int, default=64, help="random crops per photo for training")
+    s.add_argument("--val-crops", type=int, default=4, help="random crops per photo for validation")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=_prep_sample)
+
+    s = sub.add_parser("degrade", help="preview degradations on an image, or list the GIR tasks",
+                       description="Write a degraded image, a grid of every op at three strengths, or list the suite.")
+    s.add_argument("image", nargs="?", help="input image")
+    s.add_argument("--out", help="output image path")
+    s.add_argument("--ops", default="", help='ops with parameters, e.g. "noise:sigma=25,blur:sigma=2"')
+    s.add_argument("--grid", action="store_true", help="every op at three strengths, labelled")
+    s.add_argument("--list-tasks", action="store_true", help="print the GIR suite: name, types, parameters")
+    s.add_argument("--suite", default=None, help="suite YAML (default: configs/gir_suite.yaml)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_degrade)
+
+    s = sub.add_parser("fit", help="train a stage from a config",
+                       description="Train one stage. Overrides are key=value pairs, e.g. data.batch_size=16.")
+    s.add_argument("config", help="stage YAML, e.g. configs/tiny/biqa.yaml")
+    s.add_argument("overrides", nargs="*", help="key=value overrides")
+    s.add_argument("--print-config", action="store_true", help="print the merged config and exit")
+    s.set_defaults(func=_fit)
+
+    s = sub.add_parser("export", help="checkpoint → weights folder (safetensors, config, model card, ONNX)",
+                       description="Export a trained checkpoint for restore/evaluate and for other tools.")
+    s.add_argument("ckpt", help="Lightning checkpoint file or sharded checkpoint folder")
+    s.add_argument("--out", required=True, help="exported weights folder (a stage subfolder is written inside)")
+    s.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA weights")
+    s.add_argument("--no-onnx", action="store_true", help="skip the ONNX export of conv nets")
+    s.set_defaults(func=_export)
+
+    s = sub.add_parser("restore", help="restore images with exported weights (automatic loop)",
+                       description="BIQA → LDM → SCM, repeated until no artifact is left; or --fast / --prompt.")
+    s.add_argument("inputs", nargs="+", help="images, folders or globs")
+    s.add_argument("--weights", required=True, help="exported weights folder")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--prompt", default=None, help="one pass with this instruction instead of the automatic loop")
+    s.add_argument("--fast", action="store_true", help="feed-forward ConStyle restorer only")
+    s.add_argument("--max-passes", type=int, default=7)
+    s.add_argument("--steps", type=int, default=50, help="diffusion sampling steps")
+    s.add_argument("--sampler", default="euler_ancestral", help="diffusion sampler (euler_ancestral, ddim, euler)")
+    s.add_argument("--guidance-text", type=float, default=1.0)
+    s.add_argument("--guidance-image", type=float, default=1.0)
+    s.add_argument("--tile", type=int, default=512, help="tile size for large images")
+    s.add_argument("--overlap", type=int, default=64, help="tile overlap")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_restore)
+
+    s = sub.add_parser("evaluate", help="evaluate weights on the GIR suite and write a report",
+                       description="Run the synthetic GIR tasks (and paired real tasks) and write metrics and a report.")
+    s.add_argument("--weights", required=True, help="exported weights folder")
+    s.add_argument("--suite", default="gir", help="'gir' or a suite YAML")
+    s.add_argument("--data", required=True, help="clean val shard URL pattern (paired shards join as extra tasks)")
+    s.add_argument("--out", required=True, help="report folder")
+    s.add_argument("--lines", default=None, help="CSV with per-task acceptance/excellence lines")
+    s.add_argument("--save-lines", default=None, help="write these weights' per-task PSNR as a lines CSV")
+    s.add_argument("--tasks", default=None, help="comma-separated task names or a count (first N)")
+    s.add_argument("--max-images", type=int, default=0, help="images per task (0: all)")
+    s.add_argument("--crop-border", type=int, default=4)
+    s.add_argument("--y-channel", action="store_true", help="PSNR/SSIM on the Y channel (BT.601)")
+    s.add_argument("--lpips-weights", default=None, help="local LPIPS backbone weights (offline)")
+    s.add_argument("--fast", action="store_true", help="evaluate the feed-forward restorer instead of the loop")
+    s.add_argument("--steps", type=int, default=20, help="diffusion sampling steps")
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=_evaluate)
+
+    s = sub.add_parser("sbatch", help="render (and submit) a SLURM job for a config",
+                       description="Render an sbatch script that runs `srun lit-restore fit` with requeue on preemption.")
+    s.add_argument("config", help="stage YAML")
+    s.add_argument("overrides", nargs="*", help="key=value overrides passed to fit")
+    s.add_argument("--nodes", type=int, default=1)
+    s.add_argument("--devices-per-node", type=int, default=1)
+    s.add_argument("--partition", default=None)
+    s.add_argument("--time", default=None, help="e.g. 24:00:00")
+    s.add_argument("--cpus-per-task", type=int, default=8)
+    s.add_argument("--no-gpus", action="store_true", help="CPU job: no --gres, gloo backend")
+    s.add_argument("--job-name", default=None, help="default: from out_dir")
+    s.add_argument("--out", default=None, help="where to write the script (default: <out_dir>/job.sbatch)")
+    s.add_argument("--submit", action="store_true", help="submit with sbatch after rendering")
+    s.set_defaults(func=_sbatch)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # Overrides may follow options (`fit CONFIG --print-config seed=1`), which argparse's
+    # positional matching alone does not accept.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = list(args.overrides) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from lit_restore.config import ConfigError
+
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        print(f"lit-restore: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
