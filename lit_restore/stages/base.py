@@ -1,0 +1,177 @@
+"""What every stage shares: device-side degradation, the optimizer schedule, validation metrics,
+image grids and throughput logging. Each stage file adds its networks, steps and exports."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import zlib
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import WandbLogger
+from torch import nn
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+from torchvision.utils import make_grid, save_image
+
+from lit_restore.config import RunConfig, to_dict
+from lit_restore.data.degrade import Degrader
+from lit_restore.data.degrade.types import DEGRADATION_TYPES
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """LR multiplier: linear warmup from 0, then cosine from 1 down to `min_lr_ratio` at `total_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if total_steps <= warmup_steps:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class Stage(L.LightningModule):
+    """Base of every stage. Subclasses build networks in `configure_model` (idempotent, so FSDP
+    can wrap them), implement `training_step` / `validation_step` and `export_modules`."""
+
+    # A stage that keeps its own EMA (e.g. of one sub-network) sets this so fit adds no EMA callback.
+    manages_own_ema = False
+
+    def __init__(self, cfg: RunConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.save_hyperparameters({"config": to_dict(cfg)})
+        self.degrader = Degrader(cfg.degrade)
+        # Per-image PSNR averaged over images (dim=(1,2,3)), the convention of restoration papers.
+        self.val_psnr = PeakSignalNoiseRatio(data_range=1.0, reduction="elementwise_mean", dim=(1, 2, 3))
+        self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
+        self._train_generator: torch.Generator | None = None
+        self._last_batch_end: float | None = None
+        self._corrupt_seen = 0
+
+    # ------------------------------------------------------------------ batches
+
+    def _is_training(self) -> bool:
+        # Without a trainer (unit tests, notebooks) the module's train/eval mode decides.
+        return self.trainer.training if self._trainer is not None else self.training
+
+    def _degrade_generator(self, device: torch.device, keys: list[str]) -> torch.Generator:
+        if self._is_training():
+            if self._train_generator is None or self._train_generator.device != device:
+                # Reseeded from the step a (re)start begins at, so a resumed run draws new degradations.
+                seed = (self.cfg.seed * 1_000_003 + self.global_rank * 7_919 + self.global_step) % 2**63
+                self._train_generator = torch.Generator(device=device)
+                self._train_generator.manual_seed(seed)
+            return self._train_generator
+        # Validation: the same degradation for the same samples on every run and rank.
+        g = torch.Generator(device=device)
+        g.manual_seed(self.cfg.seed + zlib.crc32(keys[0].encode()))
+        return g
+
+    @torch.no_grad()
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int = 0) -> dict:
+        gt = batch["gt"].float().div_(255.0)
+        n = gt.shape[0]
+        keys = list(batch["key"])
+        generator = self._degrade_generator(gt.device, keys)
+        # Degradations in fp32 whatever the training precision (half-precision blur/JPEG drift).
+        with torch.autocast(device_type=gt.device.type, enabled=False):
+            lq, label, types, params = self.degrader(
+                gt, generator=generator, depth=batch.get("depth"), has_depth=batch.get("has_depth")
+            )
+        if "lq" in batch:  # paired real samples keep their own lq and task label
+            real = batch["has_lq"].to(torch.bool)
+            lq = torch.where(real[:, None, None, None], batch["lq"].float().div_(255.0), lq)
+            real_label = batch["label"].clamp(min=0)
+            label = torch.where(real, real_label, label)
+            real_types = F.one_hot(real_label, len(DEGRADATION_TYPES)).to(torch.bool)
+            types = torch.where(real[:, None], real_types, types)
+        valid = batch.get("valid")
+        if valid is None:
+            valid = torch.ones(n, dtype=torch.bool, device=gt.device)
+        if "n_corrupt" in batch and self._is_training():
+            self._corrupt_seen += int(batch["n_corrupt"].sum())
+        return {
+            "gt": gt,
+            "lq": lq.contiguous(),
+            "label": label,
+            "types": types,
+            "params": params,
+            "key": keys,
+            "valid": valid.to(torch.bool),
+        }
+
+    # ------------------------------------------------------------------ optimisation
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def configure_optimizers(self):
+        o = self.cfg.optim
+        optimizer = torch.optim.AdamW(
+            self.trainable_parameters(), lr=o.lr, betas=(o.betas[0], o.betas[1]), weight_decay=o.weight_decay
+        )
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches)
+        schedule = partial(warmup_cosine, warmup_steps=o.warmup_steps, total_steps=total, min_lr_ratio=o.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ logging
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # Time between consecutive batch ends: includes data wait, so it is the real throughput.
+        now = time.perf_counter()
+        if self._last_batch_end is not None:
+            images = batch["gt"].shape[0] * self.trainer.world_size
+            self.log("train/images_per_sec", images / max(now - self._last_batch_end, 1e-9), rank_zero_only=True)
+        self._last_batch_end = now
+        self.log("data/corrupt_samples", float(self._corrupt_seen), rank_zero_only=True)
+
+    def on_train_epoch_start(self) -> None:
+        self._last_batch_end = None
+
+    def log_restoration_metrics(self, pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Accumulate val PSNR/SSIM over the valid samples (padding samples are ignored)."""
+        pred = pred.detach().float().clamp(0, 1)
+        gt = gt.float()
+        if valid is not None and not bool(valid.all()):
+            pred, gt = pred[valid], gt[valid]
+        if pred.shape[0] == 0:
+            return
+        self.val_psnr.update(pred, gt)
+        self.val_ssim.update(pred, gt)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_psnr.update_called:
+            self.log("val/psnr", self.val_psnr.compute(), sync_dist=False)
+            self.log("val/ssim", self.val_ssim.compute(), sync_dist=False)
+        self.val_psnr.reset()
+        self.val_ssim.reset()
+
+    def log_image_grid(self, name: str, rows: list[torch.Tensor], max_images: int = 4) -> Path | None:
+        """One picture: each tensor of `rows` is a row of images. Written to out_dir/samples and the logger."""
+        if self._trainer is not None and not self.trainer.is_global_zero:
+            return None
+        images = [r[:max_images].detach().float().clamp(0, 1).cpu() for r in rows]
+        size = images[0].shape[-2:]
+        images = [F.interpolate(x, size=size, mode="nearest") if x.shape[-2:] != size else x for x in images]
+        images = [x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x for x in images]
+        grid = make_grid(torch.cat(images), nrow=images[0].shape[0], padding=2, pad_value=1.0)
+        path = Path(self.cfg.out_dir) / "samples" / f"{name.replace('/', '_')}_step{self.global_step:07d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.png")
+        save_image(grid, tmp)
+        os.replace(tmp, path)
+        for logger in self.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key=name, images=[grid], step=self.global_step)
+        return path
+
+    # ------------------------------------------------------------------ export
+
+    def export_modules(self) -> dict[str, nn.Module]:
+        """Inference modules to export, by name."""
+        raise NotImplementedError(f"{type(self).__name__} does not define export_modules()")
