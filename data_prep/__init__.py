@@ -1,0 +1,1 @@
+"""Offline data preparation: image folders → WebDataset shards (`shards`), quickstart shards (`sample`)."""
