@@ -50,27 +50,165 @@ class DataConfig:
     train: list[Source] = field(default_factory=lambda: [Source(f"{SAMPLE_DIR}/train-{{000000..000003}}.tar")])
     # Validation sources, read once each, in order, split across ranks.
     val: list[Source] = field(default_factory=lambda: [Source(f"{SAMPLE_DIR}/val-000000.tar")])
-    batch_size: int = 8  # per device
-    val_batch_size: int = 0  # 0 = same as batch_size
-    num_workers: int = 2  # per device
-    crop: int = 128  # square training crop, taken jointly from lq/gt
+    batch_size: int = 8  # per device; training batches are always full
+    val_batch_size: int = 0  # 0 = same as batch_size; short ranks pad with rows marked valid=False
+    num_workers: int = 2  # loader processes per device (0: load in the training process)
+    crop: int = 128  # square training crop, taken jointly from lq/gt/depth; smaller images are reflect-padded
     val_crop: int = 0  # centre crop for validation; 0 = same as crop
-    shuffle_buffer: int = 500  # samples held (as encoded bytes) for shuffling
-    steps_per_epoch: int = 500  # a "virtual epoch": batches per rank between loader restarts
-    max_corrupt_fraction: float = 0.05  # stop the run when more samples than this are unreadable
+    shuffle_buffer: int = 500  # samples held (as encoded bytes) for shuffling; 0 or 1 = no shuffle
+    # A "virtual epoch": exactly this many batches per rank between loader restarts, split over
+    # the workers (the first `steps_per_epoch % num_workers` workers make one more).
+    steps_per_epoch: int = 500
+    max_corrupt_fraction: float = 0.05  # stop the run when more samples than this are unreadable (checked after 100)
+
+
+@dataclass
+class NoiseOpConfig:
+    """Sensor noise: Gaussian (colour or gray) or Poisson, one normal draw per pixel."""
+
+    prob: float = 0.3  # inclusion probability in mode=mixed; relative weight in mode=single
+    sigma: list[float] = field(default_factory=lambda: [15.0, 50.0])  # Gaussian σ in 8-bit levels (MiOIR)
+    gray_prob: float = 0.4  # same noise on every channel (Real-ESRGAN 0.4; MiOIR 0)
+    poisson_prob: float = 0.3  # Poisson noise instead of Gaussian (Real-ESRGAN 0.5)
+    poisson_scale: list[float] = field(default_factory=lambda: [0.05, 3.0])  # Real-ESRGAN
+
+
+@dataclass
+class BlurOpConfig:
+    """Gaussian (isotropic or rotated anisotropic) or motion blur, one kernel per sample."""
+
+    prob: float = 0.3
+    kernel_size: list[int] = field(default_factory=lambda: [7, 21])  # odd support of Gaussian kernels (MiOIR)
+    sigma: list[float] = field(default_factory=lambda: [1.0, 3.0])  # Gaussian σ in pixels (MiOIR)
+    aniso_prob: float = 0.3  # σx, σy drawn separately, kernel rotated by `angle`
+    angle: list[float] = field(default_factory=lambda: [0.0, 180.0])  # degrees
+    motion_prob: float = 0.2  # a straight motion streak instead of a Gaussian
+    motion_length: list[float] = field(default_factory=lambda: [5.0, 21.0])  # pixels
+
+
+@dataclass
+class JpegOpConfig:
+    """JPEG compression (IJG quality scaling of the standard tables, 4:2:0 chroma)."""
+
+    prob: float = 0.3
+    quality: list[float] = field(default_factory=lambda: [30.0, 70.0])  # MiOIR in-distribution
+
+
+@dataclass
+class LowresOpConfig:
+    """Down by `scale`, then back up to the input size (scale-1 restoration, as MiOIR)."""
+
+    prob: float = 0.3
+    scale: list[float] = field(default_factory=lambda: [2.0, 4.0])  # MiOIR: fixed 4
+    # Down-sampling filters, one drawn per sample (Real-ESRGAN draws from area/bilinear/bicubic).
+    modes: list[str] = field(default_factory=lambda: ["area", "bilinear", "bicubic"])
+    up_mode: str = choice("bicubic", ("nearest", "area", "bilinear", "bicubic"), "filter back to the input size")
+
+
+@dataclass
+class HazeOpConfig:
+    """Atmospheric scattering I = J·t + A(1−t), t = exp(−β·depth), depth in [0, 1]."""
+
+    prob: float = 0.3
+    beta: list[float] = field(default_factory=lambda: [0.5, 2.5])  # MiOIR in-distribution
+    airlight: list[float] = field(default_factory=lambda: [0.8, 1.0])  # A (MiOIR)
+
+
+@dataclass
+class RainOpConfig:
+    """Rain streaks: sparse seeds smeared by a rotated line kernel, added and clipped (MiOIR)."""
+
+    prob: float = 0.3
+    amount: list[float] = field(default_factory=lambda: [50.0, 99.0])  # MiOIR "value": seeds = amount/25600 of pixels
+    length: list[float] = field(default_factory=lambda: [20.0, 40.0])  # streak length in pixels
+    angle: list[float] = field(default_factory=lambda: [-45.0, 45.0])  # degrees from vertical
+    width: list[float] = field(default_factory=lambda: [3.0, 11.0])  # Gaussian kernel size across the streak
+
+
+@dataclass
+class LowlightOpConfig:
+    """Under-exposure: gain·x^γ, with optional read noise added in linear light."""
+
+    prob: float = 0.3
+    gamma: list[float] = field(default_factory=lambda: [1.0, 3.0])  # MiOIR "dark"
+    gain: list[float] = field(default_factory=lambda: [1.0, 1.0])  # linear dimming (PromptGIP 0.3-0.4)
+    noise_sigma: list[float] = field(default_factory=lambda: [0.0, 0.0])  # linear-light σ in 8-bit levels
 
 
 @dataclass
 class DegradeConfig:
-    """On-device degradation synthesis (see lit_restore/data/degrade)."""
+    """On-device degradation synthesis (see lit_restore/data/degrade and configs/degrade/)."""
 
+    # single: one op per degraded sample (chosen with weights `<op>.prob`); mixed: the `types`
+    # chain, each op included per sample with probability `<op>.prob` (a sample that draws none
+    # gets one); task: the fixed task `task` of the suite.
     mode: str = choice("mixed", ("single", "mixed", "task"), "one type per sample, a chain, or a fixed task")
-    types: list[str] = field(default_factory=lambda: ["noise", "blur", "jpeg", "lowres", "haze", "rain", "lowlight"])
+    # Ops in use, in the order the chain applies them (haze and rain happen in the scene, before
+    # the camera's exposure, optics, sampling, sensor noise and compression).
+    types: list[str] = field(default_factory=lambda: ["haze", "rain", "lowlight", "blur", "lowres", "noise", "jpeg"])
     clean_fraction: float = 0.0  # fraction of samples left clean (label "no")
     task: str = ""  # task name from the suite when mode=task
+    suite: str = ""  # suite YAML for mode=task; "" = configs/gir_suite.yaml
     quantize: bool = True  # round to 8 bits after each op, as MiOIR/BasicSR
-    ranges: dict[str, Any] = field(default_factory=dict)  # per-op parameter ranges overriding the defaults
-    probabilities: dict[str, float] = field(default_factory=dict)  # per-op inclusion probability (mixed)
+    noise: NoiseOpConfig = field(default_factory=NoiseOpConfig)
+    blur: BlurOpConfig = field(default_factory=BlurOpConfig)
+    jpeg: JpegOpConfig = field(default_factory=JpegOpConfig)
+    lowres: LowresOpConfig = field(default_factory=LowresOpConfig)
+    haze: HazeOpConfig = field(default_factory=HazeOpConfig)
+    rain: RainOpConfig = field(default_factory=RainOpConfig)
+    lowlight: LowlightOpConfig = field(default_factory=LowlightOpConfig)
+
+
+# Allowed values of the degradation parameters: (low, high) bounds of every range or number.
+DEGRADE_BOUNDS: dict[str, dict[str, tuple[float, float]]] = {
+    "noise": {"sigma": (0, 255), "gray_prob": (0, 1), "poisson_prob": (0, 1), "poisson_scale": (0, 10)},
+    "blur": {"kernel_size": (3, 63), "sigma": (0.1, 20), "aniso_prob": (0, 1), "angle": (-360, 360),
+             "motion_prob": (0, 1), "motion_length": (1, 63)},
+    "jpeg": {"quality": (1, 100)},
+    "lowres": {"scale": (1, 16)},
+    "haze": {"beta": (0, 10), "airlight": (0, 1)},
+    "rain": {"amount": (0, 2000), "length": (1, 63), "angle": (-90, 90), "width": (1, 21)},
+    "lowlight": {"gamma": (0.1, 10), "gain": (0, 1), "noise_sigma": (0, 255)},
+}
+RESIZE_MODES = ("nearest", "area", "bilinear", "bicubic")
+
+
+def check_degrade(cfg: DegradeConfig, path: str = "degrade") -> None:
+    """Value checks of a DegradeConfig; raises ConfigError naming the key path."""
+    from lit_restore.data.degrade.types import SYNTHETIC_TYPES
+
+    if not cfg.types:
+        raise ConfigError(f"{path}.types: empty; give at least one of {', '.join(SYNTHETIC_TYPES)}")
+    for i, name in enumerate(cfg.types):
+        if name not in SYNTHETIC_TYPES:
+            raise ConfigError(f"{path}.types[{i}]: {name!r} is not a synthetic type; choose from {', '.join(SYNTHETIC_TYPES)}")
+    if len(set(cfg.types)) != len(cfg.types):
+        raise ConfigError(f"{path}.types: {list(cfg.types)} lists a type twice")
+    if not 0.0 <= cfg.clean_fraction < 1.0:
+        raise ConfigError(f"{path}.clean_fraction: {cfg.clean_fraction} must be in [0, 1)")
+    if cfg.mode == "task" and not cfg.task:
+        raise ConfigError(f"{path}.task: missing; mode=task needs a task name (lit-restore degrade --list-tasks)")
+    if cfg.mode != "task" and all(getattr(cfg, name).prob == 0 for name in cfg.types):
+        raise ConfigError(f"{path}: every op in types has prob 0; nothing could be synthesised")
+    for op, bounds in DEGRADE_BOUNDS.items():
+        op_cfg = getattr(cfg, op)
+        key = f"{path}.{op}"
+        if not 0.0 <= op_cfg.prob <= 1.0:
+            raise ConfigError(f"{key}.prob: {op_cfg.prob} must be in [0, 1]")
+        for name, (low, high) in bounds.items():
+            value = getattr(op_cfg, name)
+            values = list(value) if isinstance(value, (list, tuple)) else [value]
+            if isinstance(value, (list, tuple)) and (len(values) != 2 or values[0] > values[1]):
+                raise ConfigError(f"{key}.{name}: {values} must be [low, high] with low <= high")
+            if any(not low <= v <= high for v in values):
+                raise ConfigError(f"{key}.{name}: {value} must lie in [{low}, {high}]")
+    if any(k % 2 == 0 for k in cfg.blur.kernel_size):
+        raise ConfigError(f"{path}.blur.kernel_size: {list(cfg.blur.kernel_size)} must be odd")
+    for i, mode in enumerate(cfg.lowres.modes):
+        if mode not in RESIZE_MODES:
+            raise ConfigError(f"{path}.lowres.modes[{i}]: {mode!r} is not allowed; choose one of {', '.join(RESIZE_MODES)}")
+    if not cfg.lowres.modes:
+        raise ConfigError(f"{path}.lowres.modes: empty; give at least one of {', '.join(RESIZE_MODES)}")
 
 
 @dataclass
@@ -127,13 +265,44 @@ class BIQAModelConfig:
 
 
 @dataclass
-class ConStyleModelConfig:
-    """MoCo-style degradation-aware encoder pretraining."""
+class ConStyleNetConfig:
+    """ConStyle encoder, its MoCo wrapper and losses (shared by the constyle and restorer stages)."""
 
-    dim: int = 128
-    queue_size: int = 65536
-    momentum: float = 0.999
-    temperature: float = 0.07
+    base_channels: int = 16  # encoder trunk width; f1/f2/f3 have 2x/4x/8x this many channels
+    dim: int = 128  # latent code (z1, z2) size
+    queue_size: int = 65536  # negatives; must divide by data.batch_size x devices
+    momentum: float = 0.999  # key encoder: theta_k <- m theta_k + (1 - m) theta_q
+    temperature: float = 0.07  # InfoNCE
+    l2_normalize: bool = True  # normalise q, k and queue (MoCo) or compare raw codes (ConStyle code)
+    enqueue: str = choice("query", ("query", "key"), "store degraded-image codes (ConStyle code) or clean keys (MoCo)")
+    style_objective: str = choice("maximize", ("maximize", "minimize"), "sign of the Gram style term")
+    contrastive_weight: float = 1.0
+    content_weight: float = 1.0
+    style_weight: float = 1.0  # 0 turns the style term off
+    cls_weight: float = 0.0  # > 0 adds a degradation-type classifier head (predicts the Degrader's label)
+    sync_batchnorm: bool = True  # SyncBatchNorm in the projection head when training on more than one device
+
+    def check(self, prefix: str) -> None:
+        positive = {"base_channels": self.base_channels, "dim": self.dim, "queue_size": self.queue_size,
+                    "temperature": self.temperature}
+        for key, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"{prefix}{key}: {value} must be > 0")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"{prefix}momentum: {self.momentum} must be in [0, 1)")
+        weights = {"contrastive_weight": self.contrastive_weight, "content_weight": self.content_weight,
+                   "style_weight": self.style_weight, "cls_weight": self.cls_weight}
+        for key, value in weights.items():
+            if value < 0:
+                raise ConfigError(f"{prefix}{key}: {value} must be >= 0")
+
+
+@dataclass
+class ConStyleModelConfig(ConStyleNetConfig):
+    """MoCo-style degradation-aware encoder pretraining (ConStyle v2 stage 1)."""
+
+    def __post_init__(self) -> None:
+        self.check("model.")
 
 
 @dataclass
@@ -141,7 +310,35 @@ class RestorerModelConfig:
     """ConStyle-conditioned (or plain) restoration network."""
 
     arch: str = choice("constyle_nafnet", ("constyle_nafnet", "nafnet"), "ConStyle-NAFNet or the plain baseline")
-    width: int = 48
+    width: int = 48  # channels of the first level
+    enc_blocks: list[int] = field(default_factory=lambda: [7, 8, 9])  # NAFBlocks per encoder level (3 for constyle_nafnet)
+    middle_blocks: int = 9
+    dec_blocks: list[int] = field(default_factory=lambda: [7, 8, 9])  # per decoder level, listed from the top level
+    loss: str = choice("l1", ("l1", "psnr"), "L1 (ConStyle) or PSNR loss (NAFNet)")
+    constyle_mode: str = choice("frozen", ("frozen", "joint"), "pretrained encoder kept fixed, or trained with the restorer")
+    # Pretrained encoder: a constyle-stage checkpoint (.ckpt), exported folder or model.safetensors.
+    # Needed when constyle_mode=frozen.
+    constyle_weights: str = ""
+    # joint: optimizer steps with the ConStyle losses on, after which the encoder is frozen (IRConStyle
+    # v1: 250000); -1 keeps them on for the whole run.
+    constyle_iters: int = -1
+    constyle: ConStyleNetConfig = field(default_factory=ConStyleNetConfig)
+
+    def __post_init__(self) -> None:
+        if self.width <= 0 or self.middle_blocks < 0:
+            raise ConfigError(f"model.width/middle_blocks: {self.width}/{self.middle_blocks} must be > 0 / >= 0")
+        if any(n < 0 for n in [*self.enc_blocks, *self.dec_blocks]):
+            raise ConfigError(f"model.enc_blocks/dec_blocks: {list(self.enc_blocks)}/{list(self.dec_blocks)} must be >= 0")
+        if len(self.enc_blocks) != len(self.dec_blocks):
+            raise ConfigError(f"model.dec_blocks: {list(self.dec_blocks)} needs as many levels as model.enc_blocks {list(self.enc_blocks)}")
+        if self.arch == "constyle_nafnet":
+            if len(self.enc_blocks) != 3:
+                raise ConfigError(f"model.enc_blocks: {list(self.enc_blocks)}: constyle_nafnet has exactly 3 levels")
+            if self.width % 4 != 0:
+                raise ConfigError(f"model.width: {self.width} must be divisible by 4 for constyle_nafnet")
+        if self.constyle_iters < -1:
+            raise ConfigError(f"model.constyle_iters: {self.constyle_iters} must be >= -1")
+        self.constyle.check("model.constyle.")
 
 
 @dataclass
@@ -245,8 +442,15 @@ def _check_values(cfg: RunConfig) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: {value} must be > 0")
-    if data.num_workers < 0:
-        raise ConfigError(f"data.num_workers: {data.num_workers} must be >= 0")
+    non_negative = {
+        "data.num_workers": data.num_workers,
+        "data.val_batch_size": data.val_batch_size,
+        "data.val_crop": data.val_crop,
+        "data.shuffle_buffer": data.shuffle_buffer,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key}: {value} must be >= 0")
     if not 0.0 <= data.max_corrupt_fraction <= 1.0:
         raise ConfigError(f"data.max_corrupt_fraction: {data.max_corrupt_fraction} must be in [0, 1]")
     if cfg.optim.lr <= 0:
@@ -255,6 +459,7 @@ def _check_values(cfg: RunConfig) -> None:
         raise ConfigError(f"optim.ema_decay: {cfg.optim.ema_decay} must be in [0, 1)")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas: {list(cfg.optim.betas)} must hold two numbers")
+    check_degrade(cfg.degrade)
 
 
 def schema_for(stage: str) -> DictConfig:

@@ -1,0 +1,563 @@
+"""WebDataset pieces: read shards, decode samples, crop them jointly and batch them as uint8.
+
+Training (`TrainStream`)
+    Every source of `data.train` is sampled with replacement: a shard is drawn uniformly from
+    the source's URL list, read to its end, and the next one drawn. Each sample picks its source
+    with probability proportional to the source weight, so weights set sample proportions
+    whatever the shard sizes. With resampling, "split by node" and "split by worker" mean
+    independent random streams: each (rank, worker) seeds its generator from
+    `(seed, rank, worker, restart, loader epoch)`; `restart` changes after a resume so a requeued
+    job never replays the stream it already trained on (a rebuilt loader also gets a new stream). A buffer of `shuffle_buffer` samples
+    holds encoded bytes; decoding happens after the shuffle. Each sample gets a random
+    `crop`×`crop` window and one of the 8 dihedral transforms, applied jointly to gt, lq and
+    depth. Batches are built in the worker and are always full. Worker `w` of `W` yields
+    `steps // W` batches plus one when `w < steps % W`, so every rank yields exactly `steps`
+    batches per loader epoch whatever its data: the rule that keeps DDP collectives matched.
+
+Validation (`ValStream`)
+    The val shards are read in order and never resampled. Sample `i` (its position in the
+    concatenated shard list) goes to the rank whose contiguous block holds it: rank `r` of `R`
+    owns positions `[r*m, (r+1)*m)` with `m = ceil(N/R)`. Every rank yields `ceil(m/B)` full
+    batches of `B` rows; rows past a rank's own samples are padding (a copy of a real row of
+    the batch, or zeros) with `valid=False`, so every sample is evaluated exactly once across
+    ranks when metrics skip invalid rows. A corrupt val sample also becomes an invalid row (and
+    is counted), so ranks never fall out of step. Within a rank, worker `w` builds batches
+    `w, w+W, ...`, which the loader's round-robin returns in order. Val crops are centred.
+
+Samples smaller than the crop are reflect-padded (evenly on both sides) up to the crop size;
+upscaling would invent detail that the restoration target should not have. An `lq.png` smaller
+than `gt.png` by an integer factor (SR pairs) is resized to the gt size with bicubic before the
+crop. `depth.npy` is divided by its maximum, resized to the image size if needed and stored as
+uint8.
+
+Only `gt.png`, `lq.png`, `depth.npy` and `json` members are read from a tar; everything else
+(`.pth`, `.pyd`, pickles, ...) is skipped by name before its bytes are read, and `.npy` is
+loaded with `allow_pickle=False`, so sample data is never unpickled. Unreadable samples are
+skipped and counted per worker; each batch carries `n_corrupt`, the count since that worker's
+previous batch, and a worker stops the run once more than `max_corrupt_fraction` of at least
+`MIN_CHECKED` samples were unreadable.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+
+from lit_restore.data.degrade.types import type_index
+
+# Tar members a sample may have; anything else is never read.
+SAMPLE_FILES = frozenset({"gt.png", "lq.png", "depth.npy", "json"})
+# Samples a worker must have seen before the corrupt fraction can stop the run.
+MIN_CHECKED = 100
+
+
+class CorruptDataError(RuntimeError):
+    """Too many unreadable samples: the shards (or the path to them) are broken."""
+
+
+class CorruptSample(ValueError):
+    """One sample cannot be used (bad image, bad json, missing member)."""
+
+
+@dataclass
+class CorruptCounter:
+    """Counts unreadable samples in one worker and stops the run past `max_fraction`."""
+
+    max_fraction: float
+    min_checked: int = MIN_CHECKED
+    seen: int = 0
+    corrupt: int = 0
+    since_batch: int = 0
+
+    def ok(self) -> None:
+        self.seen += 1
+
+    def bad(self, where: str, reason: str) -> None:
+        self.seen += 1
+        self.corrupt += 1
+        self.since_batch += 1
+        fraction = self.corrupt / self.seen
+        if self.seen >= self.min_checked and fraction > self.max_fraction:
+            raise CorruptDataError(
+                f"{self.corrupt} of {self.seen} samples unreadable ({fraction:.1%} > data.max_corrupt_fraction="
+                f"{self.max_fraction:.1%}); last: {where}: {reason}"
+            )
+
+    def take(self) -> int:
+        """Corrupt samples since the previous call (reported with each batch)."""
+        n, self.since_batch = self.since_batch, 0
+        return n
+
+
+# --------------------------------------------------------------------------------------
+# Reading shards
+# --------------------------------------------------------------------------------------
+
+
+def expand_urls(pattern: str) -> list[str]:
+    """Brace-expand a shard URL pattern (`train-{000000..000099}.tar`)."""
+    return list(wds.shardlists.expand_urls(pattern))
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
+
+
+def check_local_shards(urls: list[str], what: str) -> None:
+    """A clear error for local shard files that do not exist (remote URLs are not checked)."""
+    if not urls:
+        raise FileNotFoundError(f"{what}: the pattern expands to no shard")
+    missing = [u for u in urls if is_local(u) and not os.path.isfile(u)]
+    if missing:
+        raise FileNotFoundError(f"{what}: {len(missing)} of {len(urls)} shard files not found, e.g. {missing[0]}")
+
+
+def _wanted_member(fname: str) -> bool:
+    suffix = fname.rsplit("/", 1)[-1].partition(".")[2].lower()
+    return suffix in SAMPLE_FILES
+
+
+def read_shard(url: str, counter: CorruptCounter) -> Iterator[dict[str, Any]]:
+    """Raw samples of one shard (`__key__`, `__url__` and the bytes of the known members).
+
+    A shard that cannot be opened or is truncated counts as one corrupt item and ends early.
+    """
+
+    def handler(exn: Exception) -> bool:
+        counter.bad(url, f"{type(exn).__name__}: {str(exn).splitlines()[0] if str(exn) else ''}")
+        return True
+
+    yield from wds.tariterators.tarfile_samples([{"url": url}], handler=handler, select_files=_wanted_member)
+
+
+def shard_count(url: str) -> int:
+    """Samples in a shard: from `manifest.json` beside a local shard when it lists it, else by reading."""
+    if is_local(url):
+        manifest = Path(url).parent / "manifest.json"
+        if manifest.is_file():
+            try:
+                entries = json.loads(manifest.read_text())["shards"]
+                counts = {Path(e["file"]).name: int(e["count"]) for e in entries}
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{manifest}: unreadable manifest ({e})") from None
+            if Path(url).name in counts:
+                return counts[Path(url).name]
+    counter = CorruptCounter(max_fraction=1.0)
+    return sum(1 for _ in read_shard(url, counter))
+
+
+# --------------------------------------------------------------------------------------
+# Decoding and cropping
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Decoded:
+    """A decoded sample at full size; images stay PIL so crops copy only the window."""
+
+    key: str
+    dataset: str
+    gt: Image.Image
+    lq: Optional[Image.Image]
+    depth: Optional[np.ndarray]  # uint8 (H, W)
+    label: int  # index into DEGRADATION_TYPES, -1 for clean samples
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _open_png(data: bytes, name: str) -> Image.Image:
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except Exception as e:  # PIL raises many types for broken files
+        raise CorruptSample(f"{name}: cannot decode ({type(e).__name__})") from None
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _depth_to_uint8(data: bytes, size: tuple[int, int]) -> np.ndarray:
+    try:
+        depth = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as e:
+        raise CorruptSample(f"depth.npy: cannot load ({type(e).__name__})") from None
+    if depth.ndim != 2 or not np.issubdtype(depth.dtype, np.number):
+        raise CorruptSample(f"depth.npy: expected a numeric (H, W) array, got {depth.dtype} {depth.shape}")
+    depth = np.nan_to_num(depth.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    peak = float(depth.max())
+    depth = np.clip(depth / peak, 0.0, 1.0) if peak > 0 else np.zeros_like(depth)
+    if depth.shape != (size[1], size[0]):
+        depth = np.asarray(Image.fromarray(depth, mode="F").resize(size, Image.BILINEAR))
+    return np.rint(depth * 255.0).astype(np.uint8)
+
+
+def decode_sample(raw: dict[str, Any]) -> Decoded:
+    """Raw tar members → `Decoded`; `CorruptSample` names what is wrong."""
+    if "json" not in raw:
+        raise CorruptSample("missing json")
+    try:
+        meta = json.loads(raw["json"])
+    except (ValueError, UnicodeDecodeError):
+        raise CorruptSample("json: cannot parse") from None
+    if not isinstance(meta, dict):
+        raise CorruptSample("json: not an object")
+    if "gt.png" not in raw:
+        raise CorruptSample("missing gt.png")
+    gt = _open_png(raw["gt.png"], "gt.png")
+    lq, label = None, -1
+    if "lq.png" in raw:
+        task = meta.get("task")
+        if not task:
+            raise CorruptSample("paired sample without a json task")
+        try:
+            label = type_index(str(task))
+        except ValueError as e:
+            raise CorruptSample(str(e)) from None
+        lq = _open_png(raw["lq.png"], "lq.png")
+        if lq.size != gt.size:
+            fx, fy = gt.size[0] / lq.size[0], gt.size[1] / lq.size[1]
+            if fx != fy or fx != int(fx):
+                raise CorruptSample(f"lq size {lq.size} is not gt size {gt.size} divided by an integer")
+            lq = lq.resize(gt.size, Image.BICUBIC)
+    depth = _depth_to_uint8(raw["depth.npy"], gt.size) if "depth.npy" in raw else None
+    return Decoded(raw["__key__"], str(meta.get("dataset", "")), gt, lq, depth, label, meta)
+
+
+def _pad_to(a: np.ndarray, size: int) -> np.ndarray:
+    """Reflect-pad the first two axes evenly up to `size`."""
+    ph, pw = max(size - a.shape[0], 0), max(size - a.shape[1], 0)
+    if ph == 0 and pw == 0:
+        return a
+    pad = [(ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2)] + [(0, 0)] * (a.ndim - 2)
+    # numpy reflects repeatedly for pads larger than the image; a 1-pixel axis has nothing to
+    # reflect, so it is repeated instead.
+    mode = "reflect" if min(a.shape[:2]) > 1 else "edge"
+    return np.pad(a, pad, mode=mode)
+
+
+def crop_sample(s: Decoded, size: int, y: int, x: int) -> dict[str, Any]:
+    """The `size`×`size` window at (y, x) of gt/lq/depth as HWC uint8 arrays (padded if small)."""
+    w, h = s.gt.size
+    box = (x, y, x + min(size, w), y + min(size, h))
+    full = box == (0, 0, w, h)
+
+    def window(img: Image.Image) -> np.ndarray:
+        return _pad_to(np.asarray(img if full else img.crop(box)), size)
+
+    return {
+        "gt": window(s.gt),
+        "lq": None if s.lq is None else window(s.lq),
+        "depth": None if s.depth is None else _pad_to(s.depth[box[1] : box[3], box[0] : box[2]], size),
+        "label": s.label,
+        "key": s.key,
+        "dataset": s.dataset,
+    }
+
+
+def random_window(s: Decoded, size: int, rng: np.random.Generator) -> tuple[int, int]:
+    w, h = s.gt.size
+    return int(rng.integers(0, max(h - size, 0) + 1)), int(rng.integers(0, max(w - size, 0) + 1))
+
+
+def center_window(s: Decoded, size: int) -> tuple[int, int]:
+    w, h = s.gt.size
+    return max(h - size, 0) // 2, max(w - size, 0) // 2
+
+
+def dihedral(a: np.ndarray, k: int) -> np.ndarray:
+    """One of the 8 symmetries of the square (k in 0..7) on the first two axes, as a view."""
+    a = np.rot90(a, k % 4, axes=(0, 1))
+    return a[:, ::-1] if k >= 4 else a
+
+
+def collate(rows: list[dict[str, Any]], valid: list[bool], n_corrupt: int) -> dict[str, Any]:
+    """Cropped rows → host batch (see docs/architecture.md "Host batch").
+
+    Each row is written once, straight into the CHW batch buffer (the transpose and any
+    dihedral view are resolved by that single copy).
+    """
+    b = len(rows)
+    h, w = rows[0]["gt"].shape[:2]
+    gt = np.empty((b, 3, h, w), np.uint8)
+    for i, r in enumerate(rows):
+        gt[i] = r["gt"].transpose(2, 0, 1)
+    has_lq = [r["lq"] is not None for r in rows]
+    has_depth = [r["depth"] is not None for r in rows]
+    batch: dict[str, Any] = {
+        "gt": torch.from_numpy(gt),
+        "has_lq": torch.tensor(has_lq, dtype=torch.bool),
+        "label": torch.tensor([r["label"] for r in rows], dtype=torch.long),
+        "key": [r["key"] for r in rows],
+        "dataset": [r["dataset"] for r in rows],
+        "valid": torch.tensor(valid, dtype=torch.bool),
+        "n_corrupt": torch.tensor(n_corrupt, dtype=torch.long),
+    }
+    if any(has_lq):
+        lq = np.zeros((b, 3, h, w), np.uint8)
+        for i, r in enumerate(rows):
+            if r["lq"] is not None:
+                lq[i] = r["lq"].transpose(2, 0, 1)
+        batch["lq"] = torch.from_numpy(lq)
+    if any(has_depth):
+        depth = np.zeros((b, 1, h, w), np.uint8)
+        for i, r in enumerate(rows):
+            if r["depth"] is not None:
+                depth[i, 0] = r["depth"]
+        batch["depth"] = torch.from_numpy(depth)
+        batch["has_depth"] = torch.tensor(has_depth, dtype=torch.bool)
+    return batch
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+# --------------------------------------------------------------------------------------
+# Training stream
+# --------------------------------------------------------------------------------------
+
+
+class TrainStream(IterableDataset):
+    """Weighted, resampled, shuffled, cropped training batches; `steps` batches per rank and epoch.
+
+    `sources` holds (expanded shard URLs, weight) pairs. `rank`, `restart` and `build` (how many
+    loaders this process built before) are set by the data module before the workers start.
+    """
+
+    def __init__(
+        self,
+        sources: list[tuple[list[str], float]],
+        batch_size: int,
+        crop: int,
+        steps: int,
+        shuffle_buffer: int,
+        max_corrupt_fraction: float,
+        seed: int = 0,
+        rank: int = 0,
+        restart: int = 0,
+        build: int = 0,
+    ) -> None:
+        super().__init__()
+        if not sources or any(not urls for urls, _ in sources):
+            raise ValueError("TrainStream: every source needs at least one shard URL")
+        self.sources = sources
+        self.batch_size = batch_size
+        self.crop = crop
+        self.steps = steps
+        self.shuffle_buffer = shuffle_buffer
+        self.max_corrupt_fraction = max_corrupt_fraction
+        self.seed = seed
+        self.rank = rank
+        self.restart = restart
+        self.build = build
+        self.epoch = 0  # loader epochs started in this process (persistent workers keep it)
+        self.counter: Optional[CorruptCounter] = None  # lives for the worker's lifetime
+
+    def _source(self, urls: list[str], rng: np.random.Generator, counter: CorruptCounter) -> Iterator[dict]:
+        while True:
+            url = urls[int(rng.integers(len(urls)))]
+            n = 0
+            for raw in read_shard(url, counter):
+                n += 1
+                yield raw
+            if n == 0:  # empty shard: counted so an all-empty source stops instead of spinning
+                counter.bad(url, "no samples")
+
+    def _mixed(self, rng: np.random.Generator, counter: CorruptCounter) -> Iterator[dict]:
+        streams = [self._source(urls, rng, counter) for urls, _ in self.sources]
+        weights = np.array([w for _, w in self.sources], dtype=np.float64)
+        cumulative = np.cumsum(weights / weights.sum())
+        while True:
+            i = min(int(np.searchsorted(cumulative, rng.random(), side="right")), len(streams) - 1)
+            yield next(streams[i])
+
+    def _cropped(self, raws: Iterator[dict], rng: np.random.Generator, counter: CorruptCounter) -> Iterator[dict]:
+        for raw in raws:
+            try:
+                s = decode_sample(raw)
+            except CorruptSample as e:
+                counter.bad(f"{raw.get('__url__')}/{raw.get('__key__')}", str(e))
+                continue
+            counter.ok()
+            row = crop_sample(s, self.crop, *random_window(s, self.crop, rng))
+            k = int(rng.integers(8))
+            for name in ("gt", "lq", "depth"):
+                if row[name] is not None:
+                    row[name] = dihedral(row[name], k)
+            yield row
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker, num_workers = _worker()
+        self.epoch += 1
+        if self.counter is None:
+            self.counter = CorruptCounter(self.max_corrupt_fraction)
+        counter = self.counter
+        entropy = [self.seed % 2**63, self.rank, worker, self.restart, self.build, self.epoch]
+        rng = np.random.default_rng(np.random.SeedSequence(entropy))
+        shuffle_rng = random.Random(int(rng.integers(2**63)))
+        share = self.steps // num_workers + (1 if worker < self.steps % num_workers else 0)
+
+        samples = self._mixed(rng, counter)
+        if self.shuffle_buffer > 1:
+            samples = wds.shuffle(self.shuffle_buffer, max(1, self.shuffle_buffer // 2), rng=shuffle_rng)(samples)
+        rows = self._cropped(samples, rng, counter)
+        batches = wds.batched(
+            self.batch_size, collation_fn=lambda g: collate(g, [True] * len(g), counter.take()), partial=False
+        )(rows)
+        yield from islice(batches, share)
+
+
+# --------------------------------------------------------------------------------------
+# Validation stream
+# --------------------------------------------------------------------------------------
+
+
+def rank_block(total: int, rank: int, world: int) -> range:
+    """Positions of the val samples owned by `rank`: a contiguous block of ceil(total/world)."""
+    per_rank = math.ceil(total / world)
+    return range(min(rank * per_rank, total), min((rank + 1) * per_rank, total))
+
+
+class ValStream(IterableDataset):
+    """Ordered, centre-cropped val batches; each sample exactly once across ranks (see module doc).
+
+    `shards` holds (URL, sample count) in reading order; `rank`/`world` are set by the data module.
+    """
+
+    def __init__(
+        self,
+        shards: list[tuple[str, int]],
+        batch_size: int,
+        crop: int,
+        max_corrupt_fraction: float,
+        rank: int = 0,
+        world: int = 1,
+    ) -> None:
+        super().__init__()
+        self.shards = shards
+        self.batch_size = batch_size
+        self.crop = crop
+        self.max_corrupt_fraction = max_corrupt_fraction
+        self.rank = rank
+        self.world = world
+
+    @property
+    def total(self) -> int:
+        return sum(n for _, n in self.shards)
+
+    def num_batches(self) -> int:
+        """Batches every rank yields (the same on all ranks)."""
+        return math.ceil(math.ceil(self.total / self.world) / self.batch_size)
+
+    def rank_batches(self) -> list[list[Optional[int]]]:
+        """Positions per batch of this rank; None marks a padding row."""
+        block = list(rank_block(self.total, self.rank, self.world))
+        b = self.batch_size
+        slots = block + [None] * (self.num_batches() * b - len(block))
+        return [slots[j * b : (j + 1) * b] for j in range(self.num_batches())]
+
+    def _indexed(self, lo: int, hi: int, counter: CorruptCounter) -> Iterator[tuple[int, dict]]:
+        """(position, raw sample) for lo <= position < hi, opening only the shards that hold them."""
+        start = 0
+        for url, count in self.shards:
+            end = start + count
+            if start < hi and end > lo:
+                position = start
+                for raw in read_shard(url, counter):
+                    if position >= end:
+                        raise ValueError(f"{url}: holds more than the {count} samples its manifest.json lists")
+                    if position >= hi:  # checked after the count check: a stale manifest fails loudly
+                        return
+                    if position >= lo:
+                        yield position, raw
+                    position += 1
+            start = end
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker, num_workers = _worker()
+        counter = CorruptCounter(self.max_corrupt_fraction)
+        mine = self.rank_batches()[worker::num_workers]
+        wanted = sorted(p for batch in mine for p in batch if p is not None)
+        stream = self._indexed(wanted[0], wanted[-1] + 1, counter) if wanted else iter(())
+        wanted_set = set(wanted)
+        got: dict[int, Optional[dict[str, Any]]] = {}
+        last = -1
+        for batch in mine:
+            need = max((p for p in batch if p is not None), default=-1)
+            while last < need:
+                try:
+                    position, raw = next(stream)
+                except StopIteration:  # a shard shorter than listed: its rows become invalid
+                    last = math.inf
+                    break
+                last = position
+                if position in wanted_set:
+                    got[position] = self._decode(raw, counter)
+            rows = []
+            for p in batch:
+                if p is not None and p not in got:
+                    counter.bad(f"val position {p}", "missing from its shard")
+                rows.append(got.pop(p, None) if p is not None else None)
+            yield self._collate(rows, counter.take())
+        for _ in stream:  # reads at most one sample more: a shard longer than listed raises here
+            pass
+
+    def _decode(self, raw: dict, counter: CorruptCounter) -> Optional[dict[str, Any]]:
+        try:
+            s = decode_sample(raw)
+        except CorruptSample as e:
+            counter.bad(f"{raw.get('__url__')}/{raw.get('__key__')}", str(e))
+            return None
+        counter.ok()
+        return crop_sample(s, self.crop, *center_window(s, self.crop))
+
+    def _collate(self, rows: list[Optional[dict[str, Any]]], n_corrupt: int) -> dict[str, Any]:
+        real = next((r for r in rows if r is not None), None)
+        if real is None:
+            zeros = np.zeros((self.crop, self.crop, 3), np.uint8)
+            real = {"gt": zeros, "lq": None, "depth": None, "label": -1, "key": "", "dataset": ""}
+        pad = {**real, "key": "", "dataset": ""}
+        return collate([r if r is not None else pad for r in rows], [r is not None for r in rows], n_corrupt)
+
+
+# --------------------------------------------------------------------------------------
+# Ordered iteration (evaluation)
+# --------------------------------------------------------------------------------------
+
+
+def iter_samples(urls: str | list[str], max_corrupt_fraction: float = 0.05) -> Iterator[dict[str, Any]]:
+    """Samples of shards in order at full size: `key`, `dataset`, `gt` (H,W,3) uint8, `lq`
+    (H,W,3) uint8 at gt size or None, `depth` (H,W) uint8 or None, `label`, `meta` (the json).
+
+    Corrupt samples are skipped and counted; too many stop with `CorruptDataError`.
+    """
+    patterns = [urls] if isinstance(urls, str) else list(urls)
+    counter = CorruptCounter(max_corrupt_fraction)
+    for url in [u for p in patterns for u in expand_urls(p)]:
+        for raw in read_shard(url, counter):
+            try:
+                s = decode_sample(raw)
+            except CorruptSample as e:
+                counter.bad(f"{url}/{raw.get('__key__')}", str(e))
+                continue
+            counter.ok()
+            yield {
+                "key": s.key,
+                "dataset": s.dataset,
+                "gt": np.asarray(s.gt),
+                "lq": None if s.lq is None else np.asarray(s.lq),
+                "depth": s.depth,
+                "label": s.label,
+                "meta": s.meta,
+            }
