@@ -1,0 +1,263 @@
+"""ConStyle (IRConStyle, Fan et al. 2024): a degradation-aware encoder trained MoCo-style, and the
+ConStyle-NAFNet restorer it conditions.
+
+- `ConStyleEncoder`: plain conv trunk (no normalisation) → feature maps f1, f2, f3 at 1/2, 1/4, 1/8
+  and a pooled vector → two-layer projection head (z1, z2; z2 is the latent code), plus an
+  optional degradation-type classifier on the pooled vector.
+- `MoCo`: query encoder, momentum key encoder and a queue of past codes (buffers, checkpointed).
+- Pure loss functions: InfoNCE, content and style (Gram over the batch axis) losses.
+- `ConStyleNAFNet`: a 3-level NAFBlock U-Net whose encoder path concatenates projected f1..f3
+  after each downsampling and whose bottleneck is modulated by the latent code.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lit_restore.models.nafnet import NAFBlock, pad_to_multiple
+
+
+class Style(NamedTuple):
+    """What the ConStyle encoder gives for a batch of images."""
+
+    z1: Tensor  # (B, dim) first projection layer
+    z2: Tensor  # (B, dim) latent code
+    feats: tuple[Tensor, Tensor, Tensor]  # f1, f2, f3 at 1/2, 1/4, 1/8 resolution
+    logits: Optional[Tensor]  # (B, num_classes) degradation-type logits, or None without a classifier
+
+
+def _conv_act(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.LeakyReLU(0.1, inplace=True))
+
+
+class ConStyleEncoder(nn.Module):
+    """Conv trunk + projection head. With base=16, dim=128 it has ConStyle v1's shapes
+    (f1/f2/f3 with 32/64/128 channels, 256-d pooled vector, ~1.19 M parameters)."""
+
+    def __init__(self, base: int = 16, dim: int = 128, num_classes: int = 0) -> None:
+        super().__init__()
+        b = base
+        self.stage1 = nn.Sequential(_conv_act(3, b), _conv_act(b, b), _conv_act(b, 2 * b, 2))
+        self.stage2 = nn.Sequential(_conv_act(2 * b, 2 * b), _conv_act(2 * b, 4 * b, 2))
+        self.stage3 = nn.Sequential(_conv_act(4 * b, 8 * b), _conv_act(8 * b, 8 * b, 2))
+        self.stage4 = nn.Sequential(_conv_act(8 * b, 16 * b), _conv_act(16 * b, 16 * b, 2))
+        self.mlp1 = nn.Sequential(nn.Linear(16 * b, dim), nn.BatchNorm1d(dim), nn.GELU())
+        self.mlp2 = nn.Sequential(nn.Linear(dim, dim), nn.BatchNorm1d(dim), nn.GELU())
+        self.classifier = (
+            nn.Sequential(nn.Linear(16 * b, 2 * dim), nn.ReLU(inplace=True), nn.Linear(2 * dim, num_classes))
+            if num_classes > 0
+            else None
+        )
+        self.feat_channels = (2 * b, 4 * b, 8 * b)
+        self.dim = dim
+
+    def forward(self, x: Tensor) -> Style:
+        f1 = self.stage1(x)
+        f2 = self.stage2(f1)
+        f3 = self.stage3(f2)
+        pooled = self.stage4(f3).mean(dim=(2, 3))
+        z1 = self.mlp1(pooled)
+        z2 = self.mlp2(z1)
+        logits = self.classifier(pooled) if self.classifier is not None else None
+        return Style(z1, z2, (f1, f2, f3), logits)
+
+
+# --------------------------------------------------------------------------------------
+# MoCo
+# --------------------------------------------------------------------------------------
+
+
+class MoCo(nn.Module):
+    """Query encoder, momentum key encoder and a queue of `queue_size` past codes.
+
+    The queue and its pointer are buffers, so checkpoints hold them. Writers must give every
+    rank the same block (all-gathered codes) so the replicas stay identical.
+    """
+
+    def __init__(self, encoder: ConStyleEncoder, queue_size: int, momentum: float, normalize: bool) -> None:
+        super().__init__()
+        self.encoder_q = encoder
+        self.encoder_k = copy.deepcopy(encoder)
+        self.encoder_k.requires_grad_(False)
+        self.momentum = momentum
+        self.normalize = normalize
+        queue = torch.randn(queue_size, encoder.dim)
+        self.register_buffer("queue", F.normalize(queue, dim=1) if normalize else queue)
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """θ_k ← m·θ_k + (1−m)·θ_q (parameters only; the key encoder keeps its own BN statistics)."""
+        q = list(self.encoder_q.parameters())
+        k = list(self.encoder_k.parameters())
+        torch._foreach_mul_(k, self.momentum)
+        torch._foreach_add_(k, q, alpha=1.0 - self.momentum)
+
+    def code(self, z: Tensor) -> Tensor:
+        """The vector compared in the losses and stored in the queue."""
+        return F.normalize(z, dim=1) if self.normalize else z
+
+    def queue_rows(self, start: int, count: int) -> Tensor:
+        """A detached copy of `count` queue rows from pointer + start (wrapping), without a host sync."""
+        idx = (self.queue_ptr + start + torch.arange(count, device=self.queue.device)) % self.queue.shape[0]
+        return self.queue[idx]
+
+    @torch.no_grad()
+    def enqueue(self, block: Tensor) -> None:
+        """Write `block` (N, dim) at the pointer and advance it by N. Same block on every rank."""
+        n = block.shape[0]
+        idx = (self.queue_ptr + torch.arange(n, device=self.queue.device)) % self.queue.shape[0]
+        self.queue[idx] = block.to(self.queue.dtype)
+        self.queue_ptr.copy_((self.queue_ptr + n) % self.queue.shape[0])
+
+
+def check_queue_divisible(queue_size: int, batch_size: int, world_size: int, key: str = "model.queue_size") -> None:
+    """The queue is written in whole global batches; a remainder would make blocks straddle the end."""
+    global_batch = batch_size * world_size
+    if queue_size % global_batch != 0:
+        raise ValueError(
+            f"{key}={queue_size} is not divisible by the global batch {global_batch} "
+            f"(data.batch_size={batch_size} x {world_size} devices); use a multiple of {global_batch}"
+        )
+
+
+def info_nce(q: Tensor, k: Tensor, negatives: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """InfoNCE with the positive at index 0. Returns (loss, top-1 accuracy of the positive)."""
+    pos = (q * k).sum(dim=1, keepdim=True)
+    neg = q @ negatives.t()
+    logits = torch.cat([pos, neg], dim=1) / temperature
+    target = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+    acc = (logits.argmax(dim=1) == 0).float().mean()
+    return F.cross_entropy(logits, target), acc
+
+
+def content_loss(q: Tensor, k: Tensor) -> Tensor:
+    """Pulls the degraded image's code onto the clean image's key code."""
+    return F.mse_loss(q, k)
+
+
+def gram(x: Tensor) -> Tensor:
+    """(B, D) → (B, B) Gram matrix over the batch axis, normalised by B·D."""
+    return x @ x.t() / x.numel()
+
+
+def style_loss(z1: Tensor, z2: Tensor, n_cur: Tensor, n_next: Tensor) -> Tensor:
+    """Gram-matrix distance between current codes and two blocks of queued codes (ConStyle v1
+    pairs z1 with the next block and z2 with the current one). The caller chooses the sign."""
+    return F.mse_loss(gram(z1), gram(n_next)) + F.mse_loss(gram(z2), gram(n_cur))
+
+
+# --------------------------------------------------------------------------------------
+# ConStyle-NAFNet restorer
+# --------------------------------------------------------------------------------------
+
+
+class Downsample(nn.Module):
+    """Conv3×3 to C/4 channels then PixelUnshuffle(2): C channels at half resolution."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(channels, channels // 4, 3, padding=1, bias=False), nn.PixelUnshuffle(2))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+
+class Upsample(nn.Module):
+    """Conv3×3 to 4·C then PixelShuffle(2), concat the skip, 1×1 conv to `out_channels`."""
+
+    def __init__(self, channels: int, skip_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.up = nn.Sequential(nn.Conv2d(channels, 4 * channels, 3, padding=1, bias=False), nn.PixelShuffle(2))
+        self.fuse = nn.Conv2d(channels + skip_channels, out_channels, 1, bias=False)
+
+    def forward(self, x: Tensor, skip: Tensor) -> Tensor:
+        return self.fuse(torch.cat([self.up(x), skip], dim=1))
+
+
+def _project(cin: int, cout: int) -> nn.Sequential:
+    # ConStyle's "affine transform" of an encoder feature map before it joins the U-Net.
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.LeakyReLU(0.1, inplace=True))
+
+
+class ConStyleNAFNet(nn.Module):
+    """3-level NAFBlock U-Net conditioned by a ConStyle encoder run on its own input.
+
+    Widths grow linearly: levels at dim, 2·dim, 3·dim; each downsampling keeps the channels and
+    concatenates the projected ConStyle map (dim channels), so the bottleneck has 4·dim. There
+    the latent code q' = Linear(z2) modulates channel-wise: concat[x, x⊙q'] → 1×1 conv to 3·dim.
+    Decoder levels are 4·dim, 3·dim, 2·dim wide. Output: conv to 3 channels plus the input.
+    Takes one (B,3,H,W) tensor, pads to a multiple of 8 and crops back.
+    """
+
+    def __init__(
+        self,
+        encoder: ConStyleEncoder,
+        dim: int = 48,
+        enc_blocks: Sequence[int] = (7, 8, 9),
+        middle_blocks: int = 9,
+        dec_blocks: Sequence[int] = (7, 8, 9),
+    ) -> None:
+        super().__init__()
+        if len(enc_blocks) != 3 or len(dec_blocks) != 3:
+            raise ValueError(f"ConStyle-NAFNet has 3 levels: enc_blocks {list(enc_blocks)} and dec_blocks {list(dec_blocks)} need 3 entries")
+        if dim % 4 != 0:
+            raise ValueError(f"ConStyle-NAFNet width {dim} must be divisible by 4 (downsampling convs use width/4)")
+        self.encoder = encoder
+        self.freeze_encoder = False
+        self.intro = nn.Conv2d(3, dim, 3, padding=1)
+        enc_widths = (dim, 2 * dim, 3 * dim)
+        self.enc_levels = nn.ModuleList(nn.Sequential(*[NAFBlock(c) for _ in range(n)]) for c, n in zip(enc_widths, enc_blocks))
+        self.downs = nn.ModuleList(Downsample(c) for c in enc_widths)
+        self.projections = nn.ModuleList(_project(c, dim) for c in encoder.feat_channels)
+        self.middle = nn.Sequential(*[NAFBlock(4 * dim) for _ in range(middle_blocks)])
+        self.code_proj = nn.Linear(encoder.dim, 4 * dim)
+        self.local_fusion = nn.Conv2d(8 * dim, 3 * dim, 1, bias=False)
+        # Decoder, deepest level first: (input width, skip width, level width).
+        dec_specs = ((3 * dim, 3 * dim, 4 * dim), (4 * dim, 2 * dim, 3 * dim), (3 * dim, dim, 2 * dim))
+        self.ups = nn.ModuleList(Upsample(cin, cskip, cout) for cin, cskip, cout in dec_specs)
+        self.dec_levels = nn.ModuleList(
+            nn.Sequential(*[NAFBlock(cout) for _ in range(n)]) for (_, _, cout), n in zip(dec_specs, reversed(dec_blocks))
+        )
+        self.ending = nn.Conv2d(2 * dim, 3, 3, padding=1)
+
+    def set_encoder_frozen(self, frozen: bool) -> None:
+        """A frozen encoder gets no gradients and stays in eval mode (BN running statistics)."""
+        self.freeze_encoder = frozen
+        self.encoder.requires_grad_(not frozen)
+        if frozen:
+            self.encoder.eval()
+
+    def train(self, mode: bool = True) -> "ConStyleNAFNet":
+        super().train(mode)
+        if self.freeze_encoder:
+            self.encoder.eval()
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.restore(x, None)
+
+    def restore(self, x: Tensor, style: Optional[Style]) -> Tensor:
+        """Restore `x`; `style` is the encoder's output on the padded input when the caller already has it."""
+        h, w = x.shape[-2:]
+        inp = pad_to_multiple(x, 8)
+        if style is None:
+            style = self.encoder(inp)
+        y = self.intro(inp)
+        skips = []
+        for level, down, proj, feat in zip(self.enc_levels, self.downs, self.projections, style.feats):
+            y = level(y)
+            skips.append(y)
+            y = torch.cat([down(y), proj(feat)], dim=1)
+        y = self.middle(y)
+        code = self.code_proj(style.z2)[:, :, None, None]
+        y = self.local_fusion(torch.cat([y, y * code], dim=1))
+        for up, level, skip in zip(self.ups, self.dec_levels, reversed(skips)):
+            y = level(up(y, skip))
+        y = self.ending(y) + inp
+        return y[..., :h, :w]
