@@ -1,0 +1,104 @@
+"""The automatic loop's control flow, prompt mixing, input collection and output files."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lit_restore.restore import automatic_loop, collect_inputs, mix_prompts, output_stem, save_result
+
+CLASSES = ["no", "noise", "blur", "lowres"]
+
+
+class Script:
+    """BIQA logits from a fixed list, one per pass; records what the LDM and SCM were given."""
+
+    def __init__(self, logits):
+        self.logits = [torch.tensor([l], dtype=torch.float32) for l in logits]
+        self.steps, self.corrections = [], []
+
+    def classify(self, image):
+        return self.logits[len(self.steps)]
+
+    def step(self, image, weights):
+        self.steps.append(weights.clone())
+        return image + 1
+
+    def correct(self, image, ldm_out):
+        self.corrections.append((image.clone(), ldm_out.clone()))
+        return ldm_out * 10
+
+
+def test_loop_drops_handled_types_skips_scm_after_lowres_and_stops_on_no():
+    s = Script([
+        [0.0, 3.0, 2.0, 0.0],  # noise
+        [0.0, 5.0, 2.0, 1.0],  # noise is out of play → blur
+        [0.0, 9.0, 9.0, 1.0],  # → lowres
+        [2.0, 9.0, 9.0, 9.0],  # only "no" left in play
+    ])
+    r = automatic_loop(torch.zeros(1, 3, 4, 4), s.classify, CLASSES, s.step, s.correct, max_passes=7)
+    assert [p.detected for p in r.passes] == ["noise", "blur", "lowres", "no"]
+    assert [p.scm for p in r.passes] == [True, True, False, False]
+    assert r.stopped == "no artifact"
+    # Pass 2's probabilities cover the classes in play only, renormalised.
+    p2 = r.passes[1].probabilities
+    assert set(p2) == {"no", "blur", "lowres"} and sum(p2.values()) == pytest.approx(1.0)
+    assert p2["blur"] == pytest.approx(np.exp(2) / (np.exp(0) + np.exp(2) + np.exp(1)))
+    # The mixture weights given to the LDM are zero for handled classes.
+    assert s.steps[1][1] == 0 and s.steps[2][1] == 0 and s.steps[2][2] == 0
+    assert torch.allclose(s.steps[0].sum(), torch.tensor(1.0))
+    # Image flow: ((0+1)*10 + 1)*10 = 110, then the lowres pass adds 1 without SCM.
+    assert torch.all(r.image == 111)
+    assert len(s.corrections) == 2 and torch.all(s.corrections[1][0] == 10)
+
+
+def test_loop_stops_at_max_passes():
+    s = Script([[0.0, 3.0, 2.0, 1.0]] * 3)
+    r = automatic_loop(torch.zeros(1, 3, 4, 4), s.classify, CLASSES, s.step, None, max_passes=2)
+    assert r.stopped == "max passes" and len(r.passes) == 2 and len(s.steps) == 2
+    assert not any(p.scm for p in r.passes)  # no SCM given
+    r0 = automatic_loop(torch.zeros(1, 3, 4, 4), s.classify, CLASSES, s.step, None, max_passes=0)
+    assert r0.passes == [] and r0.stopped == "max passes"
+
+
+def test_loop_needs_a_no_class():
+    with pytest.raises(ValueError, match="'no'"):
+        automatic_loop(torch.zeros(1, 3, 4, 4), lambda x: torch.zeros(1, 2), ["noise", "blur"], None, None)
+
+
+def test_mix_prompts_is_the_weighted_sum_of_token_states():
+    states = torch.randn(3, 5, 4)
+    w = torch.tensor([0.2, 0.0, 0.8])
+    mixed = mix_prompts(w, states)
+    assert mixed.shape == (1, 5, 4)
+    torch.testing.assert_close(mixed[0], 0.2 * states[0] + 0.8 * states[2])
+    torch.testing.assert_close(mix_prompts(torch.tensor([0.0, 1.0, 0.0]), states)[0], states[1])
+
+
+def test_collect_inputs_from_files_folders_and_globs(tmp_path):
+    (tmp_path / "sub").mkdir()
+    for name in ("a.png", "sub/b.JPG", "sub/c.txt", "d.tif"):
+        (tmp_path / name).write_bytes(b"x")
+    files, errors = collect_inputs([str(tmp_path / "a.png"), str(tmp_path), str(tmp_path / "*.tif"),
+                                    str(tmp_path / "missing.png"), str(tmp_path / "*.webp")])
+    assert [f.relative_to(tmp_path).as_posix() for f in files] == ["a.png", "d.tif", "sub/b.JPG"]
+    assert len(errors) == 2 and "missing.png: no such file" in errors[0] and "no image matches" in errors[1]
+
+
+def test_output_stems_are_unique():
+    taken = set()
+    from pathlib import Path
+
+    assert [output_stem(Path(p), taken) for p in ("x/a.png", "y/a.jpg", "a.tif", "b.png")] == ["a", "a_2", "a_3", "b"]
+
+
+def test_save_result_keeps_gray_inputs_gray(tmp_path):
+    img = torch.rand(1, 3, 6, 7)
+    log = {"passes": [], "stopped": "no artifact"}
+    gray = save_result(tmp_path, "g", img, {"mode": "I;16"}, log)
+    color = save_result(tmp_path, "c", img, {"mode": "RGBA"}, log)
+    assert Image.open(gray).mode == "L" and Image.open(color).mode == "RGB"
+    assert np.array_equal(np.asarray(Image.open(color)), (img[0] * 255).round().byte().permute(1, 2, 0).numpy())
+    assert json.loads((tmp_path / "g.json").read_text()) == log
