@@ -23,5 +23,12 @@ bench: $(STAMP)
 	$(PY) bench/loader.py
 	$(PY) bench/degrade.py
 
+# A two-node SLURM cluster on this machine (root; apt installs slurm-wlm and munge). See DEVELOPERS.md.
+slurm-local:
+	bash slurm/local/up.sh
+
+slurm-local-stop:
+	bash slurm/local/down.sh
+
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache
