@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from data_prep.shards import ShardSink, UsageError, prepare_out, write_manifest
+from data_prep.shards import PNG_LEVEL, ShardSink, UsageError, prepare_out, write_manifest
 from lit_restore.data.images import encode_png
 
 # Real photographs in skimage.data (`cat` is left out: it is the same picture as `chelsea`).
@@ -84,7 +84,7 @@ def make_samples(photos: dict[str, tuple[np.ndarray, str]], crop: int, per_photo
                     "scale": 1, "crop": [y, x], "bit_depth": 8, "mode": mode}
             samples.append({
                 "__key__": f"{name}_{split}_{i:04d}",
-                "gt.png": encode_png(img[y : y + crop, x : x + crop]),
+                "gt.png": encode_png(img[y : y + crop, x : x + crop], PNG_LEVEL),
                 "json": json.dumps(meta, sort_keys=True).encode(),
             })
     return samples

@@ -56,6 +56,9 @@ SKIPPED = "skipped.txt"
 # Encoded samples held for the write-time shuffle; bounded in bytes because one sample may be a
 # whole uncropped 50-megapixel PNG.
 SHUFFLE_BUFFER_BYTES = 256 * 2**20
+# zlib level for the stored PNGs: on photos, level 3 encodes ~3x faster than the default 6 for
+# ~14% more bytes; decoding speed is the same.
+PNG_LEVEL = 3
 # Fixed tar member mtime so reruns give byte-identical shards (and sha256 sums).
 TAR_MTIME = 0.0
 _TAR_BLOCK = 512
@@ -241,12 +244,12 @@ def encode_item(item: WorkItem) -> tuple[list[dict[str, Any]], Optional[str]]:
             }
             sample = {
                 "__key__": key if whole else f"{key}_y{y}_x{x}",
-                "gt.png": encode_png(gt[y : y + tile_h, x : x + tile_w]),
+                "gt.png": encode_png(gt[y : y + tile_h, x : x + tile_w], PNG_LEVEL),
                 "json": json.dumps(meta, sort_keys=True).encode(),
             }
             if lq is not None:
                 ly, lx, lh, lw = y // scale, x // scale, tile_h // scale, tile_w // scale
-                sample["lq.png"] = encode_png(lq[ly : ly + lh, lx : lx + lw])
+                sample["lq.png"] = encode_png(lq[ly : ly + lh, lx : lx + lw], PNG_LEVEL)
             samples.append(sample)
     return samples, None
 

@@ -87,17 +87,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("prep-shards", help="image folders → WebDataset tar shards",
-                       description="Write clean image folders (or paired --lq/--gt folders) as tar shards.")
+                       description="Write clean image folders (or paired --lq/--gt folders) as tar shards.",
+                       epilog="exit codes: 0 every input written; 1 shards written but some inputs skipped "
+                              "(unreadable, size mismatch, no partner; listed in OUT/skipped.txt); "
+                              "2 usage error, nothing written")
     s.add_argument("inputs", nargs="*", help="clean image folders (searched recursively)")
     s.add_argument("--out", required=True, help="output folder for shards, manifest.json and the skip report")
     s.add_argument("--lq", help="paired mode: folder of degraded images")
     s.add_argument("--gt", help="paired mode: folder of clean images (matched to --lq by file stem)")
     s.add_argument("--task", help="paired mode: degradation type of the --lq images (e.g. rain, haze, sr)")
     s.add_argument("--name", help="dataset name stored in each sample's metadata (default: folder name)")
-    s.add_argument("--crop", type=int, default=0, help="pre-crop large images into sub-images of this size (0: off)")
+    s.add_argument("--crop", type=int, default=0, help="pre-crop large images into sub-images of this size, the last flush with the "
+                   "right/bottom edge; sides shorter than it are kept whole (0: off)")
     s.add_argument("--stride", type=int, default=0, help="stride between sub-images (default: crop, no overlap)")
     s.add_argument("--max-count", type=int, default=1000, help="samples per shard at most")
-    s.add_argument("--max-size", type=float, default=1e9, help="bytes per shard at most")
+    s.add_argument("--max-size", type=float, default=1e9, help="bytes per shard at most (a larger single sample gets its own shard)")
     s.add_argument("--seed", type=int, default=0, help="seed of the write-time shuffle")
     s.add_argument("--workers", type=int, default=0, help="encoding processes (0: all cores)")
     s.add_argument("--prefix", default="shard", help="shard file name prefix")
@@ -109,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="data/sample", help="output folder")
     s.add_argument("--crop", type=int, default=128, help="crop size")
     s.add_argument("--train-crops", type=int, default=64, help="random crops per photo for training")
-    s.add_argument("--val-crops", type=int, default=4, help="random crops per photo for validation")
+    s.add_argument("--val-crops", type=int, default=4, help="random crops per photo for validation (from a held-out bottom strip)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=_prep_sample)

@@ -173,3 +173,13 @@ def test_write_png_round_trip_and_atomic(tmp_path):
     np.testing.assert_array_equal(decode_image(encode_png(rgb))[0], rgb)
     with pytest.raises(ValueError, match="uint8"):
         encode_png(rgb.astype(np.float32))
+
+
+def test_gray_alpha_is_composited_on_white():
+    la = np.zeros((1, 3, 2), np.uint8)
+    la[..., 0] = 40
+    la[0, :, 1] = (255, 0, 51)
+    out, info = decode_image(save(Image.fromarray(la), "PNG"))
+    assert info["mode"] == "LA" and info["has_alpha"]
+    np.testing.assert_array_equal(out[0, :, 0], [40, 255, np.rint(40 * 0.2 + 255 * 0.8)])
+    assert (out == out[..., :1]).all()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Union
 
@@ -126,7 +127,11 @@ def _decode_16bit_colour(data: bytes, fmt: str | None) -> tuple[np.ndarray, bool
         import torch
         from torchvision.io import ImageReadMode, decode_png
 
-        chw = decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
+        # torchvision (pinned) flags its image codecs as deprecated in favour of torchcodec, which
+        # needs FFmpeg; libpng through torchvision is still the one installed full-depth decoder.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            chw = decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
         return _flatten(chw.permute(1, 2, 0).numpy().astype(np.uint16), 65535)
     if fmt == "TIFF":
         import tifffile
