@@ -253,15 +253,27 @@ def _default_trainer() -> dict[str, Any]:
 
 @dataclass
 class BIQAModelConfig:
-    """CLIP image tower fine-tuned to name the degradation."""
+    """CLIP image tower fine-tuned to name the degradation; the text tower stays frozen."""
 
-    arch: str = "ViT-L-14"  # open_clip architecture name
-    pretrained: str = "openai"  # open_clip tag, a local checkpoint file, or "" for random init
-    model_cfg: Optional[dict[str, Any]] = None  # an open_clip model config (tiny test models)
+    # open_clip architecture name. OpenAI tags switch QuickGELU on themselves; a local file of
+    # OpenAI weights needs the `-quickgelu` name (e.g. ViT-L-14-quickgelu).
+    arch: str = "ViT-L-14"
+    # open_clip tag, a local weights file (open_clip .bin/.pt/.safetensors, a biqa .ckpt or export),
+    # or "" for random init.
+    pretrained: str = "openai"
+    # An open_clip CLIP config (embed_dim, vision_cfg, text_cfg) used instead of `arch`: tiny test models.
+    model_cfg: Optional[dict[str, Any]] = None
+    # DEGRADATION_TYPES names scored by the prompts "A photo needs {word} artifact reduction";
+    # samples whose label is not listed are left out of the loss.
     classes: list[str] = field(default_factory=lambda: ["no", "noise", "blur", "jpeg", "lowres", "haze", "rain", "lowlight"])
     loss: str = choice("fidelity", ("fidelity", "ce"), "LIQE/AutoDIR fidelity or cross-entropy")
     gt_weight: float = 1.0  # lambda of the term that gives the clean GT low probability for its twin's label
-    image_size: int = 224
+    gt_as_no: bool = True  # also train every clean GT image as the "no" class
+    # False: centre crop at native scale (AutoDIR; keeps the degradation's pixel statistics),
+    # resizing only images smaller than the tower's input; True: resize the shorter side first.
+    resize: bool = False
+    train_logit_scale: bool = False  # let the CLIP temperature train with the image tower
+    grad_checkpointing: bool = False  # activation checkpointing in the image tower
 
 
 @dataclass
@@ -342,17 +354,59 @@ class RestorerModelConfig:
 
 
 @dataclass
-class LDMModelConfig:
-    """InstructPix2Pix-style Stable Diffusion UNet fine-tuning."""
+class CLIPTextConfig:
+    """The CLIP whose frozen text tower gives the LDM its context. BIQA trains only the image
+    tower, so the pretrained CLIP and a biqa checkpoint give the same context."""
 
-    pretrained: str = "runwayml/stable-diffusion-v1-5"  # diffusers model id or local folder
+    arch: str = "ViT-L-14"  # open_clip architecture (ViT-L-14 `openai` is SD-1.5's text encoder)
+    pretrained: str = "openai"  # open_clip tag, a local weights file, a biqa .ckpt/export, or "" (random)
+    model_cfg: Optional[dict[str, Any]] = None  # an open_clip CLIP config dict (tiny test models)
+
+
+@dataclass
+class LDMModelConfig:
+    """InstructPix2Pix-style Stable Diffusion UNet fine-tuning (degraded latent concatenated,
+    degradation prompt as cross-attention context)."""
+
+    # diffusers model id or local folder with unet/ and vae/ (an ldm export folder works too).
+    pretrained: str = "runwayml/stable-diffusion-v1-5"
+    # UNet2DConditionModel / AutoencoderKL kwargs: random init instead of `pretrained` (tiny models).
+    # A 4-channel conv_in is widened to 8 (pretrained weights and bias kept, new channels zero).
+    unet_cfg: Optional[dict[str, Any]] = None
+    vae_cfg: Optional[dict[str, Any]] = None
+    clip: CLIPTextConfig = field(default_factory=CLIPTextConfig)
+    prediction_type: str = choice("epsilon", ("epsilon", "v_prediction"), "what the UNet predicts")
+    snr_gamma: float = 0.0  # Min-SNR-gamma loss weighting (5.0 is the usual value); 0 = plain MSE
+    # Classifier-free guidance dropout per sample (InstructPix2Pix/AutoDIR: 5% each).
+    drop_text: float = 0.05
+    drop_both: float = 0.05
+    drop_image: float = 0.05
+    frozen_dtype: str = choice("bfloat16", ("float32", "bfloat16", "float16"), "dtype of the frozen VAE")
+    grad_checkpointing: bool = True  # UNet activation checkpointing
+    val_steps: int = 20  # sampler steps for validation images and PSNR/SSIM
+    val_sampler: str = choice("euler_a", ("euler_a", "ddim"), "validation sampler")
 
 
 @dataclass
 class SCMModelConfig:
-    """Structure-correction NAFNet trained on the frozen LDM's output."""
+    """Structure-correction NAFNet trained on the frozen LDM's output: out = ldm + w·N([lq, ldm])."""
 
     width: int = 64
+    enc_blocks: list[int] = field(default_factory=lambda: [2, 2, 4, 8])
+    middle_blocks: int = 12
+    dec_blocks: list[int] = field(default_factory=lambda: [2, 2, 2, 2])
+    w: float = 1.0  # residual scale (AutoDIR's w)
+    loss: str = choice("mse", ("mse", "l1"), "pixel loss against the GT")
+    # The frozen LDM: architecture and source as in the ldm stage. Real use needs the trained LDM:
+    # point ldm.pretrained at an ldm export folder, or set ldm_checkpoint.
+    ldm: LDMModelConfig = field(default_factory=LDMModelConfig)
+    ldm_checkpoint: str = ""  # an ldm stage .ckpt: its EMA UNet, VAE and prompt contexts replace the built ones
+    # What the SCM corrects: "one_step" = the x0 estimate decoded from the GT latent noised to a
+    # random t (AutoDIR's training); "sample" = a short sampler run from noise (what inference sees).
+    ldm_input: str = choice("one_step", ("one_step", "sample"), "how the LDM output is made")
+    t_max: int = 1000  # one_step: t = floor(t_max * u**t_power), u ~ U(0,1)
+    t_power: float = 1.0  # > 1 biases t toward low noise
+    sample_steps: int = 10  # sample: Euler-ancestral steps
 
 
 MODEL_CONFIGS: dict[str, type] = {

@@ -1,0 +1,193 @@
+"""Latent diffusion for restoration: a Stable Diffusion UNet conditioned InstructPix2Pix-style on
+the degraded image's latent (channel concat) and on CLIP token states (cross-attention).
+
+Built on diffusers: `UNet2DConditionModel`, `AutoencoderKL`, `DDPMScheduler` with SD's
+scaled-linear betas (0.00085 → 0.012, 1000 steps). Images enter and leave in [0, 1].
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, EulerAncestralDiscreteScheduler, UNet2DConditionModel
+from torch import Tensor, nn
+
+SAMPLERS = ("euler_a", "ddim")
+
+
+def ddpm_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
+    """The training noise schedule of Stable Diffusion 1.x."""
+    return DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        prediction_type=prediction_type, clip_sample=False,
+    )
+
+
+def _from_pretrained(cls: Any, pretrained: str, subfolder: str, key: str) -> Any:
+    try:
+        return cls.from_pretrained(pretrained, subfolder=subfolder)
+    except OSError:
+        if Path(pretrained).is_dir():
+            raise OSError(f"{key}: {pretrained} has no diffusers {subfolder}/ folder (config.json + weights)") from None
+        raise OSError(
+            f"cannot load '{pretrained}' {subfolder} (offline?): download the Stable Diffusion folder on a machine "
+            f"with internet and set {key}=/path/to/folder (with unet/ and vae/ subfolders)"
+        ) from None
+
+
+def load_unet(pretrained: str, config: Optional[dict[str, Any]] = None, key: str = "model.pretrained") -> UNet2DConditionModel:
+    """The UNet from `pretrained` (model id or local folder, subfolder unet/), or random from `config`."""
+    if config is not None:
+        return UNet2DConditionModel(**copy.deepcopy(dict(config)))
+    return _from_pretrained(UNet2DConditionModel, pretrained, "unet", key)
+
+
+def load_vae(pretrained: str, config: Optional[dict[str, Any]] = None, key: str = "model.pretrained") -> AutoencoderKL:
+    """The VAE from `pretrained` (subfolder vae/), or random from `config`."""
+    if config is not None:
+        return AutoencoderKL(**copy.deepcopy(dict(config)))
+    return _from_pretrained(AutoencoderKL, pretrained, "vae", key)
+
+
+@torch.no_grad()
+def widen_conv_in(unet: UNet2DConditionModel, in_channels: int = 8) -> UNet2DConditionModel:
+    """Give the UNet `in_channels` inputs: the pretrained weights and bias stay on the first
+    channels and the new channels start at zero, so the widened UNet computes exactly what the
+    pretrained one did until training moves the new weights."""
+    old = unet.conv_in
+    if old.in_channels == in_channels:
+        return unet
+    if old.in_channels > in_channels:
+        raise ValueError(f"conv_in already has {old.in_channels} input channels, more than {in_channels}")
+    new = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding,
+                    device=old.weight.device, dtype=old.weight.dtype)
+    new.weight.zero_()
+    new.weight[:, : old.in_channels].copy_(old.weight)
+    new.bias.copy_(old.bias)
+    unet.conv_in = new
+    unet.register_to_config(in_channels=in_channels)
+    return unet
+
+
+def alphas_cumprod(scheduler: DDPMScheduler, t: Tensor) -> Tensor:
+    """ᾱ_t for a batch of integer timesteps, shaped (B,1,1,1)."""
+    return scheduler.alphas_cumprod.to(t.device)[t].float().view(-1, 1, 1, 1)
+
+
+def predict_x0(scheduler: DDPMScheduler, z_t: Tensor, t: Tensor, model_out: Tensor) -> Tensor:
+    """One-step estimate of the clean latent from the UNet output at timestep t."""
+    a = alphas_cumprod(scheduler, t)
+    if scheduler.config.prediction_type == "v_prediction":
+        return a.sqrt() * z_t - (1 - a).sqrt() * model_out
+    return (z_t - (1 - a).sqrt() * model_out) / a.sqrt()
+
+
+def min_snr_weight(scheduler: DDPMScheduler, t: Tensor, gamma: float) -> Tensor:
+    """Min-SNR-γ loss weights (Hang et al. 2023) per sample, for ε- or v-prediction targets."""
+    a = alphas_cumprod(scheduler, t).view(-1)
+    snr = a / (1 - a)
+    clipped = snr.clamp(max=gamma)
+    return clipped / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else clipped / snr
+
+
+def make_sampler(name: str, scheduler: DDPMScheduler):
+    """An inference scheduler on the training schedule."""
+    if name == "euler_a":
+        return EulerAncestralDiscreteScheduler.from_config(scheduler.config)
+    if name == "ddim":
+        return DDIMScheduler.from_config(scheduler.config)
+    raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+
+
+class LatentDiffusion(nn.Module):
+    """UNet + VAE + the DDPM schedule, and the few operations the stages and restore share.
+
+    Latent convention (InstructPix2Pix and AutoDIR): the condition latent is the VAE posterior
+    mode WITHOUT the scaling factor, the target latent is a posterior sample WITH it. Pretrained
+    IP2P/AutoDIR UNets were trained this way, so changing it would break their weights.
+    """
+
+    def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL, prediction_type: str = "epsilon") -> None:
+        super().__init__()
+        self.unet = unet
+        self.vae = vae
+        self.scheduler = ddpm_scheduler(prediction_type)
+
+    @property
+    def vae_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this (VAE and UNet downsampling)."""
+        return self.vae_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    def _vae_in(self, images: Tensor) -> Tensor:
+        return (images * 2 - 1).to(self.vae.dtype)
+
+    def encode_condition(self, images: Tensor) -> Tensor:
+        """Unscaled posterior mode of [0,1] images."""
+        return self.vae.encode(self._vae_in(images)).latent_dist.mode().float()
+
+    def encode_target(self, images: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+        """Scaled posterior sample of [0,1] images: the diffusion's clean latent z_0."""
+        z = self.vae.encode(self._vae_in(images)).latent_dist.sample(generator)
+        return z.float() * self.vae.config.scaling_factor
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Scaled latents → [0,1] images."""
+        x = self.vae.decode((z / self.vae.config.scaling_factor).to(self.vae.dtype)).sample
+        return ((x.float() + 1) / 2).clamp(0, 1)
+
+    def denoise(self, unet: nn.Module, z_t: Tensor, t: Tensor, cond_latent: Tensor, context: Tensor) -> Tensor:
+        """UNet output for noisy latents with the condition latent concatenated on channels."""
+        dtype = next(unet.parameters()).dtype
+        x = torch.cat([z_t, cond_latent], dim=1).to(dtype)
+        return unet(x, t, encoder_hidden_states=context.to(dtype)).sample.float()
+
+    @torch.no_grad()
+    def sample(
+        self,
+        lq: Tensor,
+        context: Tensor,
+        null_context: Tensor,
+        steps: int = 20,
+        sampler: str = "euler_a",
+        guidance_text: float = 1.0,
+        guidance_image: float = 1.0,
+        generator: Optional[torch.Generator] = None,
+        unet: Optional[nn.Module] = None,
+    ) -> Tensor:
+        """Restore [0,1] images `lq` (B,3,H,W) given text context (B,L,D); [0,1] output of the same size.
+
+        Three-way InstructPix2Pix guidance: ε = ε_u + s_T(ε_c − ε_img) + s_I(ε_img − ε_u), where
+        ε_img drops the text (null_context, (1,L,D)) and ε_u also zeroes the image latent. With
+        s_T = s_I = 1 this is ε_c, computed in one UNet pass. `unet` overrides self.unet (EMA).
+        """
+        unet = self.unet if unet is None else unet
+        h, w = lq.shape[-2:]
+        m = self.size_multiple
+        pad = (0, (-w) % m, 0, (-h) % m)
+        # Reflect padding needs the pad smaller than the side; replicate works for any size.
+        cond = self.encode_condition(F.pad(lq, pad, mode="replicate"))
+        sched = make_sampler(sampler, self.scheduler)
+        sched.set_timesteps(steps, device=lq.device)
+        z = torch.randn(cond.shape, generator=generator, device=lq.device) * sched.init_noise_sigma
+        guided = guidance_text != 1.0 or guidance_image != 1.0
+        b = lq.shape[0]
+        null = null_context.expand(b, -1, -1)
+        for t in sched.timesteps:
+            x = sched.scale_model_input(z, t)
+            if guided:
+                out = self.denoise(unet, torch.cat([x, x, x]), t, torch.cat([cond, cond, torch.zeros_like(cond)]),
+                                   torch.cat([context, null, null]))
+                e_c, e_img, e_u = out.chunk(3)
+                eps = e_u + guidance_text * (e_c - e_img) + guidance_image * (e_img - e_u)
+            else:
+                eps = self.denoise(unet, x, t, cond, context)
+            z = sched.step(eps, t, z, generator=generator).prev_sample
+        return self.decode(z)[..., :h, :w]
