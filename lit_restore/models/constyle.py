@@ -86,7 +86,8 @@ class MoCo(nn.Module):
         self.encoder_k.requires_grad_(False)
         self.momentum = momentum
         self.normalize = normalize
-        queue = torch.randn(queue_size, encoder.dim)
+        # Its own fixed generator: every rank starts from the same queue without a broadcast.
+        queue = torch.randn(queue_size, encoder.dim, generator=torch.Generator().manual_seed(0))
         self.register_buffer("queue", F.normalize(queue, dim=1) if normalize else queue)
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 

@@ -1,0 +1,166 @@
+"""Feed-forward restorer: ConStyle-NAFNet (or plain NAFNet) trained degraded → clean.
+
+ConStyle modes (`model.constyle_mode`):
+- frozen: the encoder comes from a constyle-stage checkpoint or exported weights
+  (`model.constyle_weights`), gets no gradients and stays in eval mode (ConStyle v2).
+- joint: the encoder trains with the restorer under L1 + the ConStyle losses (MoCo queue and
+  momentum key encoder as in the constyle stage) for `model.constyle_iters` steps, then is
+  frozen (IRConStyle v1). On more than one device the freeze leaves encoder parameters without
+  gradients, which DDP accepts only with `trainer.strategy: ddp_find_unused_parameters_true`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel
+
+from lit_restore.config import ConfigError, RunConfig
+from lit_restore.models.constyle import ConStyleNAFNet, MoCo, check_queue_divisible
+from lit_restore.models.nafnet import NAFNet, pad_to_multiple
+from lit_restore.stages.base import Stage
+from lit_restore.stages.constyle import build_encoder, build_moco, constyle_losses, make_ema, weighted_total
+
+# Where a ConStyle encoder's weights sit in the files we accept: the constyle stage's own EMA,
+# its query encoder, an exported `encoder` module, or a bare encoder state dict.
+_ENCODER_PREFIXES = ("ema.module.", "moco.encoder_q.", "encoder.", "")
+
+
+def read_state_dict(path: str) -> dict[str, Tensor]:
+    """State dict of a Lightning checkpoint, an exported weights folder or a .safetensors file."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "model.safetensors"
+    if not p.is_file():
+        raise FileNotFoundError(f"ConStyle weights not found: {p} (give a constyle .ckpt, exported folder or model.safetensors)")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(p))
+    # Our own Lightning checkpoints: they hold the config dict next to the tensors.
+    return torch.load(p, map_location="cpu", weights_only=False)["state_dict"]
+
+
+def load_encoder_weights(encoder: nn.Module, path: str) -> None:
+    """Load a ConStyle encoder from `path`; the classifier head, if the file has one, is ignored."""
+    state = read_state_dict(path)
+    wanted = {k for k in encoder.state_dict() if not k.startswith("classifier.")}
+    for prefix in _ENCODER_PREFIXES:
+        found = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if wanted <= found.keys():
+            sub = {k: v for k, v in found.items() if k in wanted}
+            try:
+                encoder.load_state_dict(sub, strict=not any(k.startswith("classifier.") for k in encoder.state_dict()))
+            except RuntimeError as e:
+                raise ValueError(f"{path}: ConStyle encoder shapes differ from model.constyle "
+                                 f"(base_channels/dim): {str(e).splitlines()[-1].strip()}") from None
+            return
+    raise ValueError(f"{path}: no ConStyle encoder weights found (looked for keys under {', '.join(repr(p) for p in _ENCODER_PREFIXES)})")
+
+
+def psnr_loss(pred: Tensor, gt: Tensor) -> Tensor:
+    """Negative per-image PSNR averaged over the batch (NAFNet's PSNRLoss), for [0,1] images."""
+    mse = (pred - gt).pow(2).mean(dim=(1, 2, 3))
+    return (10.0 / math.log(10.0)) * torch.log(mse + 1e-8).mean()
+
+
+class RestorerStage(Stage):
+    """Trains the restorer on (lq, gt) pairs; exports one module taking a (B,3,H,W) image."""
+
+    # The EMA covers the restorer network only: in joint mode the module also holds the MoCo
+    # queue, which must not be averaged (Lightning's EMA callback averages every buffer).
+    manages_own_ema = True
+
+    def __init__(self, cfg: RunConfig) -> None:
+        super().__init__(cfg)
+        m = cfg.model
+        if m.arch == "constyle_nafnet" and m.constyle_mode == "frozen" and not m.constyle_weights:
+            raise ConfigError("model.constyle_weights: frozen mode needs pretrained ConStyle weights; give a path "
+                              "or set model.constyle_mode=joint to train the encoder with the restorer")
+        self.net: nn.Module | None = None
+        self.moco: MoCo | None = None
+        self.ema: AveragedModel | None = None
+
+    @property
+    def joint(self) -> bool:
+        m = self.cfg.model
+        return m.arch == "constyle_nafnet" and m.constyle_mode == "joint"
+
+    def configure_model(self) -> None:
+        if self.net is not None:
+            return
+        m = self.cfg.model
+        if m.arch == "nafnet":
+            net: nn.Module = NAFNet(width=m.width, enc_blocks=m.enc_blocks, middle_blocks=m.middle_blocks,
+                                    dec_blocks=m.dec_blocks)
+        else:
+            net = ConStyleNAFNet(build_encoder(m.constyle), dim=m.width, enc_blocks=m.enc_blocks,
+                                 middle_blocks=m.middle_blocks, dec_blocks=m.dec_blocks)
+            if m.constyle_mode == "frozen":
+                net.set_encoder_frozen(True)
+        if self.cfg.optim.ema_decay > 0:
+            self.ema = make_ema(net, self.cfg.optim.ema_decay)
+        if self.joint:
+            # The MoCo wrapper shares the restorer's encoder as its query encoder.
+            self.moco = build_moco(m.constyle, net.encoder)
+        self.net = net
+
+    def setup(self, stage: str) -> None:
+        if stage != "fit":
+            return
+        m = self.cfg.model
+        if self.joint:
+            check_queue_divisible(m.constyle.queue_size, self.cfg.data.batch_size, self.trainer.world_size,
+                                  "model.constyle.queue_size")
+        if m.arch == "constyle_nafnet" and m.constyle_weights:
+            # Here rather than in configure_model: export rebuilds the stage without these files,
+            # and a resumed run's checkpoint overwrites what is loaded here.
+            self.configure_model()
+            load_encoder_weights(self.net.encoder, m.constyle_weights)
+            if self.ema is not None:
+                self.ema.module.encoder.load_state_dict(self.net.encoder.state_dict())
+
+    def _constyle_losses_on(self) -> bool:
+        iters = self.cfg.model.constyle_iters
+        return self.joint and (iters < 0 or self.global_step < iters)
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        m = self.cfg.model
+        lq, gt = batch["lq"], batch["gt"]
+        losses: dict[str, Tensor] = {}
+        if self._constyle_losses_on():
+            # One encoder pass serves the restorer and the ConStyle losses.
+            style = self.net.encoder(pad_to_multiple(lq, 8))
+            pred = self.net.restore(lq, style)
+            losses, acc = constyle_losses(self, self.moco, style, pad_to_multiple(gt, 8), m.constyle,
+                                          "model.constyle.queue_size")
+            self.log("train/contrastive_acc", acc)
+        else:
+            if self.joint and not self.net.freeze_encoder:
+                self.net.set_encoder_frozen(True)  # IRConStyle v1's switch after constyle_iters
+            pred = self.net(lq)
+        rec = F.l1_loss(pred, gt) if m.loss == "l1" else psnr_loss(pred, gt)
+        loss = rec + weighted_total(losses, m.constyle) if losses else rec
+        self.log("train/loss", loss, prog_bar=True)
+        self.log(f"train/{m.loss}", rec)
+        for name, value in losses.items():
+            self.log(f"train/{name}", value)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)
+        if self.ema is not None:
+            self.ema.update_parameters(self.net)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        pred = self.export_modules()["restorer"](batch["lq"])
+        self.log_restoration_metrics(pred, batch["gt"], batch["valid"])
+        if batch_idx == 0:
+            self.log_image_grid("val/restored", [batch["lq"], pred, batch["gt"]])
+
+    def export_modules(self) -> dict[str, nn.Module]:
+        return {"restorer": self.ema.module if self.ema is not None else self.net}

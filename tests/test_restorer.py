@@ -1,0 +1,207 @@
+"""ConStyle-NAFNet restorer: network, weight loading, frozen/joint modes, the restorer stage."""
+
+import math
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lit_restore.config import ConfigError, load_config
+from lit_restore.models.constyle import ConStyleEncoder, ConStyleNAFNet
+from lit_restore.models.nafnet import NAFBlock
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny" / "restorer.yaml")
+TINY_CONSTYLE = str(ROOT / "configs" / "tiny" / "constyle.yaml")
+SMALL = ["model.width=8", "model.constyle.base_channels=4", "model.constyle.dim=16", "model.constyle.queue_size=32",
+         "data.batch_size=4"]
+
+
+def tiny_net() -> ConStyleNAFNet:
+    torch.manual_seed(0)
+    return ConStyleNAFNet(ConStyleEncoder(base=4, dim=16), dim=8, enc_blocks=(1, 1, 1), middle_blocks=1,
+                          dec_blocks=(1, 1, 1))
+
+
+def make_stage(*overrides: str):
+    from lit_restore.stages.restorer import RestorerStage
+
+    torch.manual_seed(0)
+    stage = RestorerStage(load_config(TINY, [*SMALL, *overrides]))
+    stage.configure_model()
+    stage.train()
+    return stage
+
+
+def device_batch(stage, n: int = 4, size: int = 32, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    host = {"gt": torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8),
+            "key": [f"k{seed}_{i}" for i in range(n)]}
+    return stage.on_after_batch_transfer(host)
+
+
+# ----------------------------------------------------------------------------- network
+
+
+def test_reference_size_and_any_input_size():
+    # ConStyle-NAFNet at dim 48, blocks [7,8,9]/9/[7,8,9]: 12.74 M parameters with its encoder.
+    full = ConStyleNAFNet(ConStyleEncoder())
+    assert abs(sum(p.numel() for p in full.parameters()) - 12.74e6) < 0.01e6
+    net = tiny_net().eval()
+    for shape in [(2, 3, 32, 32), (1, 3, 19, 27)]:
+        assert net(torch.rand(*shape)).shape == shape
+
+
+def test_latent_code_and_feature_maps_change_the_output():
+    net = tiny_net().eval()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, NAFBlock):
+                m.beta.normal_(0, 0.5)
+                m.gamma.normal_(0, 0.5)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        style = net.encoder(x)
+        base = net.restore(x, style)
+        torch.testing.assert_close(net(x), base)
+        code_changed = net.restore(x, style._replace(z2=style.z2 + 1.0))
+        feats_changed = net.restore(x, style._replace(feats=tuple(f + 1.0 for f in style.feats)))
+    assert not torch.allclose(base, code_changed) and not torch.allclose(base, feats_changed)
+
+
+def test_onnx_export_single_input_dynamic_hw(tmp_path):
+    net = tiny_net().eval()
+    path = tmp_path / "restorer.onnx"
+    dims = {0: torch.export.Dim("b"), 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}
+    torch.onnx.export(net, (torch.rand(2, 3, 32, 32),), str(path), dynamo=True, dynamic_shapes={"x": dims},
+                      input_names=["x"], output_names=["y"])
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for shape in [(2, 3, 32, 32), (1, 3, 24, 40), (2, 3, 17, 29)]:
+        x = torch.rand(*shape)
+        with torch.no_grad():
+            ref = net(x).numpy()
+        (out,) = sess.run(None, {"x": x.numpy()})
+        np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
+
+
+def test_psnr_loss_is_negative_psnr():
+    from lit_restore.stages.restorer import psnr_loss
+
+    gt = torch.zeros(2, 3, 8, 8)
+    pred = torch.full_like(gt, 0.1)  # mse 0.01 → 20 dB
+    assert math.isclose(float(psnr_loss(pred, gt)), -20.0, rel_tol=1e-5)
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def _encoder_file(tmp_path: Path, kind: str) -> tuple[str, ConStyleEncoder]:
+    torch.manual_seed(1)
+    enc = ConStyleEncoder(base=4, dim=16, num_classes=10)  # a classifier head the restorer ignores
+    sd = enc.state_dict()
+    if kind == "ckpt":
+        path = tmp_path / "constyle.ckpt"
+        torch.save({"state_dict": {f"moco.encoder_q.{k}": v for k, v in sd.items()}}, path)
+    else:
+        (tmp_path / "constyle").mkdir()
+        path = tmp_path / "constyle"
+        save_file({f"encoder.{k}": v.contiguous() for k, v in sd.items()}, str(path / "model.safetensors"))
+    return str(path), enc
+
+
+@pytest.mark.parametrize("kind", ["ckpt", "export"])
+def test_load_encoder_weights(tmp_path, kind):
+    from lit_restore.stages.restorer import load_encoder_weights
+
+    path, ref = _encoder_file(tmp_path, kind)
+    enc = ConStyleEncoder(base=4, dim=16)
+    load_encoder_weights(enc, path)
+    for k, v in enc.state_dict().items():
+        assert torch.equal(v, ref.state_dict()[k]), k
+
+
+def test_load_encoder_weights_errors(tmp_path):
+    from lit_restore.stages.restorer import load_encoder_weights
+
+    with pytest.raises(FileNotFoundError, match="ConStyle weights not found"):
+        load_encoder_weights(ConStyleEncoder(base=4, dim=16), str(tmp_path / "missing.ckpt"))
+    path, _ = _encoder_file(tmp_path, "ckpt")
+    with pytest.raises(ValueError, match="shapes differ"):
+        load_encoder_weights(ConStyleEncoder(base=4, dim=32), path)
+
+
+def test_frozen_mode_needs_weights():
+    from lit_restore.stages.restorer import RestorerStage
+
+    with pytest.raises(ConfigError, match="model.constyle_weights: frozen mode needs pretrained ConStyle weights"):
+        RestorerStage(load_config(TINY, [*SMALL, "model.constyle_mode=frozen"]))
+
+
+# ----------------------------------------------------------------------------- stage
+
+
+def test_joint_mode_trains_encoder_with_constyle_losses():
+    stage = make_stage("model.constyle_mode=joint", "model.constyle_iters=-1")
+    enc_params = list(stage.net.encoder.parameters())
+    trainable = {id(p) for p in stage.trainable_parameters()}
+    assert all(id(p) in trainable for p in enc_params)
+    assert stage.moco.encoder_q is stage.net.encoder
+    stage.training_step(device_batch(stage), 0).backward()
+    assert all(p.grad is not None for p in enc_params)
+    assert int(stage.moco.queue_ptr) == 4
+
+
+def test_joint_mode_freezes_encoder_after_constyle_iters():
+    stage = make_stage("model.constyle_mode=joint", "model.constyle_iters=0")
+    enc_params = list(stage.net.encoder.parameters())
+    stage.training_step(device_batch(stage), 0).backward()
+    # IRConStyle v1's switch: ConStyle losses off, encoder frozen and in eval mode from then on.
+    assert stage.net.freeze_encoder and not stage.net.encoder.training
+    assert all(p.grad is None and not p.requires_grad for p in enc_params)
+    assert int(stage.moco.queue_ptr) == 0
+    stage.train()
+    assert not stage.net.encoder.training
+
+
+def test_plain_nafnet_baseline_trains():
+    stage = make_stage("model.arch=nafnet", "model.enc_blocks=[1,1]", "model.dec_blocks=[1,1]", "model.loss=psnr")
+    assert stage.moco is None and not hasattr(stage.net, "encoder")
+    loss = stage.training_step(device_batch(stage), 0)
+    loss.backward()
+    assert math.isfinite(loss.item())
+    assert stage.export_modules()["restorer"] is stage.net
+
+
+def _fit_overrides(sample_shards, tmp_path, *extra):
+    return [*SMALL, f"out_dir={tmp_path / 'run'}", f"data.train={sample_shards}/train-{{000000..000003}}.tar",
+            f"data.val={sample_shards}/val-000000.tar", "data.num_workers=0", "data.crop=32",
+            "trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.enable_progress_bar=false", *extra]
+
+
+def test_fit_tiny_config_joint(sample_shards, tmp_path):
+    from lit_restore.fit import fit
+
+    cfg = load_config(TINY, _fit_overrides(sample_shards, tmp_path))
+    trainer = fit(cfg)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    assert trainer.global_step == 3
+    assert math.isfinite(metrics["train/loss"]) and 5 < metrics["val/psnr"] < 60
+    assert list((tmp_path / "run" / "samples").glob("val_restored_*.png"))
+
+
+def test_fit_frozen_encoder_stays_bit_identical(sample_shards, tmp_path):
+    from lit_restore.fit import fit
+
+    path, ref = _encoder_file(tmp_path, "export")
+    cfg = load_config(TINY, _fit_overrides(sample_shards, tmp_path, "model.constyle_mode=frozen",
+                                           f"model.constyle_weights={path}", "optim.ema_decay=0.5"))
+    trainer = fit(cfg)
+    stage = trainer.lightning_module
+    assert trainer.global_step == 3
+    for net in (stage.net, stage.ema.module):
+        for k, v in net.encoder.state_dict().items():  # weights and BN running statistics
+            assert torch.equal(v, ref.state_dict()[k]), k
+    assert any(not torch.equal(a, b) for a, b in zip(stage.net.intro.parameters(), stage.ema.module.intro.parameters()))
