@@ -233,6 +233,19 @@ class WandbConfig:
     name: Optional[str] = None
 
 
+@dataclass
+class CheckpointConfig:
+    """Step checkpoints, SLURM preemption checkpoints and what a non-finite loss does."""
+
+    every_n_steps: int = 500  # checkpoints/stepNNNNNNN.ckpt and checkpoints/last.ckpt every N optimizer steps
+    keep: int = -1  # step checkpoints kept, newest first (-1: all)
+    keep_hpc: int = 1  # SLURM preemption checkpoints (hpc_ckpt_N.ckpt) kept, newest first
+    # A step whose gradients are NaN/Inf: "skip" leaves the weights unchanged (counted in
+    # train/skipped_steps); "stop" saves a checkpoint of the weights before it and ends the run.
+    on_nan: str = choice("skip", ("skip", "stop"), "what a non-finite loss or gradient does")
+    max_skipped_in_row: int = 100  # on_nan=skip: stop as on_nan=stop after this many skipped steps in a row
+
+
 def _default_trainer() -> dict[str, Any]:
     return {
         "max_steps": 1000,
@@ -240,7 +253,7 @@ def _default_trainer() -> dict[str, Any]:
         "devices": 1,
         "num_nodes": 1,
         "strategy": "auto",
-        "precision": "32-true",
+        "precision": "auto",  # fit: bf16-mixed on GPU, 32-true on CPU
         "val_check_interval": 500,
         "log_every_n_steps": 10,
     }
@@ -433,6 +446,7 @@ class RunConfig:
     resume: str = "auto"  # auto (newest hpc or last checkpoint in out_dir), never, or a checkpoint path
     logger: str = choice("csv", ("wandb", "csv", "none"), "where metrics go")
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     data: DataConfig = field(default_factory=DataConfig)
     degrade: DegradeConfig = field(default_factory=DegradeConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -511,6 +525,12 @@ def _check_values(cfg: RunConfig) -> None:
         raise ConfigError(f"optim.lr: {cfg.optim.lr} must be > 0")
     if not 0.0 <= cfg.optim.ema_decay < 1.0:
         raise ConfigError(f"optim.ema_decay: {cfg.optim.ema_decay} must be in [0, 1)")
+    if cfg.checkpoint.every_n_steps <= 0:
+        raise ConfigError(f"checkpoint.every_n_steps: {cfg.checkpoint.every_n_steps} must be > 0")
+    if cfg.checkpoint.keep == 0 or cfg.checkpoint.keep < -1:
+        raise ConfigError(f"checkpoint.keep: {cfg.checkpoint.keep} must be -1 (all) or > 0")
+    if cfg.checkpoint.keep_hpc < 1:
+        raise ConfigError(f"checkpoint.keep_hpc: {cfg.checkpoint.keep_hpc} must be >= 1")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas: {list(cfg.optim.betas)} must hold two numbers")
     check_degrade(cfg.degrade)

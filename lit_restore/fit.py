@@ -1,15 +1,35 @@
-"""`lit-restore fit`: setup → trainer → fit, for any stage."""
+"""`lit-restore fit`: setup → trainer (strategy, callbacks, logger, resume) → fit, for any stage.
+
+Restarts: `resume: auto` starts from the newest of the run dir's hpc checkpoints and
+`checkpoints/last.ckpt`, so a requeued SLURM job, a killed local run and a plain rerun of the same
+command all continue where the run stopped. Everything a restart needs lives in `out_dir`.
+"""
 
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Union
 
 import lightning as L
-from lightning.pytorch.callbacks import EMAWeightAveraging, LearningRateMonitor, ModelCheckpoint
+import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.callbacks import EMAWeightAveraging, LearningRateMonitor
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Strategy
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from torch import nn
 
-from lit_restore.config import RunConfig, to_yaml
+from lit_restore.checkpointing import (
+    AtomicCheckpointIO,
+    PreemptionCheckpoint,
+    RunState,
+    StepCheckpoint,
+    prune_hpc,
+    resume_path,
+)
+from lit_restore.config import ConfigError, RunConfig, to_yaml
+from lit_restore.guards import NonFiniteGuard, NonFiniteLossError
 from lit_restore.stages.base import Stage
 
 
@@ -38,40 +58,138 @@ def build_stage(cfg: RunConfig) -> Stage:
     raise ValueError(f"unknown stage {cfg.stage!r}")
 
 
-def build_loggers(cfg: RunConfig) -> list[Any] | bool:
+def wandb_run_id(out_dir: str | Path) -> str:
+    """The run dir's W&B id, created on first use. Written before `fit`, so a requeued or resumed
+    job (same out_dir) logs into the same W&B run. Only global rank 0 writes; W&B runs on it alone."""
+    path = Path(out_dir) / "wandb_id"
+    if path.is_file():
+        return path.read_text().strip()
+    run_id = uuid.uuid4().hex[:16]
+    if rank_zero_only.rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".wandb_id.{os.getpid()}")
+        tmp.write_text(run_id + "\n")
+        os.replace(tmp, path)
+    return run_id
+
+
+def build_loggers(cfg: RunConfig) -> Union[list[Any], bool]:
     out = Path(cfg.out_dir)
     if cfg.logger == "none":
         return False
     if cfg.logger == "csv":
         from lightning.pytorch.loggers import CSVLogger
 
-        return [CSVLogger(save_dir=out, name="logs", version="")]
+        # logs/version_N/metrics.csv, one per (re)start: Lightning's CSV writer replaces an existing file.
+        return [CSVLogger(save_dir=out, name="logs")]
     from lightning.pytorch.loggers import WandbLogger
 
+    # Offline/disabled through WANDB_MODE; the API key stays wandb's business (env or netrc).
     w = cfg.wandb
-    return [WandbLogger(project=w.project, entity=w.entity, tags=list(w.tags), name=w.name, save_dir=str(out))]
+    return [WandbLogger(project=w.project, entity=w.entity, tags=list(w.tags), name=w.name, save_dir=str(out),
+                        id=wandb_run_id(out))]
 
 
 def build_callbacks(cfg: RunConfig, stage: Stage) -> list[L.Callback]:
+    c = cfg.checkpoint
+    out = Path(cfg.out_dir)
     callbacks: list[L.Callback] = [
-        ModelCheckpoint(dirpath=Path(cfg.out_dir) / "checkpoints", save_last=True, save_top_k=-1,
-                        every_n_train_steps=int(cfg.trainer.get("val_check_interval", 500)) or None,
-                        filename="step{step:07d}", auto_insert_metric_name=False),
+        RunState(),
+        NonFiniteGuard(c.on_nan, c.max_skipped_in_row, out / "checkpoints"),
+        PreemptionCheckpoint(out, keep_hpc=c.keep_hpc, requeue=SLURMEnvironment.detect()),
+        StepCheckpoint(out / "checkpoints", every_n_steps=c.every_n_steps, keep=c.keep),
     ]
     if cfg.logger != "none":
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if cfg.optim.ema_decay > 0 and not stage.manages_own_ema:
+        if trainer_strategy_name(cfg) in ("fsdp", "modelparallel"):
+            raise ConfigError(f"optim.ema_decay: Lightning's EMA callback does not work with sharded models "
+                              f"(trainer.strategy={trainer_strategy_name(cfg)}); use ddp or optim.ema_decay=0")
         callbacks.append(EMAWeightAveraging(decay=cfg.optim.ema_decay))
     return callbacks
 
 
+def trainer_strategy_name(cfg: RunConfig) -> str:
+    strategy = cfg.trainer.get("strategy", "auto")
+    return strategy if isinstance(strategy, str) else "auto"
+
+
+def shard_trainable_children(module: nn.Module, mesh) -> list[str]:
+    """FSDP2: `fully_shard` every direct child of `module` that has trainable parameters (frozen
+    towers stay replicated). Returns the sharded children's names."""
+    from torch.distributed.fsdp import fully_shard
+
+    loose = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+    if loose:
+        raise ValueError(f"modelparallel: trainable parameters directly on {type(module).__name__}: {loose}; "
+                         "put them in a submodule")
+    sharded = []
+    for name, child in module.named_children():
+        if any(p.requires_grad for p in child.parameters()):
+            fully_shard(child, mesh=mesh)
+            sharded.append(name)
+    return sharded
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """Data parallelism with FSDP2 (`fully_shard`) for any stage: after the stage's
+    `configure_model`, each child holding trainable parameters is sharded over all ranks.
+    Checkpoints are gathered to one full file, so they resume at any world size and load
+    without FSDP. Runs on CPU with gloo."""
+
+    def __init__(self, backend: Optional[str] = None) -> None:
+        super().__init__(data_parallel_size="auto", tensor_parallel_size=1, save_distributed_checkpoint=False,
+                         process_group_backend=backend)
+
+    def setup(self, trainer: L.Trainer) -> None:
+        names = shard_trainable_children(self.lightning_module, self.device_mesh["data_parallel"])
+        rank_zero_info(f"FSDP2: sharded {', '.join(names)}")
+        super().setup(trainer)
+
+
+def on_cpu(cfg: RunConfig) -> bool:
+    accelerator = cfg.trainer.get("accelerator", "auto")
+    return accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+
+
+def build_strategy(cfg: RunConfig) -> Union[str, Strategy]:
+    """`trainer.strategy`: Lightning's names pass through (auto = DDP when several devices);
+    `fsdp` = FSDP for the LDM UNet, `modelparallel` = FSDP2 for any stage (CPU too)."""
+    name = trainer_strategy_name(cfg)
+    if name == "fsdp":
+        if cfg.stage != "ldm":
+            raise ConfigError(f"trainer.strategy: fsdp wraps diffusers UNet blocks, only for stage ldm "
+                              f"(stage is {cfg.stage}); use ddp or modelparallel")
+        from diffusers.models.attention import BasicTransformerBlock
+        from diffusers.models.resnets import ResnetBlock2D
+
+        blocks = {BasicTransformerBlock, ResnetBlock2D}
+        # Full state dict: one checkpoint file, resumable at any world size and exportable as is.
+        return FSDPStrategy(auto_wrap_policy=blocks, activation_checkpointing_policy=blocks, state_dict_type="full")
+    if name == "modelparallel":
+        return FSDP2Strategy(backend="gloo" if on_cpu(cfg) else None)
+    return cfg.trainer.get("strategy", "auto")
+
+
 def trainer_kwargs(cfg: RunConfig) -> dict[str, Any]:
     kwargs = dict(cfg.trainer)
+    kwargs.pop("strategy", None)
     # Streaming loaders have virtual epochs: validation runs every N steps, not per epoch.
     if isinstance(kwargs.get("val_check_interval"), int):
         kwargs.setdefault("check_val_every_n_epoch", None)
     kwargs.setdefault("max_epochs", -1)
+    if kwargs.get("precision", "auto") == "auto":
+        kwargs["precision"] = "32-true" if on_cpu(cfg) else "bf16-mixed"
     return kwargs
+
+
+def build_plugins() -> list[Any]:
+    plugins: list[Any] = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():
+        # Lightning's SLURM environment (ranks, master address from the node list), without its
+        # in-signal-handler checkpoint: PreemptionCheckpoint saves at a step boundary instead.
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    return plugins
 
 
 def build_datamodule(cfg: RunConfig):
@@ -88,15 +206,29 @@ def write_run_config(cfg: RunConfig) -> None:
     os.replace(tmp, out / "config.yaml")
 
 
-def fit(cfg: RunConfig) -> L.Trainer:
+def fit(cfg: RunConfig, stage: Optional[L.LightningModule] = None, datamodule: Optional[L.LightningDataModule] = None
+        ) -> L.Trainer:
+    """Train `cfg`'s stage (or the given module and datamodule) into `cfg.out_dir`."""
+    ckpt = resume_path(cfg.resume, cfg.out_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     write_run_config(cfg)
-    stage = build_stage(cfg)
+    stage = stage if stage is not None else build_stage(cfg)
+    callbacks = build_callbacks(cfg, stage)
     trainer = L.Trainer(
         default_root_dir=cfg.out_dir,
         logger=build_loggers(cfg),
-        callbacks=build_callbacks(cfg, stage),
+        callbacks=callbacks,
+        strategy=build_strategy(cfg),
+        plugins=build_plugins(),
         **trainer_kwargs(cfg),
     )
-    trainer.fit(stage, datamodule=build_datamodule(cfg))
+    if ckpt is not None:
+        rank_zero_info(f"resuming from {ckpt}")
+        if trainer.is_global_zero:
+            prune_hpc(cfg.out_dir, cfg.checkpoint.keep_hpc, protect=ckpt)
+    trainer.fit(stage, datamodule=datamodule if datamodule is not None else build_datamodule(cfg),
+                ckpt_path=str(ckpt) if ckpt is not None else None)
+    guard = next(c for c in callbacks if isinstance(c, NonFiniteGuard))
+    if guard.stopped_message is not None:
+        raise NonFiniteLossError(guard.stopped_message)
     return trainer

@@ -1,0 +1,101 @@
+"""Resume: which checkpoint `resume: auto` picks, hpc pruning, and that an interrupted run ends
+with exactly the weights, optimizer state and buffers of an uninterrupted one."""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+
+import pytest
+import torch
+
+from _probe import Probe, ProbeData, probe_config
+from lit_restore.checkpointing import find_resume_checkpoint, prune_hpc, resume_path
+from lit_restore.config import ConfigError
+from lit_restore.fit import fit
+
+
+def touch(path, mtime_ns: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x")
+    os.utime(path, ns=(mtime_ns, mtime_ns))
+
+
+def test_auto_picks_newest_of_hpc_and_last(tmp_path):
+    assert find_resume_checkpoint(tmp_path) is None
+    t = time.time_ns()
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    touch(last, t)
+    touch(tmp_path / "checkpoints" / "step0000100.ckpt", t + 10**9)  # step files are not candidates
+    assert find_resume_checkpoint(tmp_path) == last
+    touch(tmp_path / "hpc_ckpt_1.ckpt", t - 10**9)
+    touch(tmp_path / "hpc_ckpt_2.ckpt", t + 5 * 10**9)
+    touch(tmp_path / "hpc_ckpt_10.ckpt", t + 2 * 10**9)
+    assert find_resume_checkpoint(tmp_path) == tmp_path / "hpc_ckpt_2.ckpt"
+    touch(last, t + 9 * 10**9)
+    assert find_resume_checkpoint(tmp_path) == last
+    touch(tmp_path / "hpc_ckpt_10.ckpt", t + 9 * 10**9)  # a tie goes to the hpc checkpoint
+    assert find_resume_checkpoint(tmp_path) == tmp_path / "hpc_ckpt_10.ckpt"
+    assert resume_path("never", tmp_path) is None
+    assert resume_path(str(last), tmp_path) == last
+    with pytest.raises(ConfigError, match="resume: .*does not exist"):
+        resume_path(str(tmp_path / "nope.ckpt"), tmp_path)
+
+
+def test_prune_hpc_keeps_newest_versions(tmp_path):
+    for n in (1, 2, 3, 11):
+        touch(tmp_path / f"hpc_ckpt_{n}.ckpt", time.time_ns())
+    removed = prune_hpc(tmp_path, keep=2, protect=tmp_path / "hpc_ckpt_1.ckpt")
+    assert sorted(p.name for p in removed) == ["hpc_ckpt_2.ckpt"]
+    assert sorted(p.name for p in tmp_path.glob("hpc_*")) == ["hpc_ckpt_1.ckpt", "hpc_ckpt_11.ckpt", "hpc_ckpt_3.ckpt"]
+
+
+def logged_steps(out_dir) -> list[int]:
+    """Steps with a train/loss row, over the CSV files of every (re)start in order."""
+    steps = []
+    for n in range(len(list((out_dir / "logs").glob("version_*")))):
+        with open(out_dir / "logs" / f"version_{n}" / "metrics.csv") as f:
+            steps += [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    return steps
+
+
+def test_interrupted_run_equals_uninterrupted(tmp_path):
+    torch.set_num_threads(1)
+    cfg_a = probe_config(tmp_path / "a")
+    fit(cfg_a, stage=Probe(cfg_a), datamodule=ProbeData())
+
+    cfg_b = probe_config(tmp_path / "b")
+    data = ProbeData()
+    trainer = fit(cfg_b, stage=Probe(cfg_b, signal_at=5), datamodule=data)
+    # SIGUSR1 after step 5 → every rank saves at the next step boundary and stops.
+    assert trainer.global_step == 6
+    assert (tmp_path / "b" / "hpc_ckpt_1.ckpt").is_file()
+    assert find_resume_checkpoint(tmp_path / "b") == tmp_path / "b" / "hpc_ckpt_1.ckpt"  # newer than last.ckpt (step 4)
+    assert data.restarts == [0]
+
+    data = ProbeData()
+    trainer = fit(cfg_b, stage=Probe(cfg_b), datamodule=data)
+    assert trainer.global_step == 12
+    assert data.restarts[-1] == 1  # the data stream is reseeded on restart
+
+    a = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert a["global_step"] == b["global_step"] == 12
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k  # weights, queue, counter: bit-exact
+    opt_a, opt_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    for i in opt_a:
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt_a[i][k], opt_b[i][k])
+    assert a["lr_schedulers"][0]["last_epoch"] == b["lr_schedulers"][0]["last_epoch"]
+    # Every step logged once before and once after the restart: no gap, no repeat.
+    assert logged_steps(tmp_path / "b") == list(range(12))
+
+
+def test_resume_never_starts_fresh(tmp_path):
+    cfg = probe_config(tmp_path, "trainer.max_steps=4")
+    fit(cfg, stage=Probe(cfg), datamodule=ProbeData())
+    cfg = probe_config(tmp_path, "trainer.max_steps=4", "resume=never")
+    assert fit(cfg, stage=Probe(cfg), datamodule=ProbeData()).global_step == 4
