@@ -224,15 +224,27 @@ class RunState(L.Callback):
 
 
 def _plain_rng_states(states: dict[str, Any]) -> dict[str, Any]:
-    """numpy's state array as a tensor, so checkpoints stay loadable with torch.load(weights_only=True)."""
+    """RNG states as plain Python values: gatherable with all_gather_object (which fails on
+    tensors inside objects) and loadable with torch.load(weights_only=True)."""
+    out = dict(states)
+    out["torch"] = states["torch"].tolist()
+    if "torch.cuda" in states:
+        out["torch.cuda"] = [s.tolist() for s in states["torch.cuda"]]
     if "numpy" in states:
         kind, keys, pos, has_gauss, gauss = states["numpy"]
-        states = {**states, "numpy": (kind, torch.from_numpy(keys.copy()), pos, has_gauss, gauss)}
-    return states
+        out["numpy"] = (kind, keys.tolist(), pos, has_gauss, gauss)
+    return out
 
 
 def _numpy_rng_states(states: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of `_plain_rng_states`: what Lightning's `_set_rng_states` takes."""
+    import numpy as np
+
+    out = dict(states)
+    out["torch"] = torch.tensor(states["torch"], dtype=torch.uint8)
+    if "torch.cuda" in states:
+        out["torch.cuda"] = [torch.tensor(s, dtype=torch.uint8) for s in states["torch.cuda"]]
     if "numpy" in states:
         kind, keys, pos, has_gauss, gauss = states["numpy"]
-        states = {**states, "numpy": (kind, keys.numpy(), pos, has_gauss, gauss)}
-    return states
+        out["numpy"] = (kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss)
+    return out
