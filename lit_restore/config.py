@@ -207,6 +207,8 @@ def check_degrade(cfg: DegradeConfig, path: str = "degrade") -> None:
     for i, mode in enumerate(cfg.lowres.modes):
         if mode not in RESIZE_MODES:
             raise ConfigError(f"{path}.lowres.modes[{i}]: {mode!r} is not allowed; choose one of {', '.join(RESIZE_MODES)}")
+    if cfg.lowres.up_mode not in RESIZE_MODES:
+        raise ConfigError(f"{path}.lowres.up_mode: {cfg.lowres.up_mode!r} is not allowed; choose one of {', '.join(RESIZE_MODES)}")
     if not cfg.lowres.modes:
         raise ConfigError(f"{path}.lowres.modes: empty; give at least one of {', '.join(RESIZE_MODES)}")
 
