@@ -1,0 +1,265 @@
+"""`lit-restore export`: a training checkpoint → an exported weights folder, and back.
+
+`export_command` rebuilds the stage from the config saved in the checkpoint, loads its weights
+(EMA by default) and writes `OUT/<stage>/`: `model.safetensors` (the stage's `export_modules()`,
+keys prefixed by module name; metadata stage, step, ema), `config.yaml`, a model card
+`README.md`, plus per kind of module: diffusers models as `save_pretrained` folders (and the
+noise schedule as `scheduler/`), open_clip models as `open_clip_model.safetensors` +
+`open_clip_config.json`, and for the restorer and SCM `model.onnx` with dynamic batch, height
+and width, checked against onnxruntime. Optimizer state is never written. A sharded (FSDP/DCP)
+checkpoint folder is consolidated in memory first.
+
+`load_exported(weights_dir, stage)` rebuilds a stage's inference modules from such a folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lit_restore.config import ConfigError, RunConfig, load_config, schema_for, to_yaml
+
+# Stages whose exported modules are convolutional image-to-image nets: also written as ONNX.
+ONNX_STAGES = ("restorer", "scm")
+
+
+# ------------------------------------------------------------------ reading checkpoints
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A Lightning checkpoint file, or a sharded checkpoint folder consolidated in memory."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+        ckpt = _load_distributed_checkpoint(path)
+        if "state_dict" not in ckpt and "model" in ckpt:  # Lightning's sharded layout names it "model"
+            ckpt["state_dict"] = ckpt.pop("model")
+        return ckpt
+    # Our own training checkpoints: they hold plain config dicts next to the tensors.
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """The RunConfig a checkpoint was trained with (its `hyper_parameters["config"]`)."""
+    merged = OmegaConf.merge(schema_for(str(data.get("stage", "biqa"))), data)
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+def without_downloads(cfg: RunConfig) -> RunConfig:
+    """The same architecture built with random weights: every weight comes from the checkpoint or
+    the export, so nothing pretrained needs to be fetched."""
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model))
+    m = cfg.model
+    if cfg.stage == "biqa":
+        m.pretrained = ""
+    if cfg.stage == "ldm":
+        m.clip = dataclasses.replace(m.clip, pretrained="")
+    if cfg.stage == "scm":
+        m.ldm = dataclasses.replace(m.ldm, clip=dataclasses.replace(m.ldm.clip, pretrained=""))
+        m.ldm_checkpoint = ""
+    return cfg
+
+
+def build_modules(cfg: RunConfig, ema: bool) -> tuple[nn.Module, dict[str, nn.Module]]:
+    """The stage (configured, random weights) and its export modules. Without `ema` the stage is
+    built without its EMA copy, so `export_modules()` returns the raw networks."""
+    from lit_restore.fit import build_stage
+
+    if not ema:
+        cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, ema_decay=0.0))
+    stage = build_stage(cfg)
+    stage.configure_model()
+    return stage, stage.export_modules()
+
+
+def stage_state_dict(ckpt: dict[str, Any], stage: nn.Module, ema: bool) -> dict[str, torch.Tensor]:
+    """The weights to load into `stage`: Lightning's EMA callback keeps the averaged weights in
+    `state_dict` and the raw ones in `current_model_state`; stages with their own EMA hold both
+    in `state_dict` (a stage built without EMA ignores the EMA copy's keys)."""
+    state = ckpt["state_dict"]
+    if not ema and "current_model_state" in ckpt:
+        state = ckpt["current_model_state"]
+    wanted = stage.state_dict().keys()
+    missing = [k for k in wanted if k not in state]
+    if missing:
+        raise ValueError(f"checkpoint lacks {len(missing)} weights of the rebuilt stage, e.g. {missing[:3]}")
+    return {k: state[k] for k in wanted}
+
+
+# ------------------------------------------------------------------ writing
+
+
+def flat_state(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """`name.key` → tensor, contiguous and unshared (safetensors refuses shared storage)."""
+    return {f"{name}.{k}": v.detach().cpu().contiguous().clone() for name, m in modules.items()
+            for k, v in m.state_dict().items()}
+
+
+def export_onnx(module: nn.Module, path: Path, channels: int = 3) -> float:
+    """ONNX with dynamic batch/height/width; returns the max abs difference to PyTorch measured
+    by onnxruntime on sizes other than the export example."""
+    import numpy as np
+    import onnxruntime as ort
+
+    module = module.eval()
+    # Batch 2 in the example: a batch of 1 would be specialised to a constant.
+    example = torch.rand(2, channels, 32, 32)
+    dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    torch.onnx.export(module, (example,), str(tmp), dynamo=True, dynamic_shapes=(dims,), input_names=["image"],
+                      output_names=["restored"], external_data=False)
+    session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(1, channels, 37, 23), (3, channels, 48, 64)]:
+        x = torch.rand(*shape, generator=gen)
+        with torch.no_grad():
+            ref = module(x).numpy()
+        (out,) = session.run(None, {"image": x.numpy()})
+        if out.shape != ref.shape:
+            raise RuntimeError(f"ONNX output shape {out.shape} != PyTorch {ref.shape} for input {shape}")
+        worst = max(worst, float(np.abs(out - ref).max()))
+    os.replace(tmp, path)
+    return worst
+
+
+def model_card(cfg: RunConfig, step: int, ema: bool, files: list[str], metrics: dict[str, float],
+               onnx_diffs: dict[str, float]) -> str:
+    data = ", ".join(s.url for s in cfg.data.train)
+    lines = [
+        f"# lit_restore {cfg.stage} weights",
+        "",
+        f"- stage: `{cfg.stage}`",
+        f"- training step: {step}",
+        f"- weights: {'EMA' if ema else 'raw (no EMA)'}",
+        f"- training data: {data}",
+        f"- degradations: mode `{cfg.degrade.mode}`, types {', '.join(cfg.degrade.types)}",
+        f"- seed: {cfg.seed}",
+    ]
+    if metrics:
+        lines += ["", "## Metrics at export", ""] + [f"- {k}: {v:.4g}" for k, v in sorted(metrics.items())]
+    if onnx_diffs:
+        lines += ["", "## ONNX", ""] + [f"- {k}: max abs difference to PyTorch (onnxruntime) {v:.2e}"
+                                        for k, v in onnx_diffs.items()]
+    lines += ["", "## Files", ""] + [f"- `{f}`" for f in files]
+    lines += ["", "`config.yaml` is the resolved training config. Load with `lit_restore.export.load_exported`.", ""]
+    return "\n".join(lines)
+
+
+def checkpoint_metrics(ckpt: dict[str, Any]) -> dict[str, float]:
+    """Validation metrics the checkpoint remembers (ModelCheckpoint's monitor values)."""
+    out = {}
+    for state in ckpt.get("callbacks", {}).values():
+        if isinstance(state, dict) and state.get("current_score") is not None and state.get("monitor") not in (None, "step"):
+            out[state["monitor"]] = float(state["current_score"])
+    return out
+
+
+def export_command(ckpt: str, out: str, ema: bool = True, onnx: bool = True) -> int:
+    checkpoint = read_checkpoint(ckpt)
+    saved = checkpoint.get("hyper_parameters", {}).get("config")
+    if saved is None:
+        raise ConfigError(f"{ckpt}: no config in the checkpoint's hyper_parameters; not a lit_restore checkpoint")
+    cfg = config_from_dict(saved)
+    use_ema = ema and cfg.optim.ema_decay > 0
+    stage, modules = build_modules(without_downloads(cfg), use_ema)
+    stage.load_state_dict(stage_state_dict(checkpoint, stage, use_ema))
+    step = int(checkpoint.get("global_step", 0))
+    final = Path(out) / cfg.stage
+    final.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{cfg.stage}.", dir=final.parent))
+    files = ["model.safetensors", "config.yaml", "README.md"]
+    onnx_diffs: dict[str, float] = {}
+    try:
+        meta = {"stage": cfg.stage, "step": str(step), "ema": str(use_ema).lower(), "modules": ",".join(modules)}
+        save_file(flat_state(modules), str(work / "model.safetensors"), metadata=meta)
+        (work / "config.yaml").write_text(to_yaml(cfg))
+        files += write_tool_formats(stage, modules, work)
+        if onnx and cfg.stage in ONNX_STAGES:
+            for name, module in modules.items():
+                file = "model.onnx" if len(modules) == 1 else f"{name}.onnx"
+                onnx_diffs[file] = export_onnx(module, work / file)
+                files.append(file)
+        (work / "README.md").write_text(model_card(cfg, step, use_ema, files, checkpoint_metrics(checkpoint), onnx_diffs))
+        # Swap the finished folder in: a failed export never leaves a half-written one behind.
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(work, final)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"exported {cfg.stage} (step {step}, {'EMA' if use_ema else 'raw'} weights) to {final}")
+    for name, diff in onnx_diffs.items():
+        print(f"  {name}: max abs difference to PyTorch (onnxruntime) {diff:.2e}")
+    return 0
+
+
+def write_tool_formats(stage: nn.Module, modules: dict[str, nn.Module], folder: Path) -> list[str]:
+    """Files other tools load directly: diffusers folders, open_clip state dicts."""
+    written = []
+    from diffusers import ModelMixin
+
+    for name, module in modules.items():
+        if isinstance(module, ModelMixin):
+            module.save_pretrained(str(folder / name), safe_serialization=True)
+            written.append(f"{name}/")
+    try:
+        import open_clip
+    except ImportError:
+        open_clip = None
+    if open_clip is not None:
+        for name, module in modules.items():
+            if isinstance(module, open_clip.CLIP):
+                prefix = "open_clip" if len(modules) == 1 else f"{name}_open_clip"
+                save_file({k: v.contiguous().clone() for k, v in module.state_dict().items()},
+                          str(folder / f"{prefix}_model.safetensors"))
+                (folder / f"{prefix}_config.json").write_text(json.dumps(open_clip_config(stage), indent=2))
+                written += [f"{prefix}_model.safetensors", f"{prefix}_config.json"]
+    from lit_restore.models.ldm import LatentDiffusion
+
+    for module in stage.modules():
+        if isinstance(module, LatentDiffusion):
+            module.scheduler.save_pretrained(str(folder / "scheduler"))
+            written.append("scheduler/")
+            break
+    return written
+
+
+def open_clip_config(stage: nn.Module) -> dict[str, Any]:
+    """What `open_clip.create_model` needs to rebuild the tower: the architecture name, or the
+    explicit model config used for it."""
+    m = stage.cfg.model
+    return {"arch": m.arch, "model_cfg": OmegaConf.to_container(OmegaConf.create(m.model_cfg)) if m.model_cfg else None}
+
+
+# ------------------------------------------------------------------ loading
+
+
+def load_exported(weights_dir: str | Path, stage: str) -> nn.Module:
+    """The inference modules of `weights_dir/<stage>/` (an export), in eval mode: the module itself
+    when the stage exports one, else an nn.ModuleDict by name."""
+    folder = Path(weights_dir) / stage
+    if not (folder / "model.safetensors").is_file():
+        raise FileNotFoundError(f"no exported {stage} weights in {folder} (run `lit-restore export CKPT --out {weights_dir}`)")
+    cfg = load_config(folder / "config.yaml")
+    if cfg.stage != stage:
+        raise ValueError(f"{folder}/config.yaml is for stage {cfg.stage}, not {stage}")
+    _, modules = build_modules(without_downloads(cfg), ema=False)
+    state = load_file(str(folder / "model.safetensors"))
+    for name, module in modules.items():
+        part = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
+        module.load_state_dict(part)
+        module.eval().requires_grad_(False)
+    return next(iter(modules.values())) if len(modules) == 1 else nn.ModuleDict(modules)

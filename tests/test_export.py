@@ -1,0 +1,126 @@
+"""Export: checkpoint → weights folder (safetensors with metadata, config, card, ONNX checked by
+onnxruntime, open_clip state dict), EMA vs raw selection, sharded checkpoints, load_exported."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from safetensors import safe_open
+
+from lit_restore.config import load_config, to_dict
+from lit_restore.export import export_command, load_exported
+from lit_restore.fit import build_stage
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def fake_checkpoint(stage, step: int) -> dict:
+    """What Lightning writes, minus the loops: enough for export (optimizer state included, to
+    check that it is left out)."""
+    return {"state_dict": stage.state_dict(), "hyper_parameters": {"config": to_dict(stage.cfg)},
+            "global_step": step, "optimizer_states": [{"state": {0: {"exp_avg": torch.ones(3)}}}]}
+
+
+@pytest.fixture(scope="module")
+def restorer_ckpt(tmp_path_factory):
+    """A tiny restorer with an EMA copy whose weights differ from the raw network's."""
+    torch.manual_seed(0)
+    cfg = load_config(REPO / "configs/tiny/restorer.yaml", ["optim.ema_decay=0.9", "model.arch=nafnet"])
+    stage = build_stage(cfg)
+    stage.configure_model()
+    with torch.no_grad():
+        for p in stage.net.parameters():
+            p.normal_(0, 0.1)
+        for p in stage.ema.module.parameters():
+            p.normal_(0, 0.1)
+    path = tmp_path_factory.mktemp("ckpt") / "last.ckpt"
+    torch.save(fake_checkpoint(stage, 42), path)
+    return path, stage
+
+
+def test_restorer_export_ema_safetensors_card_onnx(restorer_ckpt, tmp_path, capsys):
+    path, stage = restorer_ckpt
+    assert export_command(str(path), str(tmp_path), ema=True, onnx=True) == 0
+    folder = tmp_path / "restorer"
+    assert {p.name for p in folder.iterdir()} == {"model.safetensors", "config.yaml", "README.md", "model.onnx"}
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        assert f.metadata() == {"stage": "restorer", "step": "42", "ema": "true", "modules": "restorer"}
+        keys = set(f.keys())
+        assert all(k.startswith("restorer.") for k in keys)  # no optimizer state, no training-only parts
+        ema_state = stage.ema.module.state_dict()
+        for k in keys:
+            assert torch.equal(f.get_tensor(k), ema_state[k.removeprefix("restorer.")]), k
+    card = (folder / "README.md").read_text()
+    assert "training step: 42" in card and "EMA" in card and "model.onnx: max abs difference" in card
+    assert load_config(folder / "config.yaml").optim.ema_decay == 0.9
+    diff = float(capsys.readouterr().out.split("max abs difference to PyTorch (onnxruntime) ")[1].split()[0])
+    assert diff < 1e-4
+
+    # The ONNX file runs at a size it was not exported at and matches the loaded module.
+    net = load_exported(tmp_path, "restorer")
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.rand(2, 3, 40, 27)
+    with torch.no_grad():
+        ref = stage.ema.module.eval()(x)
+        assert torch.equal(net(x), ref)
+    (out,) = session.run(None, {"image": x.numpy()})
+    np.testing.assert_allclose(out, ref.numpy(), atol=1e-4, rtol=0)
+
+
+def test_raw_weights_and_sharded_checkpoint(restorer_ckpt, tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    path, stage = restorer_ckpt
+    ckpt = torch.load(path, weights_only=False)
+    sharded = tmp_path / "sharded.ckpt"
+    # A DCP folder as FSDP writes it with state_dict_type="sharded" (here from one process).
+    dcp.save({"model": ckpt["state_dict"], "hyper_parameters": ckpt["hyper_parameters"], "global_step": 7},
+             checkpoint_id=str(sharded))
+    assert sharded.is_dir()
+    assert export_command(str(sharded), str(tmp_path / "out"), ema=False, onnx=False) == 0
+    folder = tmp_path / "out" / "restorer"
+    assert not (folder / "model.onnx").exists()
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        assert f.metadata()["ema"] == "false" and f.metadata()["step"] == "7"
+        raw = stage.net.state_dict()
+        for k in f.keys():
+            assert torch.equal(f.get_tensor(k), raw[k.removeprefix("restorer.")]), k
+    assert "raw (no EMA)" in (folder / "README.md").read_text()
+
+
+def test_biqa_export_loads_in_open_clip(tmp_path):
+    import json
+
+    import open_clip
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    cfg = load_config(REPO / "configs/tiny/biqa.yaml")
+    stage = build_stage(cfg)
+    stage.configure_model()
+    ckpt = tmp_path / "biqa.ckpt"
+    torch.save(fake_checkpoint(stage, 5), ckpt)
+    assert export_command(str(ckpt), str(tmp_path / "out"), ema=True, onnx=True) == 0
+    folder = tmp_path / "out" / "biqa"
+    assert not list(folder.glob("*.onnx"))  # BIQA is not an ONNX stage
+    spec = json.loads((folder / "open_clip_config.json").read_text())
+    model = open_clip.CLIP(**spec["model_cfg"])
+    model.load_state_dict(load_file(str(folder / "open_clip_model.safetensors")))
+    model.eval()
+    x = torch.rand(2, 3, 64, 64)
+    text = open_clip.tokenize(["A photo needs noise artifact reduction"])
+    with torch.no_grad():
+        ref = stage.clip.model.eval()
+        assert torch.allclose(model.encode_image(x), ref.encode_image(x))
+        assert torch.allclose(model.encode_text(text), ref.encode_text(text))
+        loaded = load_exported(tmp_path / "out", "biqa")
+        assert torch.equal(loaded.encode_image(x), ref.encode_image(x))
+
+
+def test_load_exported_missing_folder_says_how(tmp_path):
+    with pytest.raises(FileNotFoundError, match="lit-restore export"):
+        load_exported(tmp_path, "restorer")
