@@ -138,8 +138,13 @@ class FSDP2Strategy(ModelParallelStrategy):
     without FSDP. Runs on CPU with gloo."""
 
     def __init__(self, backend: Optional[str] = None) -> None:
-        super().__init__(data_parallel_size="auto", tensor_parallel_size=1, save_distributed_checkpoint=False,
+        super().__init__(tensor_parallel_size=1, save_distributed_checkpoint=False,
                          process_group_backend=backend)
+
+    def setup_environment(self) -> None:
+        # Pure data parallelism: every process is one shard ("auto" would mean one per node).
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
 
     def setup(self, trainer: L.Trainer) -> None:
         names = shard_trainable_children(self.lightning_module, self.device_mesh["data_parallel"])
