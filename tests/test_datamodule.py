@@ -21,6 +21,7 @@ from lit_restore.data.shards import (
     ValStream,
     dihedral,
     iter_samples,
+    make_loader,
     read_shard,
 )
 
@@ -152,7 +153,7 @@ def test_small_images_are_reflect_padded_and_sr_lq_resized(tmp_path):
     shard = write_shard(tmp_path / "sr.tar", [{"__key__": "x", "gt.png": png(gt), "lq.png": png(lq),
                                                 "json": meta("div2k", "lowres")}])
     vs = ValStream([(shard, 1)], batch_size=1, crop=8, max_corrupt_fraction=0.0)
-    (b,) = list(vs)
+    (b,) = list(make_loader(vs, 0))
     window = gt[:, 1:9]  # centre 8 columns; rows padded 1 + 1 by reflection
     np.testing.assert_array_equal(b["gt"][0].numpy().transpose(1, 2, 0), np.pad(window, ((1, 1), (0, 0), (0, 0)), mode="reflect"))
     lq_up = np.asarray(Image.fromarray(lq).resize((10, 6), Image.BICUBIC))
@@ -182,7 +183,7 @@ def test_corrupt_samples_skipped_and_counted(tmp_path):
 
     # Validation keeps its place: corrupt samples become invalid rows, counted exactly.
     vs = ValStream([(shard, 13)], batch_size=4, crop=8, max_corrupt_fraction=0.5)
-    vb = list(vs)
+    vb = list(make_loader(vs, 0))
     assert sum(int(b["n_corrupt"]) for b in vb) == 3
     assert sorted(k for b in vb for k, v in zip(b["key"], b["valid"]) if v) == [f"g{i:04d}" for i in range(10)]
     assert [s["key"] for s in iter_samples(shard, max_corrupt_fraction=0.5)] == [f"g{i:04d}" for i in range(10)]
@@ -240,7 +241,7 @@ def test_seed_restart_and_rank_give_distinct_reproducible_streams(tmp_path):
     def keys(**kw):
         stream = TrainStream([([shard], 1.0)], batch_size=4, crop=8, steps=6, shuffle_buffer=20,
                              max_corrupt_fraction=0.0, **kw)
-        return [k for b in stream for k in b["key"]]
+        return [k for b in make_loader(stream, 0) for k in b["key"]]
 
     base = keys(seed=1, rank=0, restart=0)
     assert base == keys(seed=1, rank=0, restart=0)
@@ -271,7 +272,7 @@ def test_val_each_sample_once_across_ranks(tmp_path, world):
     keys, counts = [], []
     for rank in range(world):
         vs = ValStream([(s0, 7), (s1, 4)], batch_size=2, crop=8, max_corrupt_fraction=0.0, rank=rank, world=world)
-        loader = wds.WebLoader(vs, batch_size=None, num_workers=2)
+        loader = make_loader(vs, 2)
         got = list(loader)
         counts.append(len(got))
         assert all(b["gt"].shape == (2, 3, 8, 8) for b in got)
@@ -294,3 +295,39 @@ def test_missing_shards_give_a_clear_error(tmp_path):
     dm = ShardDataModule(cfg_for([(str(tmp_path / "nope-{000..002}.tar"), 1.0)]), seed=0)
     with pytest.raises(FileNotFoundError, match=r"data\.train\[0\]\.url=.*3 of 3 shard files not found"):
         dm.train_dataloader()
+
+
+def test_resumed_fit_reseeds_from_the_restored_step(tmp_path):
+    import lightning as L
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def training_step(self, batch, i):
+            return (self.w * batch["gt"].float().mean()) ** 2
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    shard = write_shard(tmp_path / "s.tar", clean_samples("k", 20))
+    restarts = []
+
+    class Recording(ShardDataModule):
+        def train_stream(self):
+            stream = super().train_stream()
+            restarts.append(stream.restart)
+            return stream
+
+    def run(max_steps, ckpt_path=None):
+        trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
+        trainer.fit(Tiny(), datamodule=Recording(cfg_for([(shard, 1.0)], steps_per_epoch=3), seed=0), ckpt_path=ckpt_path)
+        return trainer
+
+    first = run(4)
+    ckpt = tmp_path / "step4.ckpt"
+    first.save_checkpoint(ckpt)
+    run(6, ckpt_path=ckpt)
+    assert restarts == [0, 4]  # the resumed loader is seeded from the restored global step

@@ -22,7 +22,7 @@ import torch.distributed as dist
 import webdataset as wds
 
 from lit_restore.config import DataConfig, Source
-from lit_restore.data.shards import TrainStream, ValStream, check_local_shards, expand_urls, shard_count
+from lit_restore.data.shards import TrainStream, ValStream, check_local_shards, expand_urls, make_loader, shard_count
 
 
 def _expand(sources: list[Source], split: str) -> list[tuple[list[str], float]]:
@@ -56,11 +56,6 @@ class ShardDataModule(L.LightningDataModule):
             return dist.get_rank(), dist.get_world_size()
         return 0, 1
 
-    def _loader(self, dataset) -> wds.WebLoader:
-        workers = self.cfg.num_workers
-        # Batches are built inside the pipeline; the loader only moves them out of the workers.
-        return wds.WebLoader(dataset, batch_size=None, shuffle=False, num_workers=workers, persistent_workers=workers > 0)
-
     def train_stream(self) -> TrainStream:
         rank, _ = self._rank_world()
         restart = self.restart
@@ -88,7 +83,7 @@ class ShardDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> wds.WebLoader:
-        return self._loader(self.train_stream())
+        return make_loader(self.train_stream(), self.cfg.num_workers)
 
     def val_dataloader(self) -> wds.WebLoader:
-        return self._loader(self.val_stream())
+        return make_loader(self.val_stream(), self.cfg.num_workers)

@@ -54,6 +54,7 @@ import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
+from webdataset.gopen import gopen
 from torch.utils.data import IterableDataset, get_worker_info
 
 from lit_restore.data.degrade.types import type_index
@@ -125,22 +126,124 @@ def check_local_shards(urls: list[str], what: str) -> None:
         raise FileNotFoundError(f"{what}: {len(missing)} of {len(urls)} shard files not found, e.g. {missing[0]}")
 
 
-def _wanted_member(fname: str) -> bool:
-    suffix = fname.rsplit("/", 1)[-1].partition(".")[2].lower()
-    return suffix in SAMPLE_FILES
+_BLOCK = 512
+
+
+class TarFormatError(ValueError):
+    """A tar header that does not parse (truncated or damaged shard)."""
+
+
+def _header_number(field: bytes) -> int:
+    if field[:1] and field[0] & 0x80:  # base-256 (GNU) for values too large for octal
+        return int.from_bytes(field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip()
+    return int(text, 8) if text else 0
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    records, pos = {}, 0
+    while pos < len(data):
+        length = int(data[pos : data.index(b" ", pos)])
+        key, _, value = data[data.index(b" ", pos) + 1 : pos + length - 1].partition(b"=")
+        records[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
+        pos += length
+    return records
+
+
+def tar_members(stream, wanted) -> Iterator[tuple[str, Optional[bytes]]]:
+    """(name, bytes) of the regular files of a tar stream; bytes is None where `wanted(name)` is false.
+
+    Python's tarfile spends about as long parsing the headers of a PNG shard (a pax header per
+    member) as PIL spends decoding a small crop, so the loader reads the few header forms that
+    shards use here: ustar/GNU headers, pax `path`/`size` records and GNU long names.
+    Unwanted members are skipped without being read into memory.
+    """
+    seekable = stream.seekable() if hasattr(stream, "seekable") else False
+    pending: dict[str, str] = {}
+    while True:
+        header = stream.read(_BLOCK)
+        if len(header) < _BLOCK or header.count(0) == _BLOCK:
+            if header and header.count(0) != len(header):
+                raise TarFormatError("truncated tar header")
+            return
+        checksum = _header_number(header[148:156])
+        if checksum != sum(header[:148]) + 256 + sum(header[156:]):  # the field itself counts as spaces
+            raise TarFormatError("bad tar header checksum")
+        kind = header[156:157]
+        size = int(pending["size"]) if "size" in pending else _header_number(header[124:136])
+        name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+        if header[257:263] == b"ustar\0" and header[345:346] != b"\0":
+            name = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
+        name = pending.get("path", name)
+        padded = size + (-size % _BLOCK)
+        meta = kind in (b"x", b"g", b"L", b"K")
+        if meta or (kind in (b"0", b"\0", b"7") and wanted(name)):
+            data = stream.read(padded)
+            if len(data) < padded:
+                raise TarFormatError(f"{name}: truncated member")
+            data = data[:size]
+        elif seekable:
+            stream.seek(padded, os.SEEK_CUR)
+            data = None
+        else:
+            while padded:
+                chunk = stream.read(min(padded, 1 << 20))
+                if not chunk:
+                    raise TarFormatError(f"{name}: truncated member")
+                padded -= len(chunk)
+            data = None
+        if kind == b"x":
+            pending = _pax_records(data)
+        elif kind == b"L":
+            pending = {**pending, "path": data.split(b"\0", 1)[0].decode("utf-8", "replace")}
+        elif kind in (b"g", b"K"):
+            continue
+        else:
+            pending = {}
+            if kind in (b"0", b"\0", b"7"):
+                yield name, data
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """Sample key and member suffix, as webdataset splits them: at the first dot of the file name."""
+    head, sep, base = name.rpartition("/")
+    stem, _, suffix = base.partition(".")
+    return head + sep + stem, suffix.lower()
+
+
+def _wanted_member(name: str) -> bool:
+    return _split_name(name)[1] in SAMPLE_FILES
 
 
 def read_shard(url: str, counter: CorruptCounter) -> Iterator[dict[str, Any]]:
-    """Raw samples of one shard (`__key__`, `__url__` and the bytes of the known members).
+    """Raw samples of one shard in order: `__key__`, `__url__` and the bytes of the known members.
 
-    A shard that cannot be opened or is truncated counts as one corrupt item and ends early.
+    A shard that cannot be opened, is damaged or truncated counts as one corrupt item and ends
+    there (the sample being read is dropped); so does a shard without samples, which would
+    otherwise make a resampled source spin forever.
     """
-
-    def handler(exn: Exception) -> bool:
-        counter.bad(url, f"{type(exn).__name__}: {str(exn).splitlines()[0] if str(exn) else ''}")
-        return True
-
-    yield from wds.tariterators.tarfile_samples([{"url": url}], handler=handler, select_files=_wanted_member)
+    sample: dict[str, Any] = {}
+    found = False
+    try:
+        with gopen(url, "rb") as stream:
+            for name, data in tar_members(stream, _wanted_member):
+                if data is None:
+                    continue
+                key, suffix = _split_name(name)
+                if sample and sample["__key__"] != key:
+                    found = True
+                    yield sample
+                    sample = {}
+                if not sample:
+                    sample = {"__key__": key, "__url__": url}
+                sample[suffix] = data
+    except Exception as e:  # any read or format error: the rest of this shard is lost
+        counter.bad(url, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        return
+    if sample:
+        yield sample
+    elif not found:
+        counter.bad(url, "no samples")
 
 
 def shard_count(url: str) -> int:
@@ -280,42 +383,70 @@ def dihedral(a: np.ndarray, k: int) -> np.ndarray:
     return a[:, ::-1] if k >= 4 else a
 
 
-def collate(rows: list[dict[str, Any]], valid: list[bool], n_corrupt: int) -> dict[str, Any]:
-    """Cropped rows → host batch (see docs/architecture.md "Host batch").
+def _uint8_buffer(n: int) -> torch.Tensor:
+    """A 1-D uint8 tensor to fill. In a loader worker it lives in shared memory already (as with
+    torch's default collate), so handing the batch over copies nothing more."""
+    if get_worker_info() is None:
+        return torch.empty(n, dtype=torch.uint8)
+    return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(n))
 
-    Each row is written once, straight into the CHW batch buffer (the transpose and any
-    dihedral view are resolved by that single copy).
+
+def pack_rows(rows: list[dict[str, Any]], valid: list[bool], n_corrupt: int) -> dict[str, Any]:
+    """Cropped rows → a packed batch: every image plane in ONE uint8 tensor, the rest plain lists.
+
+    Each tensor a worker hands over costs a round trip between the processes (a file descriptor
+    is passed per tensor), which for small batches costs more than the copying; `unpack_batch`
+    builds the host batch in the training process. Each row is written once, straight into its
+    CHW slot (the transpose and any dihedral view are resolved by that single copy).
     """
     b = len(rows)
     h, w = rows[0]["gt"].shape[:2]
-    gt = np.empty((b, 3, h, w), np.uint8)
-    for i, r in enumerate(rows):
-        gt[i] = r["gt"].transpose(2, 0, 1)
     has_lq = [r["lq"] is not None for r in rows]
     has_depth = [r["depth"] is not None for r in rows]
-    batch: dict[str, Any] = {
-        "gt": torch.from_numpy(gt),
-        "has_lq": torch.tensor(has_lq, dtype=torch.bool),
-        "label": torch.tensor([r["label"] for r in rows], dtype=torch.long),
-        "key": [r["key"] for r in rows],
-        "dataset": [r["dataset"] for r in rows],
-        "valid": torch.tensor(valid, dtype=torch.bool),
-        "n_corrupt": torch.tensor(n_corrupt, dtype=torch.long),
+    planes = {"gt": 3, "lq": 3 if any(has_lq) else 0, "depth": 1 if any(has_depth) else 0}
+    pixels = _uint8_buffer(b * sum(planes.values()) * h * w)
+    start = 0
+    for name, c in planes.items():
+        block = pixels[start : start + b * c * h * w].numpy().reshape(b, c, h, w)
+        start += b * c * h * w
+        for i, r in enumerate(rows):
+            if c and r[name] is None:
+                block[i] = 0
+            elif c:
+                block[i] = r[name].transpose(2, 0, 1) if c == 3 else r[name][None]
+    return {
+        "pixels": pixels, "size": (b, h, w), "planes": planes, "has_lq": has_lq, "has_depth": has_depth,
+        "label": [r["label"] for r in rows], "valid": valid, "n_corrupt": n_corrupt,
+        "key": [r["key"] for r in rows], "dataset": [r["dataset"] for r in rows],
     }
-    if any(has_lq):
-        lq = np.zeros((b, 3, h, w), np.uint8)
-        for i, r in enumerate(rows):
-            if r["lq"] is not None:
-                lq[i] = r["lq"].transpose(2, 0, 1)
-        batch["lq"] = torch.from_numpy(lq)
-    if any(has_depth):
-        depth = np.zeros((b, 1, h, w), np.uint8)
-        for i, r in enumerate(rows):
-            if r["depth"] is not None:
-                depth[i, 0] = r["depth"]
-        batch["depth"] = torch.from_numpy(depth)
-        batch["has_depth"] = torch.tensor(has_depth, dtype=torch.bool)
+
+
+def unpack_batch(packed: dict[str, Any]) -> dict[str, Any]:
+    """Packed batch → host batch (see docs/architecture.md "Host batch"); runs in the training process."""
+    b, h, w = packed["size"]
+    batch: dict[str, Any] = {
+        "has_lq": torch.tensor(packed["has_lq"], dtype=torch.bool),
+        "label": torch.tensor(packed["label"], dtype=torch.long),
+        "key": packed["key"],
+        "dataset": packed["dataset"],
+        "valid": torch.tensor(packed["valid"], dtype=torch.bool),
+        "n_corrupt": torch.tensor(packed["n_corrupt"], dtype=torch.long),
+    }
+    start = 0
+    for name, c in packed["planes"].items():
+        if c:
+            batch[name] = packed["pixels"][start : start + b * c * h * w].view(b, c, h, w)
+            start += b * c * h * w
+    if "depth" in batch:
+        batch["has_depth"] = torch.tensor(packed["has_depth"], dtype=torch.bool)
     return batch
+
+
+def make_loader(dataset: IterableDataset, num_workers: int) -> wds.WebLoader:
+    """The loader of a `TrainStream`/`ValStream`: batches are built in the workers, unpacked here."""
+    return wds.WebLoader(
+        dataset, batch_size=None, shuffle=False, num_workers=num_workers, persistent_workers=num_workers > 0
+    ).map(unpack_batch)
 
 
 def _worker() -> tuple[int, int]:
@@ -366,13 +497,7 @@ class TrainStream(IterableDataset):
 
     def _source(self, urls: list[str], rng: np.random.Generator, counter: CorruptCounter) -> Iterator[dict]:
         while True:
-            url = urls[int(rng.integers(len(urls)))]
-            n = 0
-            for raw in read_shard(url, counter):
-                n += 1
-                yield raw
-            if n == 0:  # empty shard: counted so an all-empty source stops instead of spinning
-                counter.bad(url, "no samples")
+            yield from read_shard(urls[int(rng.integers(len(urls)))], counter)
 
     def _mixed(self, rng: np.random.Generator, counter: CorruptCounter) -> Iterator[dict]:
         streams = [self._source(urls, rng, counter) for urls, _ in self.sources]
@@ -413,7 +538,7 @@ class TrainStream(IterableDataset):
             samples = wds.shuffle(self.shuffle_buffer, max(1, self.shuffle_buffer // 2), rng=shuffle_rng)(samples)
         rows = self._cropped(samples, rng, counter)
         batches = wds.batched(
-            self.batch_size, collation_fn=lambda g: collate(g, [True] * len(g), counter.take()), partial=False
+            self.batch_size, collation_fn=lambda g: pack_rows(g, [True] * len(g), counter.take()), partial=False
         )(rows)
         yield from islice(batches, share)
 
@@ -509,7 +634,7 @@ class ValStream(IterableDataset):
                 if p is not None and p not in got:
                     counter.bad(f"val position {p}", "missing from its shard")
                 rows.append(got.pop(p, None) if p is not None else None)
-            yield self._collate(rows, counter.take())
+            yield self._pack(rows, counter.take())
         for _ in stream:  # reads at most one sample more: a shard longer than listed raises here
             pass
 
@@ -522,13 +647,13 @@ class ValStream(IterableDataset):
         counter.ok()
         return crop_sample(s, self.crop, *center_window(s, self.crop))
 
-    def _collate(self, rows: list[Optional[dict[str, Any]]], n_corrupt: int) -> dict[str, Any]:
+    def _pack(self, rows: list[Optional[dict[str, Any]]], n_corrupt: int) -> dict[str, Any]:
         real = next((r for r in rows if r is not None), None)
         if real is None:
             zeros = np.zeros((self.crop, self.crop, 3), np.uint8)
             real = {"gt": zeros, "lq": None, "depth": None, "label": -1, "key": "", "dataset": ""}
         pad = {**real, "key": "", "dataset": ""}
-        return collate([r if r is not None else pad for r in rows], [r is not None for r in rows], n_corrupt)
+        return pack_rows([r if r is not None else pad for r in rows], [r is not None for r in rows], n_corrupt)
 
 
 # --------------------------------------------------------------------------------------
