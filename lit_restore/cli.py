@@ -41,8 +41,13 @@ def _fit(a: argparse.Namespace) -> int:
         print(to_yaml(cfg), end="")
         return 0
     from lit_restore.fit import fit
+    from lit_restore.guards import NonFiniteLossError
 
-    fit(cfg)
+    try:
+        fit(cfg)
+    except NonFiniteLossError as e:
+        print(f"lit-restore: {e}", file=sys.stderr)
+        return 3
     return 0
 
 
@@ -130,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_degrade)
 
     s = sub.add_parser("fit", help="train a stage from a config",
-                       description="Train one stage. Overrides are key=value pairs, e.g. data.batch_size=16.")
+                       description="Train one stage. Overrides are key=value pairs, e.g. data.batch_size=16.",
+                       epilog="exit codes: 0 finished, 2 config error, 3 stopped on a non-finite loss "
+                              "(checkpoint.on_nan=stop; a checkpoint was saved)")
     s.add_argument("config", help="stage YAML, e.g. configs/tiny/biqa.yaml")
     s.add_argument("overrides", nargs="*", help="key=value overrides")
     s.add_argument("--print-config", action="store_true", help="print the merged config and exit")
