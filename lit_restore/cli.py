@@ -152,21 +152,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_export)
 
     s = sub.add_parser("restore", help="restore images with exported weights (automatic loop)",
-                       description="BIQA → LDM → SCM, repeated until no artifact is left; or --fast / --prompt.")
+                       description="BIQA → LDM → SCM, repeated until no artifact is left; or --fast / --prompt.",
+                       epilog="exit codes: 0 every image restored; 1 some inputs failed (unreadable; listed in "
+                              "OUT/failed.txt), the others were written; 2 nothing done (missing weights, bad arguments)")
     s.add_argument("inputs", nargs="+", help="images, folders or globs")
     s.add_argument("--weights", required=True, help="exported weights folder")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--prompt", default=None, help="one pass with this instruction instead of the automatic loop")
     s.add_argument("--fast", action="store_true", help="feed-forward ConStyle restorer only")
-    s.add_argument("--max-passes", type=int, default=7)
+    s.add_argument("--max-passes", type=int, default=7, help="automatic loop: passes at most")
     s.add_argument("--steps", type=int, default=50, help="diffusion sampling steps")
-    s.add_argument("--sampler", default="euler_ancestral", help="diffusion sampler (euler_ancestral, ddim, euler)")
-    s.add_argument("--guidance-text", type=float, default=1.0)
-    s.add_argument("--guidance-image", type=float, default=1.0)
-    s.add_argument("--tile", type=int, default=512, help="tile size for large images")
-    s.add_argument("--overlap", type=int, default=64, help="tile overlap")
-    s.add_argument("--device", default="auto")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--sampler", default="euler_a", help="diffusion sampler: euler_a (Euler ancestral) or ddim")
+    s.add_argument("--guidance-text", type=float, default=1.0, help="text guidance scale (1: plain conditional)")
+    s.add_argument("--guidance-image", type=float, default=1.0, help="image guidance scale (1: plain conditional)")
+    s.add_argument("--tile", type=int, default=512, help="images larger than this go through the nets tile by tile")
+    s.add_argument("--overlap", type=int, default=64, help="tile overlap in pixels")
+    s.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    s.add_argument("--seed", type=int, default=0, help="sampling seed (each image starts from it)")
     s.set_defaults(func=_restore)
 
     s = sub.add_parser("evaluate", help="evaluate weights on the GIR suite and write a report",

@@ -9,6 +9,15 @@ The automatic loop (AutoDIR's inference): each pass
    where the LDM output itself goes on (the SCM would pull the blurry input's structure back);
 5. the detected class leaves the prompt set, so each degradation is handled at most once;
 up to `max_passes` passes.
+
+`--prompt TEXT` runs one pass with the text tower's states of the user's own instruction;
+`--fast` runs the feed-forward ConStyle restorer alone. Images larger than `tile` go through
+the LDM, SCM and restorer tile by tile (`lit_restore.tiling`), so memory stays bounded; BIQA
+looks at a centre crop at native scale (what it was trained on) and needs no tiling.
+Outputs are 8-bit PNGs (grayscale when the input was) plus a JSON log per image.
+Exit codes: 0 every image restored; 1 some inputs failed (unreadable, listed on stderr and in
+OUT/failed.txt), the others were written; 2 nothing was done (missing weights, bad arguments,
+no inputs).
 """
 
 from __future__ import annotations
@@ -16,16 +25,23 @@ from __future__ import annotations
 import glob
 import io
 import json
-from dataclasses import dataclass, field
+import sys
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from PIL import Image
-from torch import Tensor
+from torch import Tensor, nn
 
-from lit_restore.data.images import IMAGE_SUFFIXES, is_image_file, read_image, write_bytes_atomic, write_png
+from lit_restore.config import RunConfig, load_config
+from lit_restore.data.degrade.types import prompt_for
+from lit_restore.data.images import IMAGE_SUFFIXES, ImageReadError, is_image_file, read_image, write_bytes_atomic, write_png
+from lit_restore.models.clip import PromptCLIP
+from lit_restore.models.ldm import SAMPLERS, LatentDiffusion
+from lit_restore.tiling import restore_tiled
 
 # A pass that restored this class feeds its LDM output on without the SCM.
 SKIP_SCM_AFTER = "lowres"
@@ -146,7 +162,7 @@ _GRAY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N")
 
 def to_tensor(rgb: np.ndarray) -> Tensor:
     """uint8 (H, W, 3) → float (1, 3, H, W) in [0, 1]."""
-    return torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255.0
+    return torch.as_tensor(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)[None].float() / 255.0
 
 
 def to_uint8(image: Tensor) -> np.ndarray:
@@ -173,3 +189,302 @@ def load_input(path: Path) -> tuple[Tensor, dict[str, Any]]:
     rgb, info = read_image(path)
     return to_tensor(rgb), info
 
+
+
+# --------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------
+
+
+class MissingWeightsError(FileNotFoundError):
+    """An exported stage the chosen mode needs is not in the weights folder (one-line message)."""
+
+
+def pick_device(device: str) -> torch.device:
+    """'auto' → the first CUDA device when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def has_stage(weights: str | Path, stage: str) -> bool:
+    return (Path(weights) / stage / "model.safetensors").is_file()
+
+
+def load_stage(weights: str | Path, stage: str, device: torch.device) -> nn.Module:
+    """An exported stage's inference module on `device`; `MissingWeightsError` when it is absent."""
+    from lit_restore.export import load_exported
+
+    if not Path(weights).is_dir():
+        raise MissingWeightsError(f"weights folder not found: {weights} (an `lit-restore export --out` folder)")
+    if not has_stage(weights, stage):
+        raise MissingWeightsError(f"no exported {stage} weights in {Path(weights) / stage} "
+                                  f"(run `lit-restore export <{stage} run>/checkpoints/last.ckpt --out {weights}`)")
+    return load_exported(weights, stage).to(device)
+
+
+def exported_config(weights: str | Path, stage: str) -> RunConfig:
+    return load_config(Path(weights) / stage / "config.yaml")
+
+
+def load_biqa(weights: str | Path, device: torch.device) -> PromptCLIP:
+    """The exported BIQA CLIP scoring the prompts of the classes it was trained on."""
+    model = load_stage(weights, "biqa", device)
+    m = exported_config(weights, "biqa").model
+    return PromptCLIP(model, m.classes, resize=m.resize).eval().to(device)
+
+
+def biqa_logits(biqa: PromptCLIP, image: Tensor, device: torch.device) -> Tensor:
+    """(1, K) class logits of a CPU image; only the centre crop BIQA looks at goes to `device`."""
+    h, w = image.shape[-2:]
+    th, tw = biqa.image_size
+    if not biqa.resize and h >= th and w >= tw:
+        # The same crop PromptCLIP.preprocess takes, cut before the (possibly huge) image moves.
+        top, left = (h - th) // 2, (w - tw) // 2
+        image = image[..., top:top + th, left:left + tw]
+    with torch.no_grad():
+        return biqa.logits(image.to(device)).float().cpu()
+
+
+@dataclass
+class SamplerSettings:
+    """How the LDM samples. AutoDIR: Euler ancestral; guidance scales of 1 are the plain
+    conditional prediction (one UNet pass per step)."""
+
+    steps: int = 50
+    sampler: str = "euler_a"
+    guidance_text: float = 1.0
+    guidance_image: float = 1.0
+
+
+@dataclass
+class TileSettings:
+    """Tiles for images larger than `tile` pixels on a side (LDM, SCM and restorer)."""
+
+    tile: int = 512
+    overlap: int = 64
+
+
+def check_settings(sampling: SamplerSettings, tiles: TileSettings, max_passes: int) -> None:
+    """Argument checks; ValueError with one line."""
+    if sampling.sampler not in SAMPLERS:
+        raise ValueError(f"--sampler {sampling.sampler!r} is not allowed; choose one of {', '.join(SAMPLERS)}")
+    if sampling.steps <= 0:
+        raise ValueError(f"--steps {sampling.steps} must be > 0")
+    if tiles.tile <= 0 or not 0 <= tiles.overlap < tiles.tile:
+        raise ValueError(f"--tile {tiles.tile} / --overlap {tiles.overlap}: need tile > 0 and 0 <= overlap < tile")
+    if max_passes < 1:
+        raise ValueError(f"--max-passes {max_passes} must be >= 1")
+
+
+class Diffusion:
+    """The LDM with its text tower (+ the SCM): text contexts, tiled sampling, tiled correction."""
+
+    def __init__(self, ldm: LatentDiffusion, text: PromptCLIP, scm: Optional[nn.Module], device: torch.device,
+                 sampling: SamplerSettings, tiles: TileSettings) -> None:
+        self.ldm, self.text, self.scm, self.device = ldm, text, scm, device
+        self.sampling, self.tiles = sampling, tiles
+        # The unconditional context of the three-way guidance: the empty prompt's states.
+        self.null_context = self.contexts([""])
+
+    def contexts(self, texts: Sequence[str]) -> Tensor:
+        """(N, L, D) token states of `texts` from the text tower the LDM was trained with."""
+        return self.text.token_states(texts).float()
+
+    @torch.no_grad()
+    def sample(self, image: Tensor, context: Tensor, generator: torch.Generator) -> Tensor:
+        """LDM output for a CPU image (1, 3, H, W), tile by tile with one context (1, L, D)."""
+        s = self.sampling
+
+        def run(tile: Tensor) -> Tensor:
+            return self.ldm.sample(tile.to(self.device), context, self.null_context, steps=s.steps, sampler=s.sampler,
+                                   guidance_text=s.guidance_text, guidance_image=s.guidance_image,
+                                   generator=generator).cpu()
+
+        return restore_tiled(run, image, self.tiles.tile, self.tiles.overlap)
+
+    @torch.no_grad()
+    def correct(self, image: Tensor, ldm_out: Tensor) -> Tensor:
+        """The SCM's corrected image from the pass input and the LDM output, tile by tile."""
+        def run(pair: Tensor) -> Tensor:
+            pair = pair.to(self.device)
+            return self.scm(pair[:, :3], pair[:, 3:]).clamp(0, 1).cpu()
+
+        return restore_tiled(run, torch.cat([image, ldm_out], dim=1), self.tiles.tile, self.tiles.overlap)
+
+
+def load_diffusion(weights: str | Path, device: torch.device, sampling: SamplerSettings, tiles: TileSettings,
+                   text: Optional[PromptCLIP] = None) -> Diffusion:
+    """The exported LDM (and SCM when exported). The text tower is the one the LDM export holds,
+    else `text` (BIQA's: its text tower is frozen, so it is the LDM's when the LDM was trained
+    with the BIQA CLIP, `model.clip.pretrained=<biqa export or checkpoint>`)."""
+    import open_clip
+
+    modules = load_stage(weights, "ldm", device)
+    cfg = exported_config(weights, "ldm").model
+    ldm = LatentDiffusion(modules["unet"], modules["vae"], cfg.prediction_type).eval().to(device)
+    clip = next((m for m in modules.values() if isinstance(m, open_clip.CLIP)), None)
+    if clip is not None:
+        text = PromptCLIP(clip, ["no"]).eval().to(device)
+    if text is None:
+        raise MissingWeightsError(f"{Path(weights) / 'ldm'} holds no text tower and there is no biqa export "
+                                  f"to take it from; export the biqa stage into {weights}")
+    scm = load_stage(weights, "scm", device) if has_stage(weights, "scm") else None
+    return Diffusion(ldm, text, scm, device, sampling, tiles)
+
+
+class FastRestorer:
+    """`--fast`: the exported feed-forward ConStyle restorer alone."""
+
+    mode = "fast"
+
+    def __init__(self, weights: str | Path, device: torch.device, tiles: TileSettings) -> None:
+        self.net = load_stage(weights, "restorer", device)
+        self.device, self.tiles = device, tiles
+
+    @torch.no_grad()
+    def restore(self, image: Tensor, generator: torch.Generator) -> tuple[Tensor, dict[str, Any]]:
+        out = restore_tiled(lambda x: self.net(x.to(self.device)).float().cpu(), image, self.tiles.tile,
+                            self.tiles.overlap)
+        return out.clamp(0, 1), {"mode": self.mode}
+
+
+class PromptRestorer:
+    """`--prompt TEXT`: one LDM pass with the user's instruction as context, then the SCM."""
+
+    mode = "prompt"
+
+    def __init__(self, diffusion: Diffusion, prompt: str) -> None:
+        if not prompt.strip():
+            raise ValueError("--prompt is empty; give an instruction such as 'A photo needs noise artifact reduction'")
+        self.diffusion, self.prompt = diffusion, prompt
+        self.context = diffusion.contexts([prompt])
+
+    def restore(self, image: Tensor, generator: torch.Generator) -> tuple[Tensor, dict[str, Any]]:
+        out = self.diffusion.sample(image, self.context, generator)
+        scm = self.diffusion.scm is not None
+        if scm:
+            out = self.diffusion.correct(image, out)
+        return out, {"mode": self.mode, "prompt": self.prompt, "scm": scm}
+
+
+class AutoRestorer:
+    """The automatic loop: BIQA → prompt mixture → LDM → SCM, until "no" artifact is detected."""
+
+    mode = "auto"
+
+    def __init__(self, biqa: PromptCLIP, diffusion: Diffusion, device: torch.device, max_passes: int = 7) -> None:
+        self.biqa, self.diffusion, self.device, self.max_passes = biqa, diffusion, device, max_passes
+        self.classes = list(biqa.class_names)
+        self.prompt_states = diffusion.contexts([prompt_for(c) for c in self.classes])
+
+    def restore(self, image: Tensor, generator: torch.Generator) -> tuple[Tensor, dict[str, Any]]:
+        d = self.diffusion
+        result = automatic_loop(
+            image,
+            classify=lambda x: biqa_logits(self.biqa, x, self.device),
+            classes=self.classes,
+            step=lambda x, w: d.sample(x, mix_prompts(w, self.prompt_states), generator),
+            correct=d.correct if d.scm is not None else None,
+            max_passes=self.max_passes,
+        )
+        return result.image, {
+            "mode": self.mode,
+            "detected": [p.detected for p in result.passes if p.detected != "no"],
+            "stopped": result.stopped,
+            "passes": [asdict(p) for p in result.passes],
+        }
+
+
+# What every mode offers: `restore(image, generator)` → (restored image, JSON log entries).
+Restorer = Union[FastRestorer, PromptRestorer, AutoRestorer]
+
+
+# --------------------------------------------------------------------------------------
+# The command
+# --------------------------------------------------------------------------------------
+
+
+def build_restorer(weights: str, device: torch.device, prompt: Optional[str], fast: bool, max_passes: int,
+                   sampling: SamplerSettings, tiles: TileSettings) -> Restorer:
+    """The restorer of the chosen mode from the exported weights (MissingWeightsError when a needed
+    stage is not there)."""
+    if fast:
+        return FastRestorer(weights, device, tiles)
+    if prompt is not None:
+        text = load_biqa(weights, device) if has_stage(weights, "biqa") else None
+        return PromptRestorer(load_diffusion(weights, device, sampling, tiles, text), prompt)
+    biqa = load_biqa(weights, device)
+    return AutoRestorer(biqa, load_diffusion(weights, device, sampling, tiles, text=biqa), device, max_passes)
+
+
+def image_generator(seed: int) -> torch.Generator:
+    """A fresh CPU generator per image: an image's result does not depend on the images before it."""
+    return torch.Generator().manual_seed(seed)
+
+
+def _error(message: str) -> None:
+    print(f"lit-restore restore: {message}", file=sys.stderr)
+
+
+def restore_command(weights: str, inputs: Sequence[str], out: str, prompt: Optional[str] = None, fast: bool = False,
+                    max_passes: int = 7, steps: int = 50, sampler: str = "euler_a", guidance_text: float = 1.0,
+                    guidance_image: float = 1.0, tile: int = 512, overlap: int = 64, device: str = "auto",
+                    seed: int = 0) -> int:
+    """Restore every image of `inputs` into `out`; exit code as in the module docstring."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    sampling = SamplerSettings(steps, sampler, guidance_text, guidance_image)
+    tiles = TileSettings(tile, overlap)
+    if fast and prompt is not None:
+        _error("--fast and --prompt exclude each other (--fast runs the restorer alone, without the LDM)")
+        return 2
+    try:
+        check_settings(sampling, tiles, max_passes)
+    except ValueError as e:
+        _error(str(e))
+        return 2
+    files, missing = collect_inputs(inputs)
+    for line in missing:
+        _error(line)
+    if not files:
+        _error("no input images")
+        return 2
+    dev = pick_device(device)
+    try:
+        restorer = build_restorer(weights, dev, prompt, fast, max_passes, sampling, tiles)
+    except (MissingWeightsError, ValueError) as e:
+        _error(str(e))
+        return 2
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    taken: set[str] = set()
+    failed: list[str] = []
+    columns = (TextColumn("[bold]restore"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.description}"))
+    # Progress and skip notes on stderr: stdout keeps the one summary line.
+    with Progress(*columns, console=Console(stderr=True)) as bar:
+        job = bar.add_task("", total=len(files))
+        for path in files:
+            bar.update(job, description=path.name)
+            try:
+                image, info = load_input(path)
+            except ImageReadError as e:
+                failed.append(str(e))
+                bar.console.print(f"[red]skipped[/red] {e}")
+                bar.advance(job)
+                continue
+            start = time.perf_counter()
+            restored, log = restorer.restore(image, image_generator(seed))
+            stem = output_stem(path, taken)
+            log = {"input": str(path), "output": f"{stem}.png", "size": list(info["size"]), "input_mode": info["mode"],
+                   "bit_depth": info["bit_depth"], **log, "seconds": round(time.perf_counter() - start, 3)}
+            save_result(out_dir, stem, restored, info, log)
+            bar.advance(job)
+    if failed:
+        write_bytes_atomic(out_dir / "failed.txt", ("\n".join(failed) + "\n").encode("utf-8"))
+    done = len(files) - len(failed)
+    note = f"; {len(failed)} failed (see {out_dir / 'failed.txt'})" if failed else ""
+    print(f"restored {done} of {len(files)} image(s) into {out_dir}{note}")
+    return 1 if failed or missing else 0

@@ -1,6 +1,7 @@
 """The automatic loop's control flow, prompt mixing, input collection and output files."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -102,3 +103,100 @@ def test_save_result_keeps_gray_inputs_gray(tmp_path):
     assert Image.open(gray).mode == "L" and Image.open(color).mode == "RGB"
     assert np.array_equal(np.asarray(Image.open(color)), (img[0] * 255).round().byte().permute(1, 2, 0).numpy())
     assert json.loads((tmp_path / "g.json").read_text()) == log
+
+
+# --------------------------------------------------------------------------------------
+# End to end on tiny exported weights
+# --------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def export_tiny(stage_name: str, out: Path, tmp: Path, overrides=()) -> None:
+    """Export a randomly initialised tiny stage, as `lit-restore export` does after training."""
+    from lit_restore.config import load_config, to_dict
+    from lit_restore.export import export_command
+    from lit_restore.fit import build_stage
+
+    torch.manual_seed(0)
+    stage = build_stage(load_config(REPO / f"configs/tiny/{stage_name}.yaml", list(overrides)))
+    stage.configure_model()
+    ckpt = tmp / f"{stage_name}.ckpt"
+    torch.save({"state_dict": stage.state_dict(), "hyper_parameters": {"config": to_dict(stage.cfg)}, "global_step": 1}, ckpt)
+    assert export_command(str(ckpt), str(out), ema=True, onnx=False) == 0
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tiny_weights")
+    out = tmp / "weights"
+    for stage in ("biqa", "restorer"):
+        export_tiny(stage, out, tmp)
+    return out
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A folder of awkward inputs: RGB, gray, RGBA, 16-bit gray, 16-bit RGB, a larger-than-tile
+    image, and one corrupt file."""
+    d = tmp_path_factory.mktemp("inputs")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (40, 52, 3), dtype=np.uint8)).save(d / "rgb.png")
+    Image.fromarray(rng.integers(0, 256, (33, 45), dtype=np.uint8)).save(d / "gray.png")
+    Image.fromarray(rng.integers(0, 256, (36, 30, 4), dtype=np.uint8), "RGBA").save(d / "alpha.png")
+    Image.fromarray(rng.integers(0, 65536, (30, 41), dtype=np.uint16)).save(d / "gray16.png")
+    Image.fromarray(rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)).save(d / "large.jpg", quality=90)
+    (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    return d
+
+
+def run_restore(args):
+    from lit_restore.cli import main
+
+    return main(["restore", *map(str, args)])
+
+
+def test_fast_restores_every_mode_and_counts_the_unreadable_file(weights, inputs, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = run_restore([inputs, "--weights", weights, "--out", out, "--fast", "--tile", 32, "--overlap", 8,
+                        "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert code == 1  # one input failed; the others were written
+    assert "broken.png" in captured.err and "restored 5 of 6 image(s)" in captured.out
+    assert "broken.png" in (out / "failed.txt").read_text()
+    for name, mode, size in [("rgb", "RGB", (52, 40)), ("gray", "L", (45, 33)), ("alpha", "RGB", (30, 36)),
+                             ("gray16", "L", (41, 30)), ("large", "RGB", (90, 70))]:
+        im = Image.open(out / f"{name}.png")
+        assert (im.mode, im.size) == (mode, size), name
+        log = json.loads((out / f"{name}.json").read_text())
+        assert log["mode"] == "fast" and log["size"] == [size[1], size[0]]
+    assert json.loads((out / "gray16.json").read_text())["bit_depth"] == 16
+    assert not (out / "broken.png").exists()
+
+
+def test_fast_output_is_the_restorer_output(weights, inputs, tmp_path):
+    from lit_restore.export import load_exported
+
+    out = tmp_path / "out"
+    assert run_restore([inputs / "rgb.png", "--weights", weights, "--out", out, "--fast", "--device", "cpu"]) == 0
+    net = load_exported(weights, "restorer")
+    x = torch.from_numpy(np.array(Image.open(inputs / "rgb.png"))).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        expected = (net(x)[0].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    assert np.array_equal(np.asarray(Image.open(out / "rgb.png")), expected)
+
+
+def test_missing_weights_and_bad_arguments_fail_in_one_line(weights, inputs, tmp_path, capsys):
+    code = run_restore([inputs / "rgb.png", "--weights", tmp_path / "nowhere", "--out", tmp_path / "o", "--fast"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "weights folder not found" in err
+    # The automatic loop needs the LDM, which this folder lacks.
+    code = run_restore([inputs / "rgb.png", "--weights", weights, "--out", tmp_path / "o"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "no exported ldm weights" in err
+    code = run_restore([inputs / "rgb.png", "--weights", weights, "--out", tmp_path / "o", "--sampler", "heun"])
+    assert code == 2 and "--sampler 'heun'" in capsys.readouterr().err
+    code = run_restore([tmp_path / "none.png", "--weights", weights, "--out", tmp_path / "o", "--fast"])
+    err = capsys.readouterr().err
+    assert code == 2 and "none.png: no such file" in err and "no input images" in err
+    assert not (tmp_path / "o").exists()
