@@ -63,12 +63,14 @@ def raw_rate(files: list[Path]) -> float:
 
 
 def loader_rate(urls: list[str], samples: int, crop: int, batch: int, shuffle: int) -> float:
-    steps = samples // batch
-    stream = TrainStream([(urls, 1.0)], batch_size=batch, crop=crop, steps=steps + 1, shuffle_buffer=shuffle,
-                         max_corrupt_fraction=0.0)
-    loader = make_loader(stream, 1)
-    it = iter(loader)
-    next(it)  # worker start-up and the shuffle buffer's first fill are not throughput
+    # Shards are resampled, so the loader can run past the image count: the shuffle buffer fills
+    # up to its size during the first `shuffle` samples, and steady state comes after that.
+    warmup = shuffle // batch + 1
+    stream = TrainStream([(urls, 1.0)], batch_size=batch, crop=crop, steps=warmup + samples // batch,
+                         shuffle_buffer=shuffle, max_corrupt_fraction=0.0)
+    it = iter(make_loader(stream, 1))
+    for _ in range(warmup):  # worker start-up and the shuffle buffer's fill are not throughput
+        next(it)
     start = time.perf_counter()
     n = sum(b["gt"].shape[0] for b in it)
     return n / (time.perf_counter() - start)
@@ -90,7 +92,7 @@ def main() -> None:
         raw, loader = [], []
         for _ in range(a.repeats):  # interleaved, so load on a shared machine hits both alike
             raw.append(raw_rate(files))
-            loader.append(loader_rate(urls, a.count, a.crop, a.batch, a.shuffle))
+            loader.append(loader_rate(urls, 2 * a.count, a.crop, a.batch, a.shuffle))
     r, l = statistics.median(raw), statistics.median(loader)
     print(f"images: {a.count} PNG {a.size}x{a.size}, crop {a.crop}, batch {a.batch}, shuffle buffer {a.shuffle}")
     print(f"loader (1 worker): {l:.0f} samples/s  raw PIL decode: {r:.0f} samples/s  ratio: {l / r:.2f}")

@@ -1,6 +1,7 @@
 import io
 import json
 import pickle
+import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from lit_restore.data.shards import (
     iter_samples,
     make_loader,
     read_shard,
+    tar_members,
 )
 
 
@@ -331,3 +333,29 @@ def test_resumed_fit_reseeds_from_the_restored_step(tmp_path):
     first.save_checkpoint(ckpt)
     run(6, ckpt_path=ckpt)
     assert restarts == [0, 4]  # the resumed loader is seeded from the restored global step
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+def test_tar_reader_agrees_with_tarfile(tmp_path, fmt):
+    long_dir = "d" * 60 + "/" + "e" * 60 if fmt != tarfile.USTAR_FORMAT else "d" * 60
+    path = tmp_path / "t.tar"
+    members = {f"{long_dir}/k{i}.{suffix}": bytes([i]) * (100 * i + 7) for i in range(3) for suffix in ("gt.png", "json", "txt")}
+    with tarfile.open(path, "w", format=fmt) as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), 1.5  # a float mtime makes pax headers
+            tf.addfile(info, io.BytesIO(data))
+    with open(path, "rb") as f:
+        got = list(tar_members(f, lambda n: not n.endswith(".txt")))
+    assert [n for n, _ in got] == list(members)
+    assert all(d == members[n] if not n.endswith(".txt") else d is None for n, d in got)
+
+
+def test_truncated_shard_keeps_what_was_read_and_counts_one(tmp_path):
+    shard = write_shard(tmp_path / "t.tar", clean_samples("k", 6))
+    data = Path(shard).read_bytes()
+    Path(shard).write_bytes(data[: len(data) // 2])
+    counter = CorruptCounter(max_fraction=1.0)
+    keys = [r["__key__"] for r in read_shard(shard, counter)]
+    assert 0 < len(keys) < 6 and keys == [f"k{i:04d}" for i in range(len(keys))]
+    assert counter.corrupt == 1

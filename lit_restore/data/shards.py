@@ -162,9 +162,9 @@ def tar_members(stream, wanted) -> Iterator[tuple[str, Optional[bytes]]]:
     pending: dict[str, str] = {}
     while True:
         header = stream.read(_BLOCK)
-        if len(header) < _BLOCK or header.count(0) == _BLOCK:
-            if header and header.count(0) != len(header):
-                raise TarFormatError("truncated tar header")
+        if len(header) < _BLOCK:  # a complete tar ends with zero blocks, not at a header boundary
+            raise TarFormatError("truncated tar (no end-of-archive block)")
+        if header.count(0) == _BLOCK:
             return
         checksum = _header_number(header[148:156])
         if checksum != sum(header[:148]) + 256 + sum(header[156:]):  # the field itself counts as spaces
