@@ -71,9 +71,10 @@ def _evaluate(a: argparse.Namespace) -> int:
     from lit_restore.evaluate import evaluate_command
 
     return evaluate_command(
-        weights=a.weights, suite=a.suite, data=a.data, out=a.out, lines=a.lines, save_lines=a.save_lines,
-        tasks=a.tasks, max_images=a.max_images, crop_border=a.crop_border, y_channel=a.y_channel,
-        lpips_weights=a.lpips_weights, fast=a.fast, steps=a.steps, device=a.device,
+        weights=a.weights, suite=a.suite, data=a.data, out=a.out, lines=a.lines, save_lines_path=a.save_lines,
+        line_role=a.line_role, tasks=a.tasks, max_images=a.max_images, crop_border=a.crop_border,
+        y_channel=a.y_channel, lpips_weights=a.lpips_weights, fast=a.fast, steps=a.steps, sampler=a.sampler,
+        max_passes=a.max_passes, device=a.device, seed=a.seed,
     )
 
 
@@ -172,21 +173,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_restore)
 
     s = sub.add_parser("evaluate", help="evaluate weights on the GIR suite and write a report",
-                       description="Run the synthetic GIR tasks (and paired real tasks) and write metrics and a report.")
+                       description="Run the synthetic GIR tasks (and paired real tasks) and write metrics and a report.",
+                       epilog="exit codes: 0 report written; 2 nothing evaluated (missing weights or data, bad arguments)")
     s.add_argument("--weights", required=True, help="exported weights folder")
     s.add_argument("--suite", default="gir", help="'gir' or a suite YAML")
     s.add_argument("--data", required=True, help="clean val shard URL pattern (paired shards join as extra tasks)")
     s.add_argument("--out", required=True, help="report folder")
     s.add_argument("--lines", default=None, help="CSV with per-task acceptance/excellence lines")
-    s.add_argument("--save-lines", default=None, help="write these weights' per-task PSNR as a lines CSV")
-    s.add_argument("--tasks", default=None, help="comma-separated task names or a count (first N)")
+    s.add_argument("--save-lines", default=None, help="write these weights' per-task PSNR/SSIM into this lines CSV "
+                   "(as the --line-role columns; other columns of an existing file are kept)")
+    s.add_argument("--line-role", default="acceptance", choices=("acceptance", "excellence"),
+                   help="which line --save-lines writes")
+    s.add_argument("--tasks", default=None, help="comma-separated task names, or a count N (the first N suite tasks)")
     s.add_argument("--max-images", type=int, default=0, help="images per task (0: all)")
-    s.add_argument("--crop-border", type=int, default=4)
+    s.add_argument("--crop-border", type=int, default=4, help="pixels removed from every border before PSNR/SSIM")
     s.add_argument("--y-channel", action="store_true", help="PSNR/SSIM on the Y channel (BT.601)")
     s.add_argument("--lpips-weights", default=None, help="local LPIPS backbone weights (offline)")
     s.add_argument("--fast", action="store_true", help="evaluate the feed-forward restorer instead of the loop")
     s.add_argument("--steps", type=int, default=20, help="diffusion sampling steps")
-    s.add_argument("--device", default="auto")
+    s.add_argument("--sampler", default="euler_a", help="diffusion sampler: euler_a (Euler ancestral) or ddim")
+    s.add_argument("--max-passes", type=int, default=7, help="automatic loop: passes at most")
+    s.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, ...")
+    s.add_argument("--seed", type=int, default=0, help="sampling seed (each image starts from it)")
     s.set_defaults(func=_evaluate)
 
     s = sub.add_parser("sbatch", help="render (and submit) a SLURM job for a config",

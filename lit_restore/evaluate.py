@@ -1,11 +1,207 @@
-"""`lit-restore evaluate`: metrics on the GIR suite, acceptance/excellence lines, report.
+"""`lit-restore evaluate`: restore the GIR suite's test sets, measure, compare with the lines, report.
 
-The metric functions live in `lit_restore.metrics` (conventions in its docstring) and are
-re-exported here, so `lit_restore.evaluate.psnr` / `ssim` are the public names.
+For each task (the suite's synthetic tasks, filtered by `--tasks`, plus one real task per
+dataset and type of the paired samples in `--data`), every test image is degraded
+deterministically from its clean val image (`build_task_set`), restored with the exported
+weights (the automatic loop, or `--fast` the feed-forward restorer) and compared with its GT:
+PSNR and SSIM (conventions in `lit_restore.metrics`, written into the report), LPIPS when its
+backbone weights are available (otherwise the report says why it is missing), and the same for
+the degraded input. BIQA, when exported, names the degraded image of every single-type and real
+task (combination tasks have no one true class) and every clean GT ("no"): a confusion matrix.
+
+`--lines CSV` adds AR/ER/RPR against per-task acceptance/excellence lines; `--save-lines CSV
+--line-role acceptance|excellence` writes these weights' per-task scores as such a line.
+
+The metric functions live in `lit_restore.metrics` and are re-exported here, so
+`lit_restore.evaluate.psnr` / `ssim` are the public names.
 """
 
 from __future__ import annotations
 
-from lit_restore.metrics import psnr, ssim
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
 
-__all__ = ["psnr", "ssim"]
+import torch
+from torch import Tensor
+
+from lit_restore.data.degrade.suite import Task, build_task_set, find_task, load_suite, real_tasks_from_shards
+from lit_restore.lines import LinesError, line_stats, read_lines, save_lines
+from lit_restore.metrics import LPIPSWeightsError, load_lpips, psnr, quantize_8bit, ssim
+from lit_restore.report import BIQAResult, Conventions, EvalResult, TaskResult, before_after_grid, write_report
+from lit_restore.restore import (AutoRestorer, MissingWeightsError, SamplerSettings, TileSettings, biqa_logits,
+                                 build_restorer, check_settings, has_stage, image_generator, load_biqa, pick_device)
+
+__all__ = ["psnr", "ssim", "evaluate_command", "select_tasks"]
+
+GRID_IMAGES = 4  # before/after rows per task in the report
+
+
+def select_tasks(suite: str, data: str, tasks: Optional[str]) -> list[Task]:
+    """The suite's tasks ('gir' = configs/gir_suite.yaml, or a suite YAML) plus the real paired
+    tasks found in `data`, filtered by `tasks`: comma-separated names, or a count N (the first N
+    synthetic tasks; real tasks are always kept)."""
+    synthetic = load_suite(None if suite == "gir" else suite)
+    real = real_tasks_from_shards(data)
+    if not tasks:
+        return synthetic + real
+    if tasks.strip().isdigit():
+        return synthetic[: int(tasks)] + real
+    everything = synthetic + real
+    return [find_task(everything, name.strip()) for name in tasks.split(",") if name.strip()]
+
+
+def true_class(task: Task, classes: Sequence[str]) -> Optional[int]:
+    """BIQA's expected answer on a task's degraded images: its one type; None for combinations
+    (no single true class) and for types the BIQA does not score."""
+    if task.kind == "combo" or task.types[0] not in classes:
+        return None
+    return list(classes).index(task.types[0])
+
+
+@dataclass
+class TaskScores:
+    """Per-image values of one task, averaged into a TaskResult."""
+
+    psnr: list[float] = field(default_factory=list)
+    ssim: list[float] = field(default_factory=list)
+    input_psnr: list[float] = field(default_factory=list)
+    input_ssim: list[float] = field(default_factory=list)
+    lpips: list[float] = field(default_factory=list)
+    grid: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)
+
+    def result(self, task: Task) -> TaskResult:
+        def mean(v: list[float]) -> float:
+            return sum(v) / len(v) if v else float("nan")
+
+        return TaskResult(task=task.name, n_images=len(self.psnr), psnr=mean(self.psnr), ssim=mean(self.ssim),
+                          input_psnr=mean(self.input_psnr), input_ssim=mean(self.input_ssim),
+                          lpips=mean(self.lpips) if self.lpips else None,
+                          kind="real" if task.kind == "real" else "synthetic", types=list(task.types))
+
+
+def _grid(rows: list[tuple[Tensor, Tensor, Tensor]]) -> Tensor:
+    """Before/after grid of the rows that share the first row's size (make_grid needs one size)."""
+    size = rows[0][0].shape
+    same = [r for r in rows if r[0].shape == size]
+    lq, out, gt = (torch.cat([r[i] for r in same]) for i in range(3))
+    return before_after_grid(lq, out, gt, max_images=GRID_IMAGES)
+
+
+def _error(message: str) -> int:
+    print(f"lit-restore evaluate: {message}", file=sys.stderr)
+    return 2
+
+
+def evaluate_command(weights: str, suite: str, data: str, out: str, lines: Optional[str] = None,
+                     save_lines_path: Optional[str] = None, line_role: str = "acceptance", tasks: Optional[str] = None,
+                     max_images: int = 0, crop_border: int = 4, y_channel: bool = False,
+                     lpips_weights: Optional[str] = None, fast: bool = False, steps: int = 20, sampler: str = "euler_a",
+                     max_passes: int = 7, device: str = "auto", seed: int = 0) -> int:
+    """Evaluate `weights` on the suite and write metrics.json + report.md/html into `out`.
+    Exit codes: 0 done; 2 nothing evaluated (missing weights or data, bad arguments)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from lit_restore.data.shards import check_local_shards, expand_urls
+
+    sampling, tiles = SamplerSettings(steps=steps, sampler=sampler), TileSettings()
+    try:
+        check_settings(sampling, tiles, max_passes)
+        if crop_border < 0:
+            raise ValueError(f"--crop-border {crop_border} must be >= 0")
+        check_local_shards(expand_urls(data), "--data")
+        selected = select_tasks(suite, data, tasks)
+        if not selected:
+            raise ValueError(f"--tasks {tasks!r} selects no task")
+        reference = read_lines(lines) if lines else {}
+        dev = pick_device(device)
+        restorer = build_restorer(weights, dev, None, fast, max_passes, sampling, tiles)
+        biqa = restorer.biqa if isinstance(restorer, AutoRestorer) else (
+            load_biqa(weights, dev) if has_stage(weights, "biqa") else None)
+    except (MissingWeightsError, FileNotFoundError, ValueError) as e:  # ConfigError and LinesError are ValueErrors
+        return _error(str(e))
+    try:
+        lpips_model = load_lpips(lpips_weights, dev)
+        lpips_note = "LPIPS AlexNet v0.1"
+    except LPIPSWeightsError as e:
+        lpips_model, lpips_note = None, f"not computed ({e})"
+        print(f"lit-restore evaluate: LPIPS {lpips_note}", file=sys.stderr)
+
+    classes = list(biqa.class_names) if biqa is not None else []
+    confusion = [[0] * len(classes) for _ in classes]
+    gt_seen: set[str] = set()
+    scores: dict[str, TaskScores] = {}
+    start = time.perf_counter()
+    columns = (TextColumn("[bold]evaluate"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.description}"))
+    with Progress(*columns, console=Console(stderr=True)) as bar:
+        job = bar.add_task("", total=len(selected))
+        for task in selected:
+            bar.update(job, description=task.name)
+            s = scores[task.name] = TaskScores()
+            target = true_class(task, classes) if biqa is not None else None
+            for key, gt8, lq8 in build_task_set(task, data, max_images=max_images):
+                gt, lq = gt8[None].float() / 255, lq8[None].float() / 255
+                restored, log = restorer.restore(lq, image_generator(seed))
+                restored = quantize_8bit(restored)
+                s.psnr.append(float(psnr(restored, gt, crop_border, y_channel)))
+                s.ssim.append(float(ssim(restored, gt, crop_border, y_channel)))
+                s.input_psnr.append(float(psnr(lq, gt, crop_border, y_channel)))
+                s.input_ssim.append(float(ssim(lq, gt, crop_border, y_channel)))
+                if lpips_model is not None:
+                    with torch.no_grad():
+                        s.lpips.append(float(lpips_model(restored.to(dev), gt.to(dev), normalize=True).mean()))
+                if len(s.grid) < GRID_IMAGES:
+                    s.grid.append((lq, restored, gt))
+                if biqa is not None:
+                    if target is not None:
+                        first = log.get("passes")
+                        # The loop's first pass already scored the degraded input.
+                        predicted = (classes.index(first[0]["detected"]) if first else
+                                     int(biqa_logits(biqa, lq, dev).argmax()))
+                        confusion[target][predicted] += 1
+                    if key not in gt_seen and "no" in classes:
+                        gt_seen.add(key)
+                        confusion[classes.index("no")][int(biqa_logits(biqa, gt, dev).argmax())] += 1
+            bar.advance(job)
+    seconds = time.perf_counter() - start
+
+    results = [scores[t.name].result(t) for t in selected]
+    evaluated = [r for r in results if r.n_images]
+    if not evaluated:
+        return _error(f"no test image found in {data} for the selected tasks")
+    stats = {}
+    for metric in ("psnr", "ssim"):
+        st = line_stats({r.task: getattr(r, metric) for r in evaluated}, reference, metric)
+        if st is not None:
+            stats[metric] = st
+    if fast:
+        method = "feed-forward ConStyle restorer (--fast)"
+    else:
+        method = (f"automatic loop (BIQA → LDM{' → SCM' if restorer.diffusion.scm is not None else ''}), "
+                  f"{sampler} {steps} steps, up to {max_passes} passes")
+    result = EvalResult(
+        weights=str(weights), method=method,
+        conventions=Conventions(crop_border=crop_border, y_channel=y_channel, lpips=lpips_note),
+        tasks=results, lines=reference, line_stats=stats,
+        biqa=BIQAResult(classes, confusion) if biqa is not None and any(map(any, confusion)) else None,
+        grids={t.name: _grid(scores[t.name].grid) for t in selected if scores[t.name].grid},
+    )
+    paths = write_report(out, result)
+    if save_lines_path:
+        try:
+            save_lines(save_lines_path, line_role, {r.task: {"psnr": r.psnr, "ssim": r.ssim} for r in evaluated})
+        except (LinesError, ValueError) as e:
+            return _error(str(e))
+        print(f"{line_role} lines: {save_lines_path}")
+    n = sum(r.n_images for r in evaluated)
+    gain = sum(r.psnr - r.input_psnr for r in evaluated) / len(evaluated)
+    print(f"evaluated {len(evaluated)} task(s), {n} image(s) in {seconds:.0f} s; mean PSNR gain over the input "
+          f"{gain:+.2f} dB")
+    if result.biqa is not None and result.biqa.accuracy() is not None:
+        print(f"BIQA accuracy {result.biqa.accuracy():.3f}")
+    print(f"report: {paths['html']} (and {paths['markdown'].name}, {paths['metrics'].name})")
+    return 0

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from _tiny_weights import export_tiny
 from lit_restore.restore import automatic_loop, collect_inputs, mix_prompts, output_stem, save_result
 
 CLASSES = ["no", "noise", "blur", "lowres"]
@@ -108,23 +109,6 @@ def test_save_result_keeps_gray_inputs_gray(tmp_path):
 # --------------------------------------------------------------------------------------
 # End to end on tiny exported weights
 # --------------------------------------------------------------------------------------
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def export_tiny(stage_name: str, out: Path, tmp: Path, overrides=()) -> None:
-    """Export a randomly initialised tiny stage, as `lit-restore export` does after training."""
-    from lit_restore.config import load_config, to_dict
-    from lit_restore.export import export_command
-    from lit_restore.fit import build_stage
-
-    torch.manual_seed(0)
-    stage = build_stage(load_config(REPO / f"configs/tiny/{stage_name}.yaml", list(overrides)))
-    stage.configure_model()
-    ckpt = tmp / f"{stage_name}.ckpt"
-    torch.save({"state_dict": stage.state_dict(), "hyper_parameters": {"config": to_dict(stage.cfg)}, "global_step": 1}, ckpt)
-    assert export_command(str(ckpt), str(out), ema=True, onnx=False) == 0
-
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
