@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import EMAWeightAveraging, LearningRateMonitor
-from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Strategy
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import nn
 
@@ -173,7 +173,23 @@ def build_strategy(cfg: RunConfig) -> Union[str, Strategy]:
         return FSDPStrategy(auto_wrap_policy=blocks, activation_checkpointing_policy=blocks, state_dict_type="full")
     if name == "modelparallel":
         return FSDP2Strategy(backend="gloo" if on_cpu(cfg) else None)
+    if cfg.stage in QUEUE_STAGES and (name == "ddp" or (name == "auto" and is_multiprocess(cfg))):
+        # The MoCo queue is identical on every rank by construction (gathered enqueue); DDP's
+        # default re-broadcast of rank 0's buffers would resend the whole queue every step.
+        return DDPStrategy(broadcast_buffers=False)
     return cfg.trainer.get("strategy", "auto")
+
+
+# Stages whose modules hold a MoCo queue buffer.
+QUEUE_STAGES = ("constyle", "restorer")
+
+
+def is_multiprocess(cfg: RunConfig) -> bool:
+    devices = cfg.trainer.get("devices", 1)
+    if devices == "auto":
+        devices = torch.cuda.device_count() if not on_cpu(cfg) else 1
+    count = len(devices) if isinstance(devices, (list, tuple)) else int(devices)
+    return count != 1 or int(cfg.trainer.get("num_nodes", 1)) > 1
 
 
 def trainer_kwargs(cfg: RunConfig) -> dict[str, Any]:

@@ -59,3 +59,18 @@ def test_strategy_and_precision_from_config(tmp_path):
     cfg = probe_config(tmp_path, "trainer.strategy=modelparallel", "optim.ema_decay=0.9")
     with pytest.raises(ConfigError, match="does not work with sharded models"):
         build_callbacks(cfg, Probe(cfg))
+
+
+def test_queue_stages_do_not_rebroadcast_buffers(tmp_path):
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from lit_restore.config import load_config
+
+    def strategy(stage, *overrides):
+        return build_strategy(load_config(None, [f"stage={stage}", f"out_dir={tmp_path}", *overrides]))
+
+    ddp = strategy("constyle", "trainer.devices=2", "trainer.accelerator=cpu")
+    assert isinstance(ddp, DDPStrategy) and ddp._ddp_kwargs["broadcast_buffers"] is False
+    assert isinstance(strategy("restorer", "trainer.strategy=ddp"), DDPStrategy)
+    assert strategy("constyle") == "auto"  # one device: no process group at all
+    assert strategy("biqa", "trainer.devices=2", "trainer.accelerator=cpu") == "auto"
