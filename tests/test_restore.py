@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from _tiny_weights import export_tiny
+from _tiny_weights import REPO, export_tiny
 from lit_restore.restore import automatic_loop, collect_inputs, mix_prompts, output_stem, save_result
 
 CLASSES = ["no", "noise", "blur", "lowres"]
@@ -184,3 +184,62 @@ def test_missing_weights_and_bad_arguments_fail_in_one_line(weights, inputs, tmp
     err = capsys.readouterr().err
     assert code == 2 and "none.png: no such file" in err and "no input images" in err
     assert not (tmp_path / "o").exists()
+
+
+# --------------------------------------------------------------------------------------
+# The automatic loop and --prompt on tiny diffusion models (built directly, not exported)
+# --------------------------------------------------------------------------------------
+
+
+class HalfwaySCM(torch.nn.Module):
+    """Stands in for the SCM: the mean of the pass input and the LDM output."""
+
+    def forward(self, lq, ldm_out):
+        return (lq + ldm_out) / 2
+
+
+@pytest.fixture(scope="module")
+def diffusion():
+    from lit_restore.config import load_config
+    from lit_restore.models.clip import PromptCLIP, create_clip
+    from lit_restore.models.ldm import LatentDiffusion, load_unet, load_vae, widen_conv_in
+    from lit_restore.restore import Diffusion, SamplerSettings, TileSettings
+
+    torch.manual_seed(0)
+    ldm_cfg = load_config(REPO / "configs/tiny/ldm.yaml").model
+    biqa_cfg = load_config(REPO / "configs/tiny/biqa.yaml").model
+    ldm = LatentDiffusion(widen_conv_in(load_unet("", ldm_cfg.unet_cfg)), load_vae("", ldm_cfg.vae_cfg)).eval()
+    biqa = PromptCLIP(create_clip("tiny", "", biqa_cfg.model_cfg), biqa_cfg.classes).eval()
+    return Diffusion(ldm, biqa, HalfwaySCM(), torch.device("cpu"), SamplerSettings(steps=2), TileSettings(48, 16)), biqa
+
+
+def test_automatic_loop_on_tiny_models_logs_every_pass(diffusion):
+    from lit_restore.restore import AutoRestorer, image_generator
+
+    d, biqa = diffusion
+    auto = AutoRestorer(biqa, d, torch.device("cpu"), max_passes=3)
+    image = torch.rand(1, 3, 40, 70)  # wider than a tile: the LDM and SCM run tile by tile
+    out, log = auto.restore(image, image_generator(0))
+    assert out.shape == image.shape and 0 <= float(out.min()) and float(out.max()) <= 1
+    assert log["mode"] == "auto" and 1 <= len(log["passes"]) <= 3
+    for i, p in enumerate(log["passes"]):
+        assert p["index"] == i and sum(p["probabilities"].values()) == pytest.approx(1.0)
+        assert len(p["probabilities"]) == len(biqa.class_names) - i  # handled classes leave the set
+    handled = [p["detected"] for p in log["passes"] if p["detected"] != "no"]
+    assert log["detected"] == handled and len(set(handled)) == len(handled)
+    # Same seed, same result: the sampling noise comes from the per-image generator.
+    again, _ = auto.restore(image, image_generator(0))
+    assert torch.equal(out, again)
+
+
+def test_prompt_mode_uses_the_users_text(diffusion):
+    from lit_restore.restore import PromptRestorer, image_generator
+
+    d, _ = diffusion
+    image = torch.rand(1, 3, 32, 32)
+    a, log = PromptRestorer(d, "A photo needs noise artifact reduction").restore(image, image_generator(1))
+    b, _ = PromptRestorer(d, "A photo needs haze artifact reduction").restore(image, image_generator(1))
+    assert log == {"mode": "prompt", "prompt": "A photo needs noise artifact reduction", "scm": True}
+    assert a.shape == image.shape and not torch.equal(a, b)  # the text reaches the UNet
+    with pytest.raises(ValueError, match="empty"):
+        PromptRestorer(d, "  ")

@@ -1,0 +1,46 @@
+"""The demo's pieces that run without training: the plan, the fit arguments (valid configs),
+the degraded inputs and reading run metrics. The whole demo is `make demo` (minutes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from lit_restore.config import load_config
+from lit_restore.demo import RESTORE_TASKS, DemoPlan, fit_args, last_metric, write_degraded_inputs
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_scaled_plan_keeps_an_early_restorer_checkpoint():
+    for factor in (0.01, 0.1, 0.37, 1.0, 2.5):
+        plan = DemoPlan().scaled(factor)
+        assert plan.restorer_steps % 4 == 0 and plan.restorer_early_step >= 1
+        assert plan.restorer_steps % plan.restorer_early_step == 0
+    assert DemoPlan().scaled(1.0) == DemoPlan()
+
+
+def test_fit_arguments_make_valid_configs(tmp_path):
+    for stage in ("biqa", "constyle", "restorer", "ldm"):
+        args = fit_args(stage, tmp_path / stage, tmp_path / "data", 40, every=10)
+        cfg = load_config(REPO / args[1], args[2:])
+        assert cfg.stage == stage and cfg.trainer["max_steps"] == 40 and cfg.checkpoint.every_n_steps == 10
+        assert cfg.data.val[0].url == f"{tmp_path}/data/val-000000.tar" and cfg.resume == "never"
+
+
+def test_degraded_inputs_are_distinct_pngs(sample_shards, tmp_path):
+    paths = write_degraded_inputs(sample_shards, tmp_path)
+    assert [p.stem for p in paths] == list(RESTORE_TASKS)
+    arrays = [np.asarray(Image.open(p)) for p in paths]
+    assert all(a.dtype == np.uint8 and a.shape[2] == 3 for a in arrays)
+    assert not np.array_equal(arrays[0], arrays[1])
+
+
+def test_last_metric_reads_the_newest_logged_value(tmp_path):
+    log = tmp_path / "logs" / "version_0"
+    log.mkdir(parents=True)
+    (log / "metrics.csv").write_text("step,val/acc,train/loss\n10,,0.5\n20,0.25,\n30,0.5,\n40,,0.1\n")
+    assert last_metric(tmp_path, "val/acc") == 0.5
+    assert last_metric(tmp_path, "val/psnr") is None
