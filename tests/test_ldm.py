@@ -99,3 +99,106 @@ def test_offline_pretrained_gives_a_one_line_error(monkeypatch, tmp_path):
     with pytest.raises(OSError, match="has no diffusers vae/ folder") as e:
         load_vae(str(tmp_path / "sd"), key="model.ldm.pretrained")
     assert str(e.value).startswith("model.ldm.pretrained:")
+
+
+# ----------------------------------------------------------------------------- LDM stage
+
+TINY = "configs/tiny/ldm.yaml"
+
+
+def make_stage(*overrides: str):
+    from lit_restore.stages.ldm import LDMStage
+
+    torch.manual_seed(0)
+    stage = LDMStage(load_config(TINY, ["data.batch_size=4", *overrides]))
+    stage.setup("fit")
+    return stage.train()
+
+
+def device_batch(stage, n: int = 4, size: int = 32, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    host = {"gt": torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8),
+            "key": [f"k{seed}_{i}" for i in range(n)]}
+    return stage.on_after_batch_transfer(host)
+
+
+def test_stage_trains_the_unet_only_and_keeps_an_ema():
+    stage = make_stage()
+    assert stage.manages_own_ema and stage.ema is not None
+    vae_before = {k: v.clone() for k, v in stage.ldm.vae.state_dict().items()}
+    bank = stage.context_bank.clone()
+    assert bank.abs().sum() > 0  # filled from the text tower in setup
+    unet_before = [p.detach().clone() for p in stage.ldm.unet.parameters()]
+    trainable = {id(p) for p in stage.trainable_parameters()}
+    assert trainable == {id(p) for p in stage.ldm.unet.parameters()}
+    opt = torch.optim.AdamW(stage.trainable_parameters(), lr=1e-3)
+    for step in range(3):
+        batch = device_batch(stage, seed=step)
+        loss = stage.training_step(batch, step)
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        stage.ema.update_parameters(stage.ldm.unet)  # what on_train_batch_end does after the base's logging
+    assert all(torch.equal(v, stage.ldm.vae.state_dict()[k]) for k, v in vae_before.items())
+    assert torch.equal(bank, stage.context_bank)
+    unet_after = list(stage.ldm.unet.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(unet_before, unet_after))
+    ema = list(stage.ema.module.parameters())
+    # The EMA sits between the first step's weights and the current ones, and never trains.
+    assert int(stage.ema.n_averaged) == 3 and not any(p.requires_grad for p in ema)
+    assert any(not torch.equal(a, b) for a, b in zip(ema, unet_after))
+    assert stage.export_modules()["unet"] is stage.ema.module
+
+
+@pytest.mark.parametrize("drop, text_dropped, image_dropped", [
+    ("model.drop_text=1", True, False), ("model.drop_both=1", True, True), ("model.drop_image=1", False, True)])
+def test_classifier_free_dropout_bands(drop, text_dropped, image_dropped):
+    from lit_restore.stages.ldm import NULL_PROMPT
+
+    zero = ["model.drop_text=0", "model.drop_both=0", "model.drop_image=0"]
+    stage = make_stage(*zero, drop)
+    batch = device_batch(stage)
+    with torch.no_grad():
+        cond, context = stage.conditions(batch, drop=True)
+        kept_cond, kept_context = stage.conditions(batch, drop=False)
+    null = stage.context_bank[NULL_PROMPT].expand_as(context)
+    assert torch.equal(context, null) == text_dropped
+    assert torch.equal(kept_context, stage.context_bank[batch["label"]])
+    assert (cond.abs().sum() == 0) == image_dropped and kept_cond.abs().sum() > 0
+
+
+def test_v_prediction_min_snr_and_validation_outputs(tmp_path):
+    stage = make_stage(f"out_dir={tmp_path}", "model.prediction_type=v_prediction", "model.snr_gamma=5",
+                       "model.val_steps=2").eval()
+    batch = device_batch(stage, size=40)  # not a multiple of the latent grid: padded and cropped
+    assert torch.isfinite(stage.training_step(batch, 0))
+    with torch.no_grad():
+        stage.validation_step(batch, 0)
+    assert stage.val_psnr.update_called
+    assert len(list((tmp_path / "samples").glob("val_restored_*.png"))) == 1
+
+
+def test_cross_attention_width_must_match_the_text_tower():
+    from lit_restore.stages.ldm import LDMStage
+
+    with pytest.raises(Exception, match="cross_attention_dim 16 must equal the CLIP text width 32"):
+        LDMStage(load_config(TINY, ["model.unet_cfg.cross_attention_dim=16"])).configure_model()
+
+
+def test_fit_tiny_config(sample_shards, tmp_path):
+    import math
+
+    from lit_restore.fit import fit
+
+    cfg = load_config(TINY, [f"out_dir={tmp_path / 'run'}", f"data.train={sample_shards}/train-{{000000..000003}}.tar",
+                             f"data.val={sample_shards}/val-000000.tar", "data.num_workers=0", "data.batch_size=2",
+                             "data.crop=32", "model.val_steps=2", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                             "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false"])
+    trainer = fit(cfg)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    assert trainer.global_step == 2
+    assert math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["val/loss"]) and 0 < metrics["val/psnr"] < 60
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert "context_bank" in ckpt["state_dict"] and any(k.startswith("ema.module.") for k in ckpt["state_dict"])
+    assert int(trainer.lightning_module.ema.n_averaged) == 2

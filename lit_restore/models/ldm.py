@@ -117,6 +117,11 @@ class LatentDiffusion(nn.Module):
         self.vae = vae
         self.scheduler = ddpm_scheduler(prediction_type)
 
+    def train(self, mode: bool = True) -> "LatentDiffusion":
+        super().train(mode)
+        self.vae.eval()  # the VAE never trains here
+        return self
+
     @property
     def vae_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -125,6 +130,12 @@ class LatentDiffusion(nn.Module):
     def size_multiple(self) -> int:
         """Image sides must be multiples of this (VAE and UNet downsampling)."""
         return self.vae_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    def pad(self, images: Tensor) -> Tensor:
+        """Pad H and W (bottom/right, edge values) to multiples of `size_multiple`; crop results back."""
+        m = self.size_multiple
+        h, w = images.shape[-2:]
+        return F.pad(images, (0, (-w) % m, 0, (-h) % m), mode="replicate")
 
     def _vae_in(self, images: Tensor) -> Tensor:
         return (images * 2 - 1).to(self.vae.dtype)
@@ -170,10 +181,7 @@ class LatentDiffusion(nn.Module):
         """
         unet = self.unet if unet is None else unet
         h, w = lq.shape[-2:]
-        m = self.size_multiple
-        pad = (0, (-w) % m, 0, (-h) % m)
-        # Reflect padding needs the pad smaller than the side; replicate works for any size.
-        cond = self.encode_condition(F.pad(lq, pad, mode="replicate"))
+        cond = self.encode_condition(self.pad(lq))
         sched = make_sampler(sampler, self.scheduler)
         sched.set_timesteps(steps, device=lq.device)
         z = torch.randn(cond.shape, generator=generator, device=lq.device) * sched.init_noise_sigma

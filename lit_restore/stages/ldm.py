@@ -1,0 +1,173 @@
+"""LDM: InstructPix2Pix-style fine-tuning of a Stable Diffusion UNet for restoration (AutoDIR stage 2).
+
+The UNet sees [noisy GT latent ‖ degraded-image latent] and, through cross-attention, the CLIP
+token states of the prompt of the sample's true degradation. Per sample the text, the image or
+both are dropped (5/5/5 %) so classifier-free guidance works at inference. The VAE and the text
+tower are frozen; the text tower's states for every prompt are computed once into
+`context_bank` (saved with the checkpoint). The stage keeps its own EMA of the UNet, which
+validation samples with and export writes.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import open_clip
+import torch
+from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel
+
+from lit_restore.config import CLIPTextConfig, ConfigError, LDMModelConfig, RunConfig
+from lit_restore.data.degrade.types import DEGRADATION_TYPES, prompt_for
+from lit_restore.models.clip import PromptCLIP, create_clip
+from lit_restore.models.ldm import LatentDiffusion, load_unet, load_vae, min_snr_weight, widen_conv_in
+from lit_restore.stages.base import Stage
+from lit_restore.stages.constyle import make_ema
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+NULL_PROMPT = len(DEGRADATION_TYPES)  # the bank row of the empty prompt, after one row per type
+
+
+def text_shape(c: CLIPTextConfig) -> tuple[int, int]:
+    """(context length, width) of the text tower's token states, read from its config only."""
+    model_cfg = c.model_cfg if c.model_cfg is not None else open_clip.get_model_config(c.arch)
+    if model_cfg is None:
+        raise ConfigError(f"model.clip.arch: unknown open_clip architecture {c.arch!r}")
+    text = model_cfg["text_cfg"]
+    return int(text.get("context_length", 77)), int(text.get("width", 512))
+
+
+@torch.no_grad()
+def prompt_bank(c: CLIPTextConfig, key: str = "model.clip.pretrained") -> Tensor:
+    """(len(DEGRADATION_TYPES) + 1, L, D) token states: each type's prompt, then the empty prompt."""
+    clip = PromptCLIP(create_clip(c.arch, c.pretrained, c.model_cfg, key=key), DEGRADATION_TYPES).eval()
+    return clip.token_states([prompt_for(t) for t in DEGRADATION_TYPES] + [""]).float()
+
+
+def build_latent_diffusion(m: LDMModelConfig, key: str = "model") -> LatentDiffusion:
+    """UNet (conv_in widened for the condition latent) + frozen VAE as configured."""
+    unet = load_unet(m.pretrained, m.unet_cfg, key=f"{key}.pretrained")
+    vae = load_vae(m.pretrained, m.vae_cfg, key=f"{key}.pretrained")
+    latent = vae.config.latent_channels
+    if unet.config.out_channels != latent:
+        raise ConfigError(f"{key}.unet_cfg: out_channels {unet.config.out_channels} must equal the VAE's "
+                          f"latent_channels {latent}")
+    widen_conv_in(unet, 2 * latent)
+    width = text_shape(m.clip)[1]
+    if unet.config.cross_attention_dim != width:
+        raise ConfigError(f"{key}.unet_cfg: cross_attention_dim {unet.config.cross_attention_dim} must equal "
+                          f"the CLIP text width {width}")
+    vae.requires_grad_(False)
+    if vae.dtype != DTYPES[m.frozen_dtype]:
+        vae.to(DTYPES[m.frozen_dtype])
+    return LatentDiffusion(unet, vae, m.prediction_type).train()
+
+
+def masked_mean(per_sample: Tensor, valid: Tensor) -> Tensor:
+    """Mean over the valid samples (padding samples of the last val batch carry no weight)."""
+    w = valid.to(per_sample.dtype)
+    return (per_sample * w).sum() / w.sum().clamp(min=1)
+
+
+class LDMStage(Stage):
+    """Trains the UNet of a latent diffusion model to restore, conditioned on the degraded latent
+    and the degradation prompt."""
+
+    manages_own_ema = True  # an EMA of the UNet only; the frozen VAE needs none
+
+    def __init__(self, cfg: RunConfig) -> None:
+        super().__init__(cfg)
+        m = cfg.model
+        drops = {"model.drop_text": m.drop_text, "model.drop_both": m.drop_both, "model.drop_image": m.drop_image}
+        for key, p in drops.items():
+            if not 0.0 <= p <= 1.0:
+                raise ConfigError(f"{key}: {p} must be in [0, 1]")
+        if sum(drops.values()) > 1.0:
+            raise ConfigError(f"model.drop_text + drop_both + drop_image: {sum(drops.values())} must be <= 1")
+        if m.val_steps < 1:
+            raise ConfigError(f"model.val_steps: {m.val_steps} must be >= 1")
+        self.ldm: LatentDiffusion | None = None
+        self.ema: AveragedModel | None = None
+        self.register_buffer("context_bank", None)
+
+    def configure_model(self) -> None:
+        if self.ldm is not None:
+            return
+        m = self.cfg.model
+        ldm = build_latent_diffusion(m)
+        if m.grad_checkpointing:
+            ldm.unet.enable_gradient_checkpointing()
+        length, width = text_shape(m.clip)
+        self.context_bank = torch.zeros(len(DEGRADATION_TYPES) + 1, length, width)
+        if self.cfg.optim.ema_decay > 0:
+            self.ema = make_ema(ldm.unet, self.cfg.optim.ema_decay)
+        self.ldm = ldm
+
+    def setup(self, stage: str) -> None:
+        if stage != "fit":
+            return
+        # Here rather than in configure_model: export rebuilds the stage without the CLIP weights,
+        # and a resumed run's checkpoint brings the same bank back.
+        self.configure_model()
+        self.context_bank.copy_(prompt_bank(self.cfg.model.clip))
+
+    @property
+    def inference_unet(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.ldm.unet
+
+    def conditions(self, batch: dict, drop: bool, generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
+        """(condition latent, text context) per sample, with classifier-free dropout when `drop`."""
+        cond = self.ldm.encode_condition(batch["lq"])
+        context = self.context_bank[batch["label"]]
+        if drop:
+            m = self.cfg.model
+            u = torch.rand(cond.shape[0], device=cond.device, generator=generator)
+            # Bands of u as in InstructPix2Pix/AutoDIR: [text][text+image][image].
+            no_text = u < m.drop_text + m.drop_both
+            no_image = (u >= m.drop_text) & (u < m.drop_text + m.drop_both + m.drop_image)
+            context = torch.where(no_text[:, None, None], self.context_bank[NULL_PROMPT], context)
+            cond = cond * (~no_image).to(cond.dtype)[:, None, None, None]
+        return cond, context
+
+    def diffusion_loss(self, unet: nn.Module, batch: dict, drop: bool,
+                       generator: Optional[torch.Generator] = None) -> Tensor:
+        """Per-sample denoising loss (ε or v target, optional Min-SNR weights) at random timesteps."""
+        sched = self.ldm.scheduler
+        with torch.no_grad():
+            z0 = self.ldm.encode_target(self.ldm.pad(batch["gt"]), generator)
+            cond, context = self.conditions({**batch, "lq": self.ldm.pad(batch["lq"])}, drop, generator)
+        noise = torch.randn(z0.shape, device=z0.device, generator=generator)
+        t = torch.randint(0, sched.config.num_train_timesteps, (z0.shape[0],), device=z0.device, generator=generator)
+        z_t = sched.add_noise(z0, noise, t)
+        target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(z0, noise, t)
+        per_sample = (self.ldm.denoise(unet, z_t, t, cond, context) - target).pow(2).mean(dim=(1, 2, 3))
+        if self.cfg.model.snr_gamma > 0:
+            per_sample = per_sample * min_snr_weight(sched, t, self.cfg.model.snr_gamma)
+        return per_sample
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        loss = masked_mean(self.diffusion_loss(self.ldm.unet, batch, drop=True), batch["valid"])
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)
+        if self.ema is not None:
+            self.ema.update_parameters(self.ldm.unet)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        m = self.cfg.model
+        # The same noise and timesteps for the same batch on every validation run.
+        g = torch.Generator(device=self.device).manual_seed(self.cfg.seed + batch_idx)
+        unet = self.inference_unet
+        loss = masked_mean(self.diffusion_loss(unet, batch, drop=False, generator=g), batch["valid"])
+        self.log("val/loss", loss, batch_size=batch["gt"].shape[0], sync_dist=True)
+        context = self.context_bank[batch["label"]]
+        pred = self.ldm.sample(batch["lq"], context, self.context_bank[NULL_PROMPT:], steps=m.val_steps,
+                               sampler=m.val_sampler, generator=g, unet=unet)
+        self.log_restoration_metrics(pred, batch["gt"], batch["valid"])
+        if batch_idx == 0:
+            self.log_image_grid("val/restored", [batch["lq"], pred, batch["gt"]])
+
+    def export_modules(self) -> dict[str, nn.Module]:
+        return {"unet": self.inference_unet, "vae": self.ldm.vae}

@@ -1,0 +1,168 @@
+"""SCM: a NAFNet that corrects the frozen LDM's output, out = ldm + w·N([lq ‖ ldm]) (AutoDIR stage 3).
+
+The LDM (UNet, VAE, prompt contexts) is frozen and kept out of this stage's checkpoint and
+optimizer: it is rebuilt in `setup` from `model.ldm` and `model.ldm_checkpoint`. What the SCM
+corrects is, by default, AutoDIR's cheap stand-in for a sampler run: the x0 estimate decoded
+from the GT latent noised to a random timestep. `t_power` > 1 biases that timestep low;
+`ldm_input=sample` runs a short sampler from noise instead (what inference really produces).
+Real use needs the trained LDM; the tiny config uses a random one so the stage runs anywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from torchmetrics.image import PeakSignalNoiseRatio
+
+from lit_restore.config import ConfigError, RunConfig
+from lit_restore.models.ldm import LatentDiffusion, predict_x0
+from lit_restore.models.nafnet import NAFNet
+from lit_restore.stages.base import Stage
+from lit_restore.stages.ldm import DTYPES, NULL_PROMPT, build_latent_diffusion, masked_mean, prompt_bank
+
+
+class StructureCorrection(nn.Module):
+    """out = ldm_out + w · N([lq ‖ ldm_out]): the NAFNet sees both images and adds a scaled residual."""
+
+    def __init__(self, net: NAFNet, w: float = 1.0) -> None:
+        super().__init__()
+        self.net = net
+        self.w = w
+
+    def forward(self, lq: Tensor, ldm_out: Tensor) -> Tensor:
+        return ldm_out + self.w * self.net(torch.cat([lq, ldm_out], dim=1))
+
+
+@dataclass
+class FrozenLDM:
+    """The LDM the SCM corrects. Not an nn.Module, so it stays out of the SCM's state dict."""
+
+    ldm: LatentDiffusion
+    context_bank: Tensor
+
+
+def load_ldm_checkpoint(ldm: LatentDiffusion, path: str) -> Tensor:
+    """Load an ldm stage checkpoint's UNet (its EMA when it has one) and VAE; return its prompt contexts."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"model.ldm_checkpoint: {path} not found (give an ldm stage .ckpt)") from None
+    if "context_bank" not in state:
+        raise ValueError(f"model.ldm_checkpoint: {path} is not an ldm stage checkpoint (no context_bank)")
+    unet_prefix = "ema.module." if any(k.startswith("ema.module.") for k in state) else "ldm.unet."
+    for module, prefix in ((ldm.unet, unet_prefix), (ldm.vae, "ldm.vae.")):
+        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        try:
+            module.load_state_dict(sub)
+        except RuntimeError as e:
+            raise ValueError(f"model.ldm_checkpoint: {path} does not match model.ldm "
+                             f"({str(e).splitlines()[0]})") from None
+    return state["context_bank"].float()
+
+
+class SCMStage(Stage):
+    """Trains the structure-correction NAFNet on the frozen LDM's output."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        super().__init__(cfg)
+        m = cfg.model
+        if not 1 <= m.t_max <= 1000:
+            raise ConfigError(f"model.t_max: {m.t_max} must be in [1, 1000]")
+        if m.t_power <= 0:
+            raise ConfigError(f"model.t_power: {m.t_power} must be > 0")
+        if m.sample_steps < 1:
+            raise ConfigError(f"model.sample_steps: {m.sample_steps} must be >= 1")
+        self.scm: StructureCorrection | None = None
+        self.frozen: FrozenLDM | None = None
+        self.val_psnr_ldm = PeakSignalNoiseRatio(data_range=1.0, reduction="elementwise_mean", dim=(1, 2, 3))
+
+    def configure_model(self) -> None:
+        if self.scm is not None:
+            return
+        m = self.cfg.model
+        net = NAFNet(in_channels=6, out_channels=3, width=m.width, enc_blocks=m.enc_blocks,
+                     middle_blocks=m.middle_blocks, dec_blocks=m.dec_blocks, global_residual=False)
+        self.scm = StructureCorrection(net, m.w)
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self.configure_model()
+            self.build_frozen_ldm()
+
+    def build_frozen_ldm(self) -> FrozenLDM:
+        m = self.cfg.model
+        ldm = build_latent_diffusion(m.ldm, key="model.ldm")
+        if m.ldm_checkpoint:
+            bank = load_ldm_checkpoint(ldm, m.ldm_checkpoint)
+        else:
+            bank = prompt_bank(m.ldm.clip, key="model.ldm.clip.pretrained")
+        ldm.requires_grad_(False).eval()
+        if ldm.unet.dtype != DTYPES[m.ldm.frozen_dtype]:
+            ldm.unet.to(DTYPES[m.ldm.frozen_dtype])
+        self.frozen = FrozenLDM(ldm, bank)
+        return self.frozen
+
+    def frozen_ldm(self) -> FrozenLDM:
+        """The frozen LDM on this stage's device (Lightning moves only registered modules)."""
+        f = self.frozen if self.frozen is not None else self.build_frozen_ldm()
+        if f.context_bank.device != self.device:
+            f.ldm.to(self.device)
+            f.context_bank = f.context_bank.to(self.device)
+        return f
+
+    @torch.no_grad()
+    def ldm_output(self, batch: dict, generator: Optional[torch.Generator] = None) -> Tensor:
+        """What the frozen LDM makes of the batch, [0,1] (B,3,H,W)."""
+        m = self.cfg.model
+        f = self.frozen_ldm()
+        ldm, bank = f.ldm, f.context_bank
+        lq, gt = batch["lq"], batch["gt"]
+        h, w = lq.shape[-2:]
+        context = bank[batch["label"]]
+        if m.ldm_input == "sample":
+            return ldm.sample(lq, context, bank[NULL_PROMPT:], steps=m.sample_steps, sampler="euler_a",
+                              generator=generator)
+        z0 = ldm.encode_target(ldm.pad(gt), generator)
+        cond = ldm.encode_condition(ldm.pad(lq))
+        u = torch.rand(z0.shape[0], device=z0.device, generator=generator)
+        t = (m.t_max * u.pow(m.t_power)).long().clamp(max=ldm.scheduler.config.num_train_timesteps - 1)
+        noise = torch.randn(z0.shape, device=z0.device, generator=generator)
+        z_t = ldm.scheduler.add_noise(z0, noise, t)
+        x0 = predict_x0(ldm.scheduler, z_t, t, ldm.denoise(ldm.unet, z_t, t, cond, context))
+        return ldm.decode(x0)[..., :h, :w]
+
+    def _loss(self, out: Tensor, gt: Tensor, valid: Tensor) -> Tensor:
+        diff = out - gt
+        per_sample = diff.pow(2).mean(dim=(1, 2, 3)) if self.cfg.model.loss == "mse" else diff.abs().mean(dim=(1, 2, 3))
+        return masked_mean(per_sample, valid)
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        ldm_out = self.ldm_output(batch)
+        out = self.scm(batch["lq"], ldm_out)
+        loss = self._loss(out, batch["gt"], batch["valid"])
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss_ldm", self._loss(ldm_out, batch["gt"], batch["valid"]))
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        g = torch.Generator(device=self.device).manual_seed(self.cfg.seed + batch_idx)
+        ldm_out = self.ldm_output(batch, g)
+        out = self.scm(batch["lq"], ldm_out)
+        self.log_restoration_metrics(out, batch["gt"], batch["valid"])
+        valid = batch["valid"]
+        if bool(valid.any()):
+            self.val_psnr_ldm.update(ldm_out[valid], batch["gt"][valid])
+        if batch_idx == 0:
+            self.log_image_grid("val/corrected", [batch["lq"], ldm_out, out, batch["gt"]])
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        if self.val_psnr_ldm.update_called:
+            self.log("val/psnr_ldm", self.val_psnr_ldm.compute())
+        self.val_psnr_ldm.reset()
+
+    def export_modules(self) -> dict[str, nn.Module]:
+        return {"scm": self.scm}

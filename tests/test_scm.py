@@ -1,0 +1,112 @@
+"""SCM stage: the frozen LDM stays frozen and out of the checkpoint, the correction trains."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from lit_restore.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny" / "scm.yaml")
+
+
+def make_stage(*overrides: str):
+    from lit_restore.stages.scm import SCMStage
+
+    torch.manual_seed(0)
+    stage = SCMStage(load_config(TINY, ["data.batch_size=4", *overrides]))
+    stage.setup("fit")
+    return stage.train()
+
+
+def device_batch(stage, n: int = 4, size: int = 32, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    host = {"gt": torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8),
+            "key": [f"k{seed}_{i}" for i in range(n)]}
+    return stage.on_after_batch_transfer(host)
+
+
+def test_only_the_correction_trains_and_the_ldm_stays_frozen():
+    stage = make_stage()
+    ldm = stage.frozen.ldm
+    ldm_before = {k: v.clone() for k, v in ldm.state_dict().items()}
+    assert not any(k.startswith(("frozen", "ldm")) for k in stage.state_dict())  # not in the checkpoint
+    assert {id(p) for p in stage.trainable_parameters()} == {id(p) for p in stage.scm.parameters()}
+    scm_before = [p.detach().clone() for p in stage.scm.parameters()]
+    opt = torch.optim.AdamW(stage.trainable_parameters(), lr=1e-3)
+    for step in range(2):
+        loss = stage.training_step(device_batch(stage, seed=step), step)
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert all(torch.equal(v, ldm.state_dict()[k]) for k, v in ldm_before.items())
+    assert all(p.grad is None for p in ldm.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(scm_before, stage.scm.parameters()))
+
+
+def test_correction_is_a_scaled_residual_on_the_ldm_output():
+    stage = make_stage("model.w=0.5").eval()
+    lq, ldm_out = torch.rand(2, 3, 24, 20), torch.rand(2, 3, 24, 20)
+    with torch.no_grad():
+        expected = ldm_out + 0.5 * stage.scm.net(torch.cat([lq, ldm_out], 1))
+        torch.testing.assert_close(stage.export_modules()["scm"](lq, ldm_out), expected)
+
+
+@pytest.mark.parametrize("mode", ["one_step", "sample"])
+def test_ldm_output_modes_are_deterministic_under_a_generator(mode):
+    stage = make_stage(f"model.ldm_input={mode}", "model.sample_steps=2", "model.t_power=3")
+    batch = device_batch(stage, size=36)
+
+    def run(seed):
+        return stage.ldm_output(batch, torch.Generator().manual_seed(seed))
+
+    out = run(0)
+    assert out.shape == batch["gt"].shape and 0 <= out.min() and out.max() <= 1
+    torch.testing.assert_close(run(0), out)
+    assert not torch.allclose(run(1), out)
+
+
+def test_loads_the_ldm_from_an_ldm_checkpoint(tmp_path):
+    from lit_restore.stages.ldm import LDMStage
+
+    torch.manual_seed(3)
+    ldm_stage = LDMStage(load_config(str(ROOT / "configs" / "tiny" / "ldm.yaml")))
+    ldm_stage.setup("fit")
+    with torch.no_grad():
+        for p in ldm_stage.ema.module.parameters():
+            p.add_(0.01)  # the EMA differs from the raw UNet: the SCM must take the EMA
+        ldm_stage.context_bank.add_(1.0)
+    path = tmp_path / "ldm.ckpt"
+    torch.save({"state_dict": ldm_stage.state_dict()}, path)
+    stage = make_stage(f"model.ldm_checkpoint={path}")
+    for k, v in ldm_stage.ema.module.state_dict().items():
+        assert torch.equal(stage.frozen.ldm.unet.state_dict()[k], v), k
+    for k, v in ldm_stage.ldm.vae.state_dict().items():
+        assert torch.equal(stage.frozen.ldm.vae.state_dict()[k], v), k
+    assert torch.equal(stage.frozen.context_bank, ldm_stage.context_bank)
+    with pytest.raises(FileNotFoundError, match="model.ldm_checkpoint"):
+        make_stage(f"model.ldm_checkpoint={tmp_path / 'missing.ckpt'}")
+
+
+def test_bad_timestep_settings():
+    with pytest.raises(ConfigError, match="model.t_max"):
+        make_stage("model.t_max=0")
+
+
+def test_fit_tiny_config(sample_shards, tmp_path):
+    from lit_restore.fit import fit
+
+    cfg = load_config(TINY, [f"out_dir={tmp_path / 'run'}", f"data.train={sample_shards}/train-{{000000..000003}}.tar",
+                             f"data.val={sample_shards}/val-000000.tar", "data.num_workers=0", "data.batch_size=2",
+                             "data.crop=32", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                             "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false"])
+    trainer = fit(cfg)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    assert trainer.global_step == 2
+    assert math.isfinite(metrics["train/loss"]) and 0 < metrics["val/psnr"] < 60 and 0 < metrics["val/psnr_ldm"] < 60
+    assert list((tmp_path / "run" / "samples").glob("val_corrected_*.png"))
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert all(k.startswith(("scm.", "degrader.")) or "." not in k for k in ckpt["state_dict"]), list(ckpt["state_dict"])[:5]
