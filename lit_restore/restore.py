@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from lit_restore.config import RunConfig, load_config
 from lit_restore.data.degrade.types import prompt_for
 from lit_restore.data.images import IMAGE_SUFFIXES, ImageReadError, is_image_file, read_image, write_bytes_atomic, write_png
-from lit_restore.models.clip import PromptCLIP
+from lit_restore.models.clip import PromptCLIP, create_clip
 from lit_restore.models.ldm import SAMPLERS, LatentDiffusion
 from lit_restore.tiling import restore_tiled
 
@@ -313,24 +313,30 @@ class Diffusion:
         return restore_tiled(run, torch.cat([image, ldm_out], dim=1), self.tiles.tile, self.tiles.overlap)
 
 
-def load_diffusion(weights: str | Path, device: torch.device, sampling: SamplerSettings, tiles: TileSettings,
-                   text: Optional[PromptCLIP] = None) -> Diffusion:
-    """The exported LDM (and SCM when exported). The text tower is the one the LDM export holds,
-    else `text` (BIQA's: its text tower is frozen, so it is the LDM's when the LDM was trained
-    with the BIQA CLIP, `model.clip.pretrained=<biqa export or checkpoint>`)."""
-    import open_clip
+def load_text_tower(weights: str | Path, device: torch.device) -> PromptCLIP:
+    """The text tower the exported LDM was trained with, rebuilt from its config's `model.clip`
+    (its prompt contexts are that tower's token states; the export holds only UNet and VAE)."""
+    folder = Path(weights) / "ldm"
+    c = exported_config(weights, "ldm").model.clip
+    if not c.pretrained:
+        raise MissingWeightsError(
+            f"{folder}: the LDM was trained with a random text tower (model.clip.pretrained empty), so its prompt "
+            "contexts cannot be rebuilt; train it with model.clip.pretrained=<CLIP weights or a biqa checkpoint>")
+    try:
+        clip = create_clip(c.arch, c.pretrained, c.model_cfg, key=f"model.clip.pretrained in {folder}/config.yaml")
+    except (OSError, ValueError) as e:
+        raise MissingWeightsError(f"the LDM's text tower: {str(e).splitlines()[0]}") from None
+    return PromptCLIP(clip, ["no"]).eval().to(device)
 
+
+def load_diffusion(weights: str | Path, device: torch.device, sampling: SamplerSettings,
+                   tiles: TileSettings) -> Diffusion:
+    """The exported LDM with its text tower, and the SCM when one is exported."""
     modules = load_stage(weights, "ldm", device)
-    cfg = exported_config(weights, "ldm").model
-    ldm = LatentDiffusion(modules["unet"], modules["vae"], cfg.prediction_type).eval().to(device)
-    clip = next((m for m in modules.values() if isinstance(m, open_clip.CLIP)), None)
-    if clip is not None:
-        text = PromptCLIP(clip, ["no"]).eval().to(device)
-    if text is None:
-        raise MissingWeightsError(f"{Path(weights) / 'ldm'} holds no text tower and there is no biqa export "
-                                  f"to take it from; export the biqa stage into {weights}")
+    text = load_text_tower(weights, device)
+    ldm = LatentDiffusion(modules["unet"], modules["vae"], exported_config(weights, "ldm").model.prediction_type)
     scm = load_stage(weights, "scm", device) if has_stage(weights, "scm") else None
-    return Diffusion(ldm, text, scm, device, sampling, tiles)
+    return Diffusion(ldm.eval().to(device), text, scm, device, sampling, tiles)
 
 
 class FastRestorer:
@@ -412,10 +418,9 @@ def build_restorer(weights: str, device: torch.device, prompt: Optional[str], fa
     if fast:
         return FastRestorer(weights, device, tiles)
     if prompt is not None:
-        text = load_biqa(weights, device) if has_stage(weights, "biqa") else None
-        return PromptRestorer(load_diffusion(weights, device, sampling, tiles, text), prompt)
+        return PromptRestorer(load_diffusion(weights, device, sampling, tiles), prompt)
     biqa = load_biqa(weights, device)
-    return AutoRestorer(biqa, load_diffusion(weights, device, sampling, tiles, text=biqa), device, max_passes)
+    return AutoRestorer(biqa, load_diffusion(weights, device, sampling, tiles), device, max_passes)
 
 
 def image_generator(seed: int) -> torch.Generator:

@@ -112,10 +112,22 @@ def test_save_result_keeps_gray_inputs_gray(tmp_path):
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
+    """biqa + restorer only: enough for --fast; the loop's absence of an LDM is an error case."""
     tmp = tmp_path_factory.mktemp("tiny_weights")
     out = tmp / "weights"
     for stage in ("biqa", "restorer"):
         export_tiny(stage, out, tmp)
+    return out
+
+
+@pytest.fixture(scope="module")
+def full_weights(tmp_path_factory):
+    """Every stage the loop needs; the LDM's text tower is the BIQA checkpoint's, as in the demo."""
+    tmp = tmp_path_factory.mktemp("full_weights")
+    out = tmp / "weights"
+    export_tiny("biqa", out, tmp)
+    export_tiny("ldm", out, tmp, [f"model.clip.pretrained={tmp / 'biqa.ckpt'}"])
+    export_tiny("scm", out, tmp)
     return out
 
 
@@ -243,3 +255,34 @@ def test_prompt_mode_uses_the_users_text(diffusion):
     assert a.shape == image.shape and not torch.equal(a, b)  # the text reaches the UNet
     with pytest.raises(ValueError, match="empty"):
         PromptRestorer(d, "  ")
+
+
+def test_automatic_loop_and_prompt_on_exported_weights(full_weights, inputs, tmp_path, capsys):
+    out = tmp_path / "auto"
+    args = ["--weights", full_weights, "--steps", 2, "--max-passes", 2, "--tile", 48, "--overlap", 16, "--device", "cpu"]
+    assert run_restore([inputs / "rgb.png", inputs / "gray16.png", inputs / "large.jpg", "--out", out, *args]) == 0
+    for name in ("rgb", "gray16", "large"):
+        log = json.loads((out / f"{name}.json").read_text())
+        assert log["mode"] == "auto" and 1 <= len(log["passes"]) <= 2 and log["stopped"] in ("no artifact", "max passes")
+        assert all(sum(p["probabilities"].values()) == pytest.approx(1.0) for p in log["passes"])
+        assert all(p["scm"] == (p["detected"] not in ("no", "lowres")) for p in log["passes"])
+    assert Image.open(out / "large.png").size == (90, 70) and Image.open(out / "gray16.png").mode == "L"
+    assert "restored 3 of 3" in capsys.readouterr().out
+
+    out = tmp_path / "prompt"
+    assert run_restore([inputs / "rgb.png", "--out", out, "--prompt", "A photo needs haze artifact reduction", *args]) == 0
+    log = json.loads((out / "rgb.json").read_text())
+    assert log["mode"] == "prompt" and log["prompt"].endswith("haze artifact reduction") and log["scm"] is True
+
+
+def test_ldm_with_a_random_text_tower_is_refused(full_weights, tmp_path, inputs, capsys):
+    import shutil
+
+    broken = tmp_path / "weights"
+    shutil.copytree(full_weights, broken)
+    cfg = broken / "ldm" / "config.yaml"
+    cfg.write_text("\n".join(l if not l.strip().startswith("pretrained:") or "biqa.ckpt" not in l
+                             else l.split("pretrained:")[0] + "pretrained: ''" for l in cfg.read_text().splitlines()))
+    code = run_restore([inputs / "rgb.png", "--weights", broken, "--out", tmp_path / "o", "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "random text tower" in err
