@@ -40,11 +40,12 @@ class DemoPlan:
     biqa_steps: int = 300
     constyle_steps: int = 100
     restorer_steps: int = 200  # checkpoints every quarter: the first is the acceptance line's weights
-    ldm_steps: int = 200
-    scm_steps: int = 100
-    eval_images: int = 4  # per task
-    diffusion_steps: int = 10
-    max_passes: int = 3
+    # The tiny LDM/SCM cost seconds per CPU step (VAE + UNet): short runs, few sampling steps.
+    ldm_steps: int = 60
+    scm_steps: int = 40
+    eval_images: int = 2  # per task
+    diffusion_steps: int = 5
+    max_passes: int = 2
 
     def scaled(self, factor: float) -> "DemoPlan":
         def s(n: float) -> int:
