@@ -1,6 +1,7 @@
 """The Degrader: modes, labels, determinism, no host syncs, config errors."""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -166,3 +167,13 @@ def test_config_errors_name_the_key(override, expected):
 def test_unknown_task_is_a_config_error():
     with pytest.raises(ConfigError, match="degrade.task: 'noise_s999' is not in the suite"):
         Degrader.for_task("noise_s999")
+
+
+@pytest.mark.parametrize("preset", ["mixed", "single", "ood"])
+def test_presets_load_and_run(preset, gt):
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "degrade" / f"{preset}.yaml").degrade
+    assert cfg.mode in ("mixed", "single")
+    lq, label, types, _ = run(cfg, gt)
+    assert lq.shape == gt.shape and types.any(dim=1).all()
+    if preset == "mixed":
+        assert cfg == DegradeConfig()  # the preset spells out the defaults
