@@ -177,3 +177,11 @@ def test_presets_load_and_run(preset, gt):
     assert lq.shape == gt.shape and types.any(dim=1).all()
     if preset == "mixed":
         assert cfg == DegradeConfig()  # the preset spells out the defaults
+
+
+@pytest.mark.parametrize("size", [(37, 53), (8, 8), (300, 17)])
+def test_any_image_size(size):
+    x = torch.rand(4, 3, *size)
+    for mode in ("single", "mixed"):
+        lq = run(DegradeConfig(mode=mode), x)[0]
+        assert lq.shape == x.shape and lq.min() >= 0 and lq.max() <= 1

@@ -55,8 +55,10 @@ def noise(x: Tensor, sigma: Tensor, poisson_scale: Tensor, gray: Tensor,
 
 
 def blur(x: Tensor, kernels: Tensor) -> Tensor:
-    """Filter each sample with its own (k, k) kernel: one grouped convolution for the batch."""
-    return kornia.filters.filter2d(x, kernels, border_type="reflect")
+    """Filter each sample with its own (k, k) kernel: one grouped convolution for the batch.
+    Borders reflect, or repeat the edge on images too small to reflect a half kernel."""
+    border = "reflect" if min(x.shape[-2:]) > kernels.shape[-1] // 2 else "replicate"
+    return kornia.filters.filter2d(x, kernels, border_type=border)
 
 
 def _fft_size(n: int) -> int:
