@@ -270,9 +270,9 @@ def _default_trainer() -> dict[str, Any]:
 class BIQAModelConfig:
     """CLIP image tower fine-tuned to name the degradation; the text tower stays frozen."""
 
-    # open_clip architecture name. OpenAI tags switch QuickGELU on themselves; a local file of
-    # OpenAI weights needs the `-quickgelu` name (e.g. ViT-L-14-quickgelu).
-    arch: str = "ViT-L-14"
+    # open_clip architecture name. OpenAI weights were trained with QuickGELU: name the
+    # `-quickgelu` variant, so a checkpoint or export of this run rebuilds the same activation.
+    arch: str = "ViT-L-14-quickgelu"
     # open_clip tag, a local weights file (open_clip .bin/.pt/.safetensors, a biqa .ckpt or export),
     # or "" for random init.
     pretrained: str = "openai"
@@ -373,7 +373,7 @@ class CLIPTextConfig:
     """The CLIP whose frozen text tower gives the LDM its context. BIQA trains only the image
     tower, so the pretrained CLIP and a biqa checkpoint give the same context."""
 
-    arch: str = "ViT-L-14"  # open_clip architecture (ViT-L-14 `openai` is SD-1.5's text encoder)
+    arch: str = "ViT-L-14-quickgelu"  # open_clip architecture (ViT-L-14 `openai` is SD-1.5's text encoder)
     pretrained: str = "openai"  # open_clip tag, a local weights file, a biqa .ckpt/export, or "" (random)
     model_cfg: Optional[dict[str, Any]] = None  # an open_clip CLIP config dict (tiny test models)
 

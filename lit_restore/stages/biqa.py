@@ -93,6 +93,10 @@ class BIQAStage(Stage):
             model.visual.set_grad_checkpointing(True)
         self.clip = PromptCLIP(model, self.classes, resize=m.resize, train_logit_scale=m.train_logit_scale)
 
+    def logits(self, images: Tensor) -> Tensor:
+        """(N, K) class logits of [0,1] images."""
+        return self.clip.logits(images)
+
     def _scored_batch(self, batch: dict) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Images to score, their class targets, and which of them are clean GTs with a degraded
         twin (`gt_rows`) together with the twin's class (`twin`)."""
@@ -128,7 +132,7 @@ class BIQAStage(Stage):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         images, targets, gt_rows, twin = self._scored_batch(batch)
-        logits = self.clip.logits(images)
+        logits = self.logits(images)
         loss, parts = self._loss(logits, targets, gt_rows, twin)
         self.log("train/loss", loss, prog_bar=True)
         for name, value in parts.items():
@@ -141,7 +145,7 @@ class BIQAStage(Stage):
         images, targets, gt_rows, twin = self._scored_batch(batch)
         if targets.numel() == 0:
             return
-        logits = self.clip.logits(images)
+        logits = self.logits(images)
         loss, _ = self._loss(logits, targets, gt_rows, twin)
         self.log("val/loss", loss, batch_size=targets.numel(), sync_dist=True)
         self.val_confusion.update(logits.argmax(-1), targets)
