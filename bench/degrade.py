@@ -5,6 +5,7 @@ loop (the ratio is what batching buys), and the time of each op on the whole bat
 also runs a batch under `torch.cuda.set_sync_debug_mode("error")`.
 
     python bench/degrade.py                 # CPU, 2 threads (the CI machine)
+    OMP_WAIT_POLICY=PASSIVE python bench/degrade.py   # on a CPU shared with other jobs
     python bench/degrade.py --device cuda   # when a GPU is present
 """
 
@@ -27,17 +28,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn, device: torch.device, repeats: int) -> float:
-    """Median wall seconds of `fn()` over `repeats` runs after one warm-up run."""
+def timed(fn, device: torch.device, repeats: int) -> tuple[float, float]:
+    """Median wall seconds and median CPU seconds (this process, all threads) of `fn()` over
+    `repeats` runs after one warm-up run. On a shared machine the CPU time is the steadier
+    figure: it does not count the time other processes held the cores."""
     fn()
     _sync(device)
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         fn()
         _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def main() -> None:
@@ -57,26 +61,23 @@ def main() -> None:
     print(f"device {device}, threads {torch.get_num_threads()}, batch {a.batch}×3×{a.size}×{a.size}, "
           f"chain {'→'.join(degrader.chain)}, load average {os.getloadavg()[0]:.2f}")
 
-    batched = timed(lambda: degrader(gt, generator=g), device, a.repeats)
-    cpu_start = time.process_time()
-    degrader(gt, generator=g)
-    cpu = time.process_time() - cpu_start
-    print(f"batched      {a.batch / batched:8.1f} images/s  ({batched * 1000:.0f} ms/batch, "
-          f"{cpu * 1000:.0f} ms CPU time)")
+    batched, cpu = timed(lambda: degrader(gt, generator=g), device, a.repeats)
+    print(f"batched      {a.batch / batched:8.1f} images/s  ({batched * 1000:.0f} ms/batch wall, "
+          f"{cpu * 1000:.0f} ms CPU time: {a.batch / cpu:.1f} images per CPU-second)")
 
     def loop():
         for i in range(a.batch):
             degrader(gt[i : i + 1], generator=g)
 
-    looped = timed(loop, device, max(1, a.repeats // 2))
+    looped, looped_cpu = timed(loop, device, max(1, a.repeats // 2))
     print(f"per-sample   {a.batch / looped:8.1f} images/s  (Python loop over the batch; batched is "
-          f"{looped / batched:.1f}× faster)")
+          f"{looped / batched:.1f}× faster in wall time, {looped_cpu / cpu:.1f}× in CPU time)")
 
-    print("per op on the whole batch (ms):")
+    print("per op on the whole batch, ms (wall, CPU):")
     for name in degrader.chain:
         draw = _Draw(a.batch, g, device)
-        seconds = timed(lambda: degrader._op(name, gt, draw, None, None), device, a.repeats)
-        print(f"  {name:9s} {seconds * 1000:7.1f}")
+        seconds, op_cpu = timed(lambda: degrader._op(name, gt, draw, None, None), device, a.repeats)
+        print(f"  {name:9s} {seconds * 1000:7.1f} {op_cpu * 1000:7.1f}")
 
     if device.type == "cuda":
         torch.cuda.set_sync_debug_mode("error")
