@@ -102,6 +102,11 @@ class RestorerStage(Stage):
                                  middle_blocks=m.middle_blocks, dec_blocks=m.dec_blocks)
             if m.constyle_mode == "frozen":
                 net.set_encoder_frozen(True)
+        # Zero output conv: with the global residual the fresh restorer is the identity, so it
+        # starts at the input's PSNR instead of adding noise it must first unlearn (short runs
+        # otherwise lose dB on the mild types for hundreds of steps).
+        nn.init.zeros_(net.ending.weight)
+        nn.init.zeros_(net.ending.bias)
         if self.cfg.optim.ema_decay > 0:
             self.ema = make_ema(net, self.cfg.optim.ema_decay)
         if self.joint:
