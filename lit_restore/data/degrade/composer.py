@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from lit_restore.config import DegradeConfig, check_degrade
 from lit_restore.data.degrade import ops
 from lit_restore.data.degrade.kernels import DEG, gaussian_kernels, line_kernels
+from lit_restore.data.degrade.suite import Task, find_task, load_suite, task_config
 from lit_restore.data.degrade.types import DEGRADATION_TYPES, type_index
 
 
@@ -66,12 +67,10 @@ class Degrader(nn.Module):
     was not applied.
     """
 
-    def __init__(self, cfg: DegradeConfig, task=None) -> None:
+    def __init__(self, cfg: DegradeConfig, task: Optional[Task] = None) -> None:
         super().__init__()
         check_degrade(cfg)
-        if cfg.mode == "task":
-            from lit_restore.data.degrade.suite import find_task, load_suite, task_config
-
+        if cfg.mode == "task":  # `task` given: that Task; otherwise `cfg.task` looked up in the suite
             task = task if task is not None else find_task(load_suite(cfg.suite or None), cfg.task)
             cfg = task_config(task)
         self.cfg = cfg
@@ -99,7 +98,7 @@ class Degrader(nn.Module):
         log_u = pick_u.clamp_min(1e-12).log()
         keys = torch.stack([log_u[:, j] / p if p > 0 else torch.full_like(log_u[:, j], -math.inf)
                             for j, p in enumerate(probs)], dim=1)
-        one = nn.functional.one_hot(keys.argmax(dim=1), n).to(torch.bool)
+        one = keys.argmax(dim=1, keepdim=True) == torch.arange(n, device=keys.device)  # one_hot reads max on a CPU
         if self.cfg.mode == "single":
             applied = one
         else:  # mixed: each op with its probability; a sample that drew none gets one
