@@ -57,7 +57,8 @@ def score_scm(stage) -> dict[str, float]:
     values: dict[str, list[float]] = {"input": [], "ldm": [], "scm": []}
     for i, host in enumerate(ShardDataModule(stage.cfg.data, seed=stage.cfg.seed).val_dataloader()):
         batch = stage.on_after_batch_transfer(host)
-        keep = batch["valid"]
+        # Padding samples and the few draws that leave a crop unchanged (infinite input PSNR) are left out.
+        keep = batch["valid"] & (batch["lq"] != batch["gt"]).flatten(1).any(1)
         ldm_out = stage.ldm_output(batch, torch.Generator().manual_seed(i))
         out = stage.scm(batch["lq"], ldm_out).clamp(0, 1)
         for name, x in (("input", batch["lq"]), ("ldm", ldm_out), ("scm", out)):

@@ -37,7 +37,7 @@ def test_only_the_correction_trains_and_the_ldm_stays_frozen():
     scm_before = [p.detach().clone() for p in stage.scm.parameters()]
     opt = torch.optim.AdamW(stage.trainable_parameters(), lr=1e-3)
     for step in range(2):
-        loss = stage.training_step(device_batch(stage, seed=step), step)
+        loss = stage.training_step(device_batch(stage, n=2, seed=step), step)
         assert torch.isfinite(loss)
         opt.zero_grad()
         loss.backward()

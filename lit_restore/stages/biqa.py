@@ -115,12 +115,17 @@ class BIQAStage(Stage):
     def _loss(self, logits: Tensor, targets: Tensor, gt_rows: Tensor, twin: Tensor) -> tuple[Tensor, dict]:
         m = self.cfg.model
         n = twin.shape[0]
-        # Rows of the degraded images, plus the GT rows when GTs are trained as "no".
-        main_rows = slice(None) if m.gt_as_no else slice(0, n)
+        # Rows of the degraded images, plus the GT rows when GTs are trained as "no". Every sample
+        # brings one GT, so GT rows weigh 1/(K-1) each: "no" counts like one degradation class
+        # instead of half the batch (which makes "no for everything" a stable optimum).
+        rows = logits.shape[0] if m.gt_as_no else n
+        weight = torch.ones(rows, device=logits.device)
+        weight[n:] = 1.0 / (len(self.classes) - 1)
         if m.loss == "fidelity":
-            main = fidelity_loss(logits[main_rows].softmax(-1), targets[main_rows]).mean()
+            per_row = fidelity_loss(logits[:rows].softmax(-1), targets[:rows])
         else:
-            main = F.cross_entropy(logits[main_rows], targets[main_rows])
+            per_row = F.cross_entropy(logits[:rows], targets[:rows], reduction="none")
+        main = (weight * per_row).sum() / weight.sum().clamp(min=1e-8)
         parts = {"main": main}
         loss = main
         if m.gt_weight > 0 and bool(gt_rows.any()):
