@@ -2,7 +2,7 @@
 ConStyle-NAFNet (joint ConStyle training) and a plain NAFNet of about the same size, same steps —
 then scores both on the held-out val shard with its deterministic validation degradations.
 
-    python bench/learn_restorer.py [--steps 1000] [--crop 48] [--data data/sample] [--set key=value ...]
+    python bench/learn_restorer.py [--steps 1000] [--jobs 2] [--crop 48] [--data data/sample] [--set key=value ...]
 
 Prints PSNR of the degraded input, of each restorer before training (step 0: the nets start as
 the identity, so this equals the input) and after, overall and per degradation type, the gain
@@ -17,6 +17,8 @@ import statistics
 import tempfile
 import time
 from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 import lightning as L
@@ -59,6 +61,7 @@ def score(cfg, stage) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
 
 
 def run(name: str, overrides: list[str], args: argparse.Namespace, out: Path) -> dict:
+    torch.set_num_threads(args.threads)
     cfg = load_config(CONFIG, [
         f"out_dir={out / name}", "logger=none", f"data.train={args.data}/train-{{000000..000003}}.tar",
         f"data.val={args.data}/val-000000.tar", f"data.crop={args.crop}", "data.val_crop=128",
@@ -91,25 +94,25 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     # One thread: on a loaded machine two OpenMP threads wait on each other (5-10x slower steps).
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads of the training process")
+    p.add_argument("--jobs", type=int, default=1, help="models trained at the same time, one process each")
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for both runs")
     p.add_argument("--data", default=str(ROOT / "data" / "sample"), help="`lit-restore prep-sample` output")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
     if not (Path(args.data) / "manifest.json").exists():
         from data_prep.sample import prep_sample
 
         prep_sample(args.data, crop=128, train_crops=64, val_crops=4, seed=0, overwrite=False)
 
-    results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models:
-            results[name] = run(name, MODELS[name], args, Path(tmp))
+    with tempfile.TemporaryDirectory() as tmp, ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
+        futures = {name: pool.submit(run, name, MODELS[name], args, Path(tmp)) for name in args.models}
+        results = {name: f.result() for name, f in futures.items()}
 
     before = next(iter(results.values()))["before"]
     types = ["all"] + [t for t in DEGRADATION_TYPES if t in before]
     load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
-    print(f"\n{args.steps} steps, batch {args.batch}, crop {args.crop}, {args.threads} torch thread(s), "
+    print(f"\n{args.steps} steps, batch {args.batch}, crop {args.crop}, {args.threads} torch thread(s) per model, "
+          f"{args.jobs} model(s) at a time, "
           f"{os.cpu_count()} CPU cores, load average at the end {load}; overrides {args.set or 'none'}; "
           f"held-out val shard ({len(before['all'])} images, 128 px, deterministic degradations)\n")
     print("| model | params | train wall / CPU | " + " | ".join(f"{t} (n={len(before[t])})" for t in types) + " |")
