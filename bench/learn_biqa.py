@@ -4,7 +4,7 @@ CLIP, prompt scoring, fidelity loss + GT term) and a plain classifier of the sam
 scores both on the held-out val shard: every val crop degraded with each synthetic type in turn
 (single-type mode, several seeds) plus the clean crop as "no", so the classes are balanced.
 
-    python bench/learn_biqa.py [--steps 1500] [--data data/sample] [--set key=value ...]
+    python bench/learn_biqa.py [--steps 2500] [--data data/sample] [--set key=value ...]
 
 Needs `lit-restore prep-sample` shards in --data. Prints Markdown for docs/benchmarks.md.
 """
@@ -85,15 +85,15 @@ def run(stage_cls, overrides: list[str], args, out: Path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=2500)
     p.add_argument("--data", default="data/sample")
-    p.add_argument("--seeds", type=int, default=4, help="degradation draws per val crop and type")
+    p.add_argument("--seeds", type=int, default=2, help="degradation draws per val crop and type")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", nargs="*", default=[], help="extra config overrides for both runs")
     args = p.parse_args()
     if not (Path(args.data) / "manifest.json").is_file():
         raise SystemExit(f"no sample shards in {args.data}: run `lit-restore prep-sample --out {args.data}` first")
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # on a shared 2-core machine two threads wait on each other
     with tempfile.TemporaryDirectory() as tmp:
         runs = {
             "CLIP prompts (fidelity + GT term)": run(BIQAStage, [], args, Path(tmp) / "clip"),
