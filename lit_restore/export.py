@@ -110,25 +110,31 @@ def flat_state(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
 
 def export_onnx(module: nn.Module, path: Path, channels: int = 3) -> float:
     """ONNX with dynamic batch/height/width; returns the max abs difference to PyTorch measured
-    by onnxruntime on sizes other than the export example."""
+    by onnxruntime on sizes other than the export example. One image input is named `image`; a
+    module taking several images (the SCM: degraded input and LDM output) keeps its argument names."""
+    import inspect
+
     import numpy as np
     import onnxruntime as ort
 
     module = module.eval()
+    params = list(inspect.signature(module.forward).parameters)
+    names = ["image"] if len(params) == 1 else params
+    batch = torch.export.Dim("batch")
+    dims = tuple({0: batch, 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO} for _ in names)
     # Batch 2 in the example: a batch of 1 would be specialised to a constant.
-    example = torch.rand(2, channels, 32, 32)
-    dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}
+    example = tuple(torch.rand(2, channels, 32, 32) for _ in names)
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    torch.onnx.export(module, (example,), str(tmp), dynamo=True, dynamic_shapes=(dims,), input_names=["image"],
+    torch.onnx.export(module, example, str(tmp), dynamo=True, dynamic_shapes=dims, input_names=names,
                       output_names=["restored"], external_data=False)
     session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
     worst = 0.0
     gen = torch.Generator().manual_seed(0)
     for shape in [(1, channels, 37, 23), (3, channels, 48, 64)]:
-        x = torch.rand(*shape, generator=gen)
+        xs = [torch.rand(*shape, generator=gen) for _ in names]
         with torch.no_grad():
-            ref = module(x).numpy()
-        (out,) = session.run(None, {"image": x.numpy()})
+            ref = module(*xs).numpy()
+        (out,) = session.run(None, {n: x.numpy() for n, x in zip(names, xs)})
         if out.shape != ref.shape:
             raise RuntimeError(f"ONNX output shape {out.shape} != PyTorch {ref.shape} for input {shape}")
         worst = max(worst, float(np.abs(out - ref).max()))

@@ -124,3 +124,32 @@ def test_biqa_export_loads_in_open_clip(tmp_path):
 def test_load_exported_missing_folder_says_how(tmp_path):
     with pytest.raises(FileNotFoundError, match="lit-restore export"):
         load_exported(tmp_path, "restorer")
+
+
+def test_ldm_export_loads_in_diffusers_and_scm_exports_onnx(tmp_path):
+    """The LDM's UNet folder loads with diffusers' own from_pretrained (8 input channels); the SCM,
+    which takes (degraded, LDM output), exports to ONNX with both inputs dynamic."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    repo = Path(__file__).resolve().parent.parent
+    for name in ("ldm", "scm"):
+        torch.manual_seed(0)
+        stage = build_stage(load_config(repo / f"configs/tiny/{name}.yaml", [f"out_dir={tmp_path / name}"]))
+        stage.configure_model()
+        ckpt = tmp_path / f"{name}.ckpt"
+        torch.save({"state_dict": stage.state_dict(), "hyper_parameters": {"config": to_dict(stage.cfg)},
+                    "global_step": 3}, ckpt)
+        assert export_command(str(ckpt), str(tmp_path / "weights"), ema=True, onnx=True) == 0
+        if name == "ldm":
+            unet = UNet2DConditionModel.from_pretrained(tmp_path / "weights" / "ldm" / "unet")
+            assert unet.config.in_channels == 8
+            ref = stage.inference_unet.state_dict()
+            assert all(torch.equal(v, ref[k]) for k, v in unet.state_dict().items())
+            AutoencoderKL.from_pretrained(tmp_path / "weights" / "ldm" / "vae")
+    session = ort.InferenceSession(str(tmp_path / "weights" / "scm" / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["lq", "ldm_out"]
+    lq, out = torch.rand(1, 3, 40, 24), torch.rand(1, 3, 40, 24)
+    with torch.no_grad():
+        ref = stage.export_modules()["scm"].eval()(lq, out).numpy()
+    (got,) = session.run(None, {"lq": lq.numpy(), "ldm_out": out.numpy()})
+    assert abs(got - ref).max() < 1e-4
