@@ -70,7 +70,7 @@ def run(stage_cls, overrides: list[str], args, out: Path) -> dict:
         f"data.val={args.data}/val-000000.tar", "data.val_crop=64", "data.num_workers=1",
         f"trainer.max_steps={args.steps}", f"trainer.val_check_interval={args.steps}",
         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", f"seed={args.seed}",
-        *overrides, *args.set,
+        *args.set, *overrides,  # a model's own overrides last: --set cannot give the plain head a GT term
     ])
     L.seed_everything(cfg.seed, verbose=False)
     stage = stage_cls(cfg)
