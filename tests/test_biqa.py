@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _batches import device_batch
 from lit_restore.config import ConfigError, load_config
 from lit_restore.data.degrade.types import DEGRADATION_TYPES, type_index
 
@@ -21,12 +22,6 @@ def make_stage(*overrides: str):
     stage.configure_model()
     return stage.train()
 
-
-def device_batch(stage, n: int = 6, size: int = 64, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    host = {"gt": torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8),
-            "key": [f"k{seed}_{i}" for i in range(n)]}
-    return stage.on_after_batch_transfer(host)
 
 
 def test_classes_must_be_degradation_types():
@@ -45,7 +40,7 @@ def test_training_moves_only_the_image_tower():
     assert not trainable & {id(p) for p in clip.text_parameters()}
     opt = torch.optim.AdamW(stage.trainable_parameters(), lr=1e-3)
     for step in range(3):
-        loss = stage.training_step(device_batch(stage, seed=step), step)
+        loss = stage.training_step(device_batch(stage, n=6, size=64, seed=step), step)
         assert math.isfinite(float(loss))
         opt.zero_grad()
         loss.backward()
@@ -59,7 +54,7 @@ def test_training_moves_only_the_image_tower():
 @pytest.mark.parametrize("loss", ["fidelity", "ce"])
 def test_gt_term_lowers_the_clean_image_probability_of_its_twin_label(loss):
     stage = make_stage(f"model.loss={loss}")
-    batch = device_batch(stage, n=8)
+    batch = device_batch(stage, n=8, size=64)
     images, targets, gt_rows, twin = stage._scored_batch(batch)
     assert gt_rows.any()
 
@@ -96,7 +91,7 @@ def test_validation_logs_confusion_matrix_image(tmp_path):
     stage = make_stage(f"out_dir={tmp_path}").eval()
     with torch.no_grad():
         for i in range(2):
-            stage.validation_step(device_batch(stage, seed=10 + i), i)
+            stage.validation_step(device_batch(stage, n=6, size=64, seed=10 + i), i)
     matrix = stage.val_confusion.compute()
     assert int(matrix.sum()) == 2 * 6 * 2  # degraded images and their GTs
     stage.on_validation_epoch_end()

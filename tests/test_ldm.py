@@ -2,6 +2,7 @@ import huggingface_hub.constants
 import pytest
 import torch
 
+from _batches import device_batch
 from lit_restore.config import load_config
 from lit_restore.models.ldm import (
     LatentDiffusion, ddpm_scheduler, load_unet, load_vae, min_snr_weight, predict_x0, widen_conv_in,
@@ -114,12 +115,6 @@ def make_stage(*overrides: str):
     stage.setup("fit")
     return stage.train()
 
-
-def device_batch(stage, n: int = 4, size: int = 32, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    host = {"gt": torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8),
-            "key": [f"k{seed}_{i}" for i in range(n)]}
-    return stage.on_after_batch_transfer(host)
 
 
 def test_stage_trains_the_unet_only_and_keeps_an_ema():

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _batches import device_batch
 from lit_restore.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,12 +21,6 @@ def make_stage(*overrides: str):
     stage.setup("fit")
     return stage.train()
 
-
-def device_batch(stage, n: int = 4, size: int = 32, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    host = {"gt": torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8),
-            "key": [f"k{seed}_{i}" for i in range(n)]}
-    return stage.on_after_batch_transfer(host)
 
 
 def test_only_the_correction_trains_and_the_ldm_stays_frozen():
