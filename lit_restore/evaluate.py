@@ -32,7 +32,8 @@ from lit_restore.lines import LinesError, line_stats, read_lines, save_lines
 from lit_restore.metrics import LPIPSWeightsError, load_lpips, psnr, quantize_8bit, ssim
 from lit_restore.report import BIQAResult, Conventions, EvalResult, TaskResult, before_after_grid, write_report
 from lit_restore.restore import (AutoRestorer, MissingWeightsError, SamplerSettings, TileSettings, biqa_logits,
-                                 build_restorer, check_settings, has_stage, image_generator, load_biqa, pick_device)
+                                 build_restorer, check_settings, has_stage, image_generator, load_biqa, pick_device,
+                                 progress_bar)
 
 __all__ = ["psnr", "ssim", "evaluate_command", "select_tasks"]
 
@@ -102,8 +103,6 @@ def evaluate_command(weights: str, suite: str, data: str, out: str, lines: Optio
                      max_passes: int = 7, device: str = "auto", seed: int = 0) -> int:
     """Evaluate `weights` on the suite and write metrics.json + report.md/html into `out`.
     Exit codes: 0 done; 2 nothing evaluated (missing weights or data, bad arguments)."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from lit_restore.data.shards import check_local_shards, expand_urls
 
@@ -135,9 +134,7 @@ def evaluate_command(weights: str, suite: str, data: str, out: str, lines: Optio
     gt_seen: set[str] = set()
     scores: dict[str, TaskScores] = {}
     start = time.perf_counter()
-    columns = (TextColumn("[bold]evaluate"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("{task.description}"))
-    with Progress(*columns, console=Console(stderr=True)) as bar:
+    with progress_bar("evaluate") as bar:
         job = bar.add_task("", total=len(selected))
         for task in selected:
             bar.update(job, description=task.name)

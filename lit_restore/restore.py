@@ -432,13 +432,20 @@ def _error(message: str) -> None:
     print(f"lit-restore restore: {message}", file=sys.stderr)
 
 
+def progress_bar(label: str):
+    """A rich progress bar on stderr: label, bar, done/total, elapsed, current item."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("{task.description}"), console=Console(stderr=True))
+
+
 def restore_command(weights: str, inputs: Sequence[str], out: str, prompt: Optional[str] = None, fast: bool = False,
                     max_passes: int = 7, steps: int = 50, sampler: str = "euler_a", guidance_text: float = 1.0,
                     guidance_image: float = 1.0, tile: int = 512, overlap: int = 64, device: str = "auto",
                     seed: int = 0) -> int:
     """Restore every image of `inputs` into `out`; exit code as in the module docstring."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     sampling = SamplerSettings(steps, sampler, guidance_text, guidance_image)
     tiles = TileSettings(tile, overlap)
@@ -466,10 +473,8 @@ def restore_command(weights: str, inputs: Sequence[str], out: str, prompt: Optio
     out_dir.mkdir(parents=True, exist_ok=True)
     taken: set[str] = set()
     failed: list[str] = []
-    columns = (TextColumn("[bold]restore"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("{task.description}"))
     # Progress and skip notes on stderr: stdout keeps the one summary line.
-    with Progress(*columns, console=Console(stderr=True)) as bar:
+    with progress_bar("restore") as bar:
         job = bar.add_task("", total=len(files))
         for path in files:
             bar.update(job, description=path.name)
