@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import WandbLogger
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 from torchvision.utils import make_grid, save_image
 
@@ -33,11 +34,19 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: 
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def make_ema(module: nn.Module, decay: float) -> AveragedModel:
+    """EMA of one sub-network, buffers included (BN running statistics follow the weights)."""
+    ema = AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    ema.requires_grad_(False)
+    return ema
+
+
 class Stage(L.LightningModule):
     """Base of every stage. Subclasses build networks in `configure_model` (idempotent, so FSDP
     can wrap them), implement `training_step` / `validation_step` and `export_modules`."""
 
-    # A stage that keeps its own EMA (e.g. of one sub-network) sets this so fit adds no EMA callback.
+    # A stage that keeps its own EMA of one sub-network sets this (so fit adds no EMA callback),
+    # returns that sub-network from `ema_source` and calls `track_ema` in configure_model.
     manages_own_ema = False
 
     def __init__(self, cfg: RunConfig) -> None:
@@ -51,6 +60,7 @@ class Stage(L.LightningModule):
         self._train_generator: torch.Generator | None = None
         self._last_batch_end: float | None = None
         self._corrupt_seen = 0
+        self.ema: AveragedModel | None = None
 
     # ------------------------------------------------------------------ batches
 
@@ -104,6 +114,21 @@ class Stage(L.LightningModule):
             "valid": valid.to(torch.bool),
         }
 
+    # ------------------------------------------------------------------ EMA of one sub-network
+
+    def ema_source(self) -> nn.Module | None:
+        """The sub-network a `manages_own_ema` stage averages."""
+        return None
+
+    def track_ema(self, module: nn.Module) -> None:
+        """Start an EMA copy of `module` when optim.ema_decay > 0."""
+        if self.cfg.optim.ema_decay > 0:
+            self.ema = make_ema(module, self.cfg.optim.ema_decay)
+
+    def averaged(self, module: nn.Module) -> nn.Module:
+        """The EMA copy of `module` when there is one, else `module` itself."""
+        return self.ema.module if self.ema is not None else module
+
     # ------------------------------------------------------------------ optimisation
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -129,6 +154,8 @@ class Stage(L.LightningModule):
             self.log("train/images_per_sec", images / max(now - self._last_batch_end, 1e-9), rank_zero_only=True)
         self._last_batch_end = now
         self.log("data/corrupt_samples", float(self._corrupt_seen), rank_zero_only=True)
+        if self.ema is not None:
+            self.ema.update_parameters(self.ema_source())
 
     def on_train_epoch_start(self) -> None:
         self._last_batch_end = None

@@ -21,7 +21,6 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from lit_restore.config import ConStyleNetConfig, RunConfig
 from lit_restore.data.degrade.types import DEGRADATION_TYPES
@@ -44,13 +43,6 @@ def build_encoder(m: ConStyleNetConfig) -> ConStyleEncoder:
 
 def build_moco(m: ConStyleNetConfig, encoder: ConStyleEncoder) -> MoCo:
     return MoCo(encoder, queue_size=m.queue_size, momentum=m.momentum, normalize=m.l2_normalize)
-
-
-def make_ema(module: nn.Module, decay: float) -> AveragedModel:
-    """EMA of one sub-network, buffers included (BN running statistics follow the weights)."""
-    ema = AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
-    ema.requires_grad_(False)
-    return ema
 
 
 def world_size(stage: L.LightningModule) -> int:
@@ -106,15 +98,13 @@ class ConStyleStage(Stage):
     def __init__(self, cfg: RunConfig) -> None:
         super().__init__(cfg)
         self.moco: MoCo | None = None
-        self.ema: AveragedModel | None = None
 
     def configure_model(self) -> None:
         if self.moco is not None:
             return
         m = self.cfg.model
         moco = build_moco(m, build_encoder(m))
-        if self.cfg.optim.ema_decay > 0:
-            self.ema = make_ema(moco.encoder_q, self.cfg.optim.ema_decay)
+        self.track_ema(moco.encoder_q)
         if m.sync_batchnorm and world_size(self) > 1 and self.trainer.strategy.root_device.type == "cuda":
             moco = nn.SyncBatchNorm.convert_sync_batchnorm(moco)  # torch's DDP allows it on GPUs only
         self.moco = moco
@@ -137,10 +127,8 @@ class ConStyleStage(Stage):
             self.log(f"train/{name}", value)
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        super().on_train_batch_end(outputs, batch, batch_idx)
-        if self.ema is not None:
-            self.ema.update_parameters(self.moco.encoder_q)
+    def ema_source(self) -> nn.Module:
+        return self.moco.encoder_q
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         valid = batch["valid"]  # padding rows of a short last batch are left out
@@ -163,4 +151,4 @@ class ConStyleStage(Stage):
             self.log_image_grid("val/pairs", [batch["lq"], batch["gt"]])
 
     def export_modules(self) -> dict[str, nn.Module]:
-        return {"encoder": self.ema.module if self.ema is not None else self.moco.encoder_q}
+        return {"encoder": self.averaged(self.moco.encoder_q)}

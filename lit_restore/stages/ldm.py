@@ -15,14 +15,12 @@ from typing import Optional
 import open_clip
 import torch
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel
 
 from lit_restore.config import CLIPTextConfig, ConfigError, LDMModelConfig, RunConfig
 from lit_restore.data.degrade.types import DEGRADATION_TYPES, prompt_for
 from lit_restore.models.clip import PromptCLIP, create_clip
 from lit_restore.models.ldm import LatentDiffusion, load_unet, load_vae, min_snr_weight, widen_conv_in
 from lit_restore.stages.base import Stage
-from lit_restore.stages.constyle import make_ema
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 NULL_PROMPT = len(DEGRADATION_TYPES)  # the bank row of the empty prompt, after one row per type
@@ -87,7 +85,6 @@ class LDMStage(Stage):
         if m.val_steps < 1:
             raise ConfigError(f"model.val_steps: {m.val_steps} must be >= 1")
         self.ldm: LatentDiffusion | None = None
-        self.ema: AveragedModel | None = None
         self.register_buffer("context_bank", None)
 
     def configure_model(self) -> None:
@@ -99,8 +96,7 @@ class LDMStage(Stage):
             ldm.unet.enable_gradient_checkpointing()
         length, width = text_shape(m.clip)
         self.context_bank = torch.zeros(len(DEGRADATION_TYPES) + 1, length, width)
-        if self.cfg.optim.ema_decay > 0:
-            self.ema = make_ema(ldm.unet, self.cfg.optim.ema_decay)
+        self.track_ema(ldm.unet)
         self.ldm = ldm
 
     def setup(self, stage: str) -> None:
@@ -113,7 +109,7 @@ class LDMStage(Stage):
 
     @property
     def inference_unet(self) -> nn.Module:
-        return self.ema.module if self.ema is not None else self.ldm.unet
+        return self.averaged(self.ldm.unet)
 
     def conditions(self, batch: dict, drop: bool, generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
         """(condition latent, text context) per sample, with classifier-free dropout when `drop`."""
@@ -150,10 +146,8 @@ class LDMStage(Stage):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        super().on_train_batch_end(outputs, batch, batch_idx)
-        if self.ema is not None:
-            self.ema.update_parameters(self.ldm.unet)
+    def ema_source(self) -> nn.Module:
+        return self.ldm.unet
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         m = self.cfg.model

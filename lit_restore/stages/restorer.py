@@ -17,13 +17,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel
 
 from lit_restore.config import ConfigError, RunConfig
 from lit_restore.models.constyle import ConStyleNAFNet, MoCo, check_queue_divisible
 from lit_restore.models.nafnet import NAFNet, pad_to_multiple
 from lit_restore.stages.base import Stage
-from lit_restore.stages.constyle import build_encoder, build_moco, constyle_losses, make_ema, weighted_total
+from lit_restore.stages.constyle import build_encoder, build_moco, constyle_losses, weighted_total
 
 # Where a ConStyle encoder's weights sit in the files we accept: the constyle stage's own EMA,
 # its query encoder, an exported `encoder` module, or a bare encoder state dict.
@@ -83,7 +82,6 @@ class RestorerStage(Stage):
                               "or set model.constyle_mode=joint to train the encoder with the restorer")
         self.net: nn.Module | None = None
         self.moco: MoCo | None = None
-        self.ema: AveragedModel | None = None
 
     @property
     def joint(self) -> bool:
@@ -107,8 +105,7 @@ class RestorerStage(Stage):
         # otherwise lose dB on the mild types for hundreds of steps).
         nn.init.zeros_(net.ending.weight)
         nn.init.zeros_(net.ending.bias)
-        if self.cfg.optim.ema_decay > 0:
-            self.ema = make_ema(net, self.cfg.optim.ema_decay)
+        self.track_ema(net)
         if self.joint:
             # The MoCo wrapper shares the restorer's encoder as its query encoder.
             self.moco = build_moco(m.constyle, net.encoder)
@@ -156,10 +153,8 @@ class RestorerStage(Stage):
             self.log(f"train/{name}", value)
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        super().on_train_batch_end(outputs, batch, batch_idx)
-        if self.ema is not None:
-            self.ema.update_parameters(self.net)
+    def ema_source(self) -> nn.Module:
+        return self.net
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         pred = self.export_modules()["restorer"](batch["lq"])
@@ -168,4 +163,4 @@ class RestorerStage(Stage):
             self.log_image_grid("val/restored", [batch["lq"], pred, batch["gt"]])
 
     def export_modules(self) -> dict[str, nn.Module]:
-        return {"restorer": self.ema.module if self.ema is not None else self.net}
+        return {"restorer": self.averaged(self.net)}
