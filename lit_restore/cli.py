@@ -40,6 +40,12 @@ def _fit(a: argparse.Namespace) -> int:
     if a.print_config:
         print(to_yaml(cfg), end="")
         return 0
+    if a.check:
+        from lit_restore.fit import build_on_meta, parameter_table
+
+        print(f"stage {cfg.stage}: networks built on the meta device, no weights read")
+        print(parameter_table(build_on_meta(cfg)))
+        return 0
     from lit_restore.fit import fit
     from lit_restore.guards import NonFiniteLossError
 
@@ -142,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("config", help="stage YAML, e.g. configs/tiny/biqa.yaml")
     s.add_argument("overrides", nargs="*", help="key=value overrides")
     s.add_argument("--print-config", action="store_true", help="print the merged config and exit")
+    s.add_argument("--check", action="store_true",
+                   help="build the stage's networks on the meta device (architectures only: no weights downloaded "
+                        "or read, no memory taken), print parameter counts per sub-network and exit")
     s.set_defaults(func=_fit)
 
     s = sub.add_parser("export", help="checkpoint → weights folder (safetensors, config, model card, ONNX)",

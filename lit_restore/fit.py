@@ -58,6 +58,33 @@ def build_stage(cfg: RunConfig) -> Stage:
     raise ValueError(f"unknown stage {cfg.stage!r}")
 
 
+def build_on_meta(cfg: RunConfig) -> Stage:
+    """The stage with the networks it trains built on the meta device: shapes without memory.
+    Pretrained sources are resolved to their architectures only (an open_clip tag, a diffusers
+    folder's or model id's config.json); no weights are downloaded or read."""
+    with torch.device("meta"):
+        stage = build_stage(cfg)
+        stage.configure_model()
+    return stage
+
+
+def parameter_counts(module: nn.Module) -> tuple[int, int]:
+    """(parameters, trainable parameters) of `module`."""
+    params = list(module.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def parameter_table(module: nn.Module, depth: int = 2) -> str:
+    """Parameter counts of `module`'s submodules that hold parameters, down to `depth` levels, and the total."""
+    rows = [("  " * name.count(".") + name, *parameter_counts(sub)) for name, sub in module.named_modules()
+            if name and name.count(".") < depth and parameter_counts(sub)[0] > 0]
+    rows.append(("total", *parameter_counts(module)))
+    width = max(len(row[0]) for row in rows)
+    lines = [f"{'module':<{width}}  {'parameters':>13}  {'trainable':>13}"]
+    lines += [f"{name:<{width}}  {total:>13,}  {trainable:>13,}" for name, total, trainable in rows]
+    return "\n".join(lines)
+
+
 def wandb_run_id(out_dir: str | Path) -> str:
     """The run dir's W&B id, created on first use. Written before `fit`, so a requeued or resumed
     job (same out_dir) logs into the same W&B run. Only global rank 0 writes; W&B runs on it alone."""

@@ -41,8 +41,12 @@ def create_clip(
     """An open_clip CLIP from an architecture name (or a config dict for tiny test models) and
     `pretrained`: an open_clip tag, a local weights file, or "" for random init.
 
-    `key` names the config field in error messages.
+    Built under `torch.device("meta")` (`lit-restore fit --check`), it is the architecture only:
+    `pretrained` is validated but no weights are downloaded or read. `key` names the config
+    field in error messages.
     """
+    device = torch.get_default_device()
+    load = device.type != "meta"
     if model_cfg is not None:
         model = open_clip.CLIP(**copy.deepcopy(dict(model_cfg)))
         open_clip.set_model_preprocess_cfg(model, merge_preprocess_dict(PreprocessCfg(), {"size": model.visual.image_size}))
@@ -56,7 +60,8 @@ def create_clip(
         try:
             # OpenAI weights were trained with QuickGELU; the tag says so, the bare arch name does not.
             model = open_clip.create_model(
-                arch, pretrained=pretrained if tag_cfg else None, force_quick_gelu=bool(tag_cfg.get("quick_gelu", False))
+                arch, pretrained=pretrained if tag_cfg and load else None, device=device,
+                force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)),
             )
         except RuntimeError:
             if not tag_cfg:
@@ -67,7 +72,7 @@ def create_clip(
             ) from None
         if tag_cfg:
             return model
-    if pretrained:
+    if pretrained and load:
         model.load_state_dict(_checkpoint_state_dict(pretrained), strict=True)
     return model
 

@@ -29,6 +29,9 @@ def ddpm_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
 
 def _from_pretrained(cls: Any, pretrained: str, subfolder: str, key: str) -> Any:
     try:
+        if torch.get_default_device().type == "meta":
+            # Architecture only (`lit-restore fit --check`): config.json is read, the weights are not.
+            return cls.from_config(cls.load_config(pretrained, subfolder=subfolder))
         return cls.from_pretrained(pretrained, subfolder=subfolder)
     except OSError:
         if Path(pretrained).is_dir():
