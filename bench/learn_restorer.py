@@ -1,32 +1,33 @@
 """Does the tiny restorer learn? Trains configs/tiny/restorer.yaml for a few CPU minutes twice —
 ConStyle-NAFNet (joint ConStyle training) and a plain NAFNet of about the same size, same steps —
-then scores both on the held-out val shard with its deterministic validation degradations.
+then scores both on the held-out val shard: every crop degraded by each synthetic type alone,
+`--seeds` seeded draws per type, so each type weighs alike in the mean.
 
-    python bench/learn_restorer.py [--steps 1000] [--jobs 2] [--crop 48] [--data data/sample] [--set key=value ...]
+    python bench/learn_restorer.py [--steps 1000] [--jobs 2] [--crop 48] [--seeds 2] [--data data/sample] [--set key=value ...]
 
-Prints PSNR of the degraded input, of each restorer before training (step 0: the nets start as
-the identity, so this equals the input) and after, overall and per degradation type, the gain
-over the input and the ConStyle-vs-plain delta, as Markdown for docs/benchmarks.md.
-"""
+Prints mean PSNR per degradation type of the degraded input, of each restorer before training
+(step 0: the nets start as the identity, so this equals the input) and after, and the mean over
+types; then the gain over the input per type and over types and the ConStyle-vs-plain delta, as
+Markdown for docs/benchmarks.md."""
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
 import time
-from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
 import lightning as L
 import torch
+from torch import Tensor
 
-from lit_restore.config import load_config
+from lit_restore.config import DegradeConfig, load_config
 from lit_restore.data.datamodule import ShardDataModule
-from lit_restore.data.degrade.types import DEGRADATION_TYPES
+from lit_restore.data.degrade.composer import Degrader
+from lit_restore.data.degrade.types import SYNTHETIC_TYPES
 from lit_restore.fit import build_stage, fit
 from lit_restore.metrics import psnr
 
@@ -38,26 +39,32 @@ PLAIN = ["model.arch=nafnet", "model.width=26", "model.enc_blocks=[1,1,1]", "mod
 MODELS = {"constyle_nafnet": [], "nafnet": PLAIN}
 
 
+def degraded_sets(cfg, seeds: int) -> tuple[Tensor, dict[str, Tensor]]:
+    """The val shard's clean crops and, per synthetic type, every crop degraded by that type alone
+    once per seed (seeded, so both models and every run see the same inputs)."""
+    crops = torch.cat([b["gt"] for b in ShardDataModule(cfg.data, seed=cfg.seed).val_dataloader()]).float() / 255
+    sets = {}
+    for name in SYNTHETIC_TYPES:
+        degrader = Degrader(DegradeConfig(mode="single", types=[name]))
+        sets[name] = torch.cat([degrader(crops, generator=torch.Generator().manual_seed(1000 + s))[0]
+                                for s in range(seeds)])
+    return crops, sets
+
+
 @torch.no_grad()
-def score(cfg, stage) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Per-type PSNR lists of the degraded inputs and of the restored outputs on the val shard."""
+def score(stage, crops: Tensor, sets: dict[str, Tensor], batch: int = 8) -> dict[str, Tensor]:
+    """Per type: PSNR (N,) of the restorer's 8-bit outputs against the clean crops."""
     net = stage.export_modules()["restorer"]
     was_training = stage.training
     stage.eval()
-    loader = ShardDataModule(cfg.data, seed=cfg.seed).val_dataloader()
-    before, after = defaultdict(list), defaultdict(list)
-    for host in loader:
-        batch = stage.on_after_batch_transfer(host)
-        keep = batch["valid"]
-        lq, gt, label = batch["lq"][keep], batch["gt"][keep], batch["label"][keep]
+    out = {}
+    for name, lq in sets.items():
+        gt = crops.repeat(len(lq) // len(crops), 1, 1, 1)
         # 8-bit output, as the degraded input (the Degrader quantises) and as `evaluate` scores.
-        pred = net(lq).clamp(0, 1).mul(255).round().div(255)
-        for bucket, values in ((before, psnr(lq, gt)), (after, psnr(pred, gt))):
-            for t, v in zip(label.tolist(), values.tolist()):
-                bucket[DEGRADATION_TYPES[t]].append(v)
-                bucket["all"].append(v)
+        pred = torch.cat([net(x).clamp(0, 1).mul(255).round().div(255) for x in lq.split(batch)])
+        out[name] = psnr(pred, gt)
     stage.train(was_training)
-    return before, after
+    return out
 
 
 def run(name: str, overrides: list[str], args: argparse.Namespace, out: Path) -> dict:
@@ -72,18 +79,25 @@ def run(name: str, overrides: list[str], args: argparse.Namespace, out: Path) ->
     L.seed_everything(cfg.seed, verbose=False)
     stage = build_stage(cfg)
     stage.configure_model()
-    _, at_init = score(cfg, stage)
+    crops, sets = degraded_sets(cfg, args.seeds)
+    at_init = score(stage, crops, sets)
     t0 = time.perf_counter()
     cpu0 = time.process_time()
     fit(cfg, stage=stage)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    before, after = score(cfg, stage)
     n_params = sum(p.numel() for p in stage.export_modules()["restorer"].parameters())
-    return {"before": before, "init": at_init, "after": after, "seconds": seconds, "cpu": cpu, "params": n_params}
+    return {"input": {t: psnr(x, crops.repeat(args.seeds, 1, 1, 1)) for t, x in sets.items()}, "init": at_init,
+            "after": score(stage, crops, sets), "seconds": seconds, "cpu": cpu, "params": n_params}
 
 
-def mean(values: list[float]) -> float:
-    return sum(values) / len(values)
+def type_means(scores: dict[str, Tensor]) -> list[float]:
+    """Mean PSNR per type, then their mean (each type weighs alike, whatever its input PSNR)."""
+    means = [v.mean().item() for v in scores.values()]
+    return means + [sum(means) / len(means)]
+
+
+def row(label: str, scores: dict[str, Tensor], extra: str = " | ") -> str:
+    return f"| {label} |{extra}| " + " | ".join(f"{v:.2f}" for v in type_means(scores)) + " |"
 
 
 def main() -> None:
@@ -92,6 +106,7 @@ def main() -> None:
     p.add_argument("--crop", type=int, default=48)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, default=2, help="degradation draws per val crop and type")
     # One thread: on a loaded machine two OpenMP threads wait on each other (5-10x slower steps).
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads of the training process")
     p.add_argument("--jobs", type=int, default=1, help="models trained at the same time, one process each")
@@ -108,28 +123,30 @@ def main() -> None:
         futures = {name: pool.submit(run, name, MODELS[name], args, Path(tmp)) for name in args.models}
         results = {name: f.result() for name, f in futures.items()}
 
-    before = next(iter(results.values()))["before"]
-    types = ["all"] + [t for t in DEGRADATION_TYPES if t in before]
+    inputs = next(iter(results.values()))["input"]
+    n = len(next(iter(inputs.values())))
     load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"\n{args.steps} steps, batch {args.batch}, crop {args.crop}, {args.threads} torch thread(s) per model, "
-          f"{args.jobs} model(s) at a time, "
-          f"{os.cpu_count()} CPU cores, load average at the end {load}; overrides {args.set or 'none'}; "
-          f"held-out val shard ({len(before['all'])} images, 128 px, deterministic degradations)\n")
-    print("| model | params | train wall / CPU | " + " | ".join(f"{t} (n={len(before[t])})" for t in types) + " |")
-    print("|---|---|---|" + "---|" * len(types))
-    print("| degraded input | | | " + " | ".join(f"{mean(before[t]):.2f}" for t in types) + " |")
+          f"{args.jobs} model(s) at a time, {os.cpu_count()} CPU cores, load average at the end {load}; "
+          f"overrides {args.set or 'none'}; held-out val shard: each 128 px crop degraded by each type alone, "
+          f"{args.seeds} seeded draw(s), n = {n} per type\n")
+    print("| model | params | train wall / CPU | " + " | ".join(inputs) + " | mean over types |")
+    print("|---|---|---|" + "---|" * (len(inputs) + 1))
+    print(row("degraded input", inputs))
     for name, r in results.items():
-        print(f"| {name}, step 0 | | | " + " | ".join(f"{mean(r['init'][t]):.2f}" for t in types) + " |")
-        print(f"| {name}, step {args.steps} | {r['params'] / 1e6:.2f} M | {r['seconds']:.0f} s / {r['cpu']:.0f} s | "
-              + " | ".join(f"{mean(r['after'][t]):.2f}" for t in types) + " |")
+        print(row(f"{name}, step 0", r["init"]))
+        print(row(f"{name}, step {args.steps}", r["after"],
+                  f" {r['params'] / 1e6:.2f} M | {r['seconds']:.0f} s / {r['cpu']:.0f} s "))
     print()
     for name, r in results.items():
-        gains = [a - b for a, b in zip(r["after"]["all"], before["all"])]
-        print(f"{name}: mean PSNR gain over the input {mean(gains):+.2f} dB (median per image "
-              f"{statistics.median(gains):+.2f} dB, {sum(g > 0 for g in gains)}/{len(gains)} images improved)")
+        gains = {t: r["after"][t] - inputs[t] for t in inputs}
+        flat = torch.cat(list(gains.values()))
+        print(f"{name}: gain over the input, mean over types {type_means(gains)[-1]:+.2f} dB ("
+              + ", ".join(f"{t} {g.mean().item():+.2f}" for t, g in gains.items())
+              + f"); median per image {flat.median().item():+.2f} dB, {(flat > 0).sum().item()}/{len(flat)} improved")
     if len(results) == 2:
-        a, b = (mean(r["after"]["all"]) for r in results.values())
-        print(f"ConStyle-NAFNet - NAFNet = {a - b:+.2f} dB at equal parameters and steps")
+        a, b = (type_means(r["after"])[-1] for r in results.values())
+        print(f"ConStyle-NAFNet - NAFNet = {a - b:+.2f} dB (mean over types) at equal parameters and steps")
 
 
 if __name__ == "__main__":
