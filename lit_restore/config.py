@@ -341,7 +341,7 @@ class RestorerModelConfig:
     enc_blocks: list[int] = field(default_factory=lambda: [7, 8, 9])  # NAFBlocks per encoder level (3 for constyle_nafnet)
     middle_blocks: int = 9
     dec_blocks: list[int] = field(default_factory=lambda: [7, 8, 9])  # per decoder level, listed from the top level
-    loss: str = choice("l1", ("l1", "psnr"), "L1 (ConStyle) or PSNR loss (NAFNet)")
+    loss: str = choice("l1", ("l1", "psnr", "psnr_mse"), "L1 (ConStyle), PSNR loss (NAFNet), or PSNR + MSE (low-PSNR inputs pull harder)")
     constyle_mode: str = choice("frozen", ("frozen", "joint"), "pretrained encoder kept fixed, or trained with the restorer")
     # Pretrained encoder: a constyle-stage checkpoint (.ckpt), exported folder or model.safetensors.
     # Needed when constyle_mode=frozen.
