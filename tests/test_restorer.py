@@ -95,6 +95,22 @@ def test_psnr_loss_is_negative_psnr():
     assert math.isclose(float(psnr_loss(pred, gt)), -20.0, rel_tol=1e-5)
 
 
+@pytest.mark.parametrize("db", [10.0, 20.0, 35.0])
+def test_psnr_mse_loss_weighs_low_psnr_images_up(db):
+    from lit_restore.stages import restorer
+    from lit_restore.stages.restorer import psnr_loss, psnr_mse_loss
+
+    gt = torch.zeros(1, 3, 8, 8)
+    grads = []
+    for loss in (psnr_loss, psnr_mse_loss):
+        pred = torch.full_like(gt, 10.0 ** (-db / 20.0)).requires_grad_()  # PSNR = db
+        loss(pred, gt).backward()
+        grads.append(pred.grad.abs().sum().item())
+    # Extra pull over the PSNR loss: 1 + mse / crossover mse (x2 at the crossover, ~x1 far above).
+    expected = 1.0 + 10.0 ** ((restorer.PSNR_MSE_CROSSOVER_DB - db) / 10.0)
+    assert math.isclose(grads[1] / grads[0], expected, rel_tol=1e-3)
+
+
 # ----------------------------------------------------------------------------- weights
 
 

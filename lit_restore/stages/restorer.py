@@ -61,10 +61,34 @@ def load_encoder_weights(encoder: nn.Module, path: str) -> None:
     raise ValueError(f"{path}: no ConStyle encoder weights found (looked for keys under {', '.join(repr(p) for p in _ENCODER_PREFIXES)})")
 
 
+# psnr_mse: the PSNR at which an image's MSE term pulls as hard as its PSNR term. Above it
+# (noise, blur, jpeg, lowres inputs) the PSNR loss's 1/MSE weight keeps mild inputs intact; below
+# it (haze, rain, dark lowlight) the MSE term takes over, so images far from their GT pull in
+# proportion to their error instead of barely at all.
+PSNR_MSE_CROSSOVER_DB = 20.0
+
+
+def image_mse(pred: Tensor, gt: Tensor) -> Tensor:
+    """(B,) mean squared error per image."""
+    return (pred - gt).pow(2).mean(dim=(1, 2, 3))
+
+
 def psnr_loss(pred: Tensor, gt: Tensor) -> Tensor:
     """Negative per-image PSNR averaged over the batch (NAFNet's PSNRLoss), for [0,1] images."""
-    mse = (pred - gt).pow(2).mean(dim=(1, 2, 3))
-    return (10.0 / math.log(10.0)) * torch.log(mse + 1e-8).mean()
+    return (10.0 / math.log(10.0)) * torch.log(image_mse(pred, gt) + 1e-8).mean()
+
+
+def psnr_mse_loss(pred: Tensor, gt: Tensor) -> Tensor:
+    """PSNR loss plus MSE weighted so that d/d(mse) of both terms match at PSNR_MSE_CROSSOVER_DB."""
+    weight = (10.0 / math.log(10.0)) * 10.0 ** (PSNR_MSE_CROSSOVER_DB / 10.0)
+    return psnr_loss(pred, gt) + weight * image_mse(pred, gt).mean()
+
+
+def reconstruction_loss(name: str, pred: Tensor, gt: Tensor) -> Tensor:
+    """The `model.loss` named `name` between restored and GT images."""
+    if name == "l1":
+        return F.l1_loss(pred, gt)
+    return psnr_mse_loss(pred, gt) if name == "psnr_mse" else psnr_loss(pred, gt)
 
 
 class RestorerStage(Stage):
@@ -145,7 +169,7 @@ class RestorerStage(Stage):
             if self.joint and not self.net.freeze_encoder:
                 self.net.set_encoder_frozen(True)  # IRConStyle v1's switch after constyle_iters
             pred = self.net(lq)
-        rec = F.l1_loss(pred, gt) if m.loss == "l1" else psnr_loss(pred, gt)
+        rec = reconstruction_loss(m.loss, pred, gt)
         loss = rec + weighted_total(losses, m.constyle) if losses else rec
         self.log("train/loss", loss, prog_bar=True)
         self.log(f"train/{m.loss}", rec)
