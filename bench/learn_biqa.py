@@ -4,7 +4,7 @@ CLIP, prompt scoring, fidelity loss + GT term) and a plain classifier of the sam
 scores both on the held-out val shard: every val crop degraded with each synthetic type in turn
 (single-type mode, several seeds) plus the clean crop as "no", so the classes are balanced.
 
-    python bench/learn_biqa.py [--steps 2500] [--data data/sample] [--set key=value ...]
+    python bench/learn_biqa.py [--steps 3000] [--data data/sample] [--set key=value ...]
 
 Needs `lit-restore prep-sample` shards in --data. Prints Markdown for docs/benchmarks.md.
 """
@@ -85,7 +85,7 @@ def run(stage_cls, overrides: list[str], args, out: Path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=2500)
+    p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--data", default="data/sample")
     p.add_argument("--seeds", type=int, default=2, help="degradation draws per val crop and type")
     p.add_argument("--seed", type=int, default=0)

@@ -66,7 +66,7 @@ def test_gt_term_lowers_the_clean_image_probability_of_its_twin_label(loss):
 
     before = twin_prob()
     opt = torch.optim.SGD(stage.trainable_parameters(), lr=0.05)
-    for _ in range(5):
+    for _ in range(20):
         _, parts = stage._loss(stage.clip.logits(images), targets, gt_rows, twin)
         opt.zero_grad()
         parts["gt"].backward()

@@ -42,12 +42,15 @@ def test_preprocess_crops_resizes_and_normalises(tiny_cfg):
     mean = clip.mean.view(1, 3, 1, 1).expand(2, 3, 90, 70)
     assert clip.preprocess(mean.clone()).abs().max() < 1e-5
     big = torch.rand(2, 3, 90, 70)
+    th, tw = clip.image_size
     # Native-scale centre crop: the tower sees the central pixels unchanged.
-    expected = (big[..., 13:77, 3:67] - clip.mean) / clip.std
+    top, left = (90 - th) // 2, (70 - tw) // 2
+    expected = (big[..., top : top + th, left : left + tw] - clip.mean) / clip.std
     torch.testing.assert_close(clip.preprocess(big), expected)
-    assert clip.preprocess(torch.rand(1, 3, 40, 50)).shape == (1, 3, 64, 64)  # small images are resized up
+    small = torch.rand(1, 3, th - 10, tw - 5)
+    assert clip.preprocess(small).shape == (1, 3, th, tw)  # small images are resized up
     resized = _clip(tiny_cfg, resize=True).preprocess(big)
-    assert resized.shape == (2, 3, 64, 64) and not torch.allclose(resized, expected)
+    assert resized.shape == (2, 3, th, tw) and not torch.allclose(resized, expected)
 
 
 def test_token_states_use_eot_padding_like_stable_diffusion(tiny_cfg):

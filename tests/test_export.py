@@ -111,7 +111,7 @@ def test_biqa_export_loads_in_open_clip(tmp_path):
     model = open_clip.CLIP(**spec["model_cfg"])
     model.load_state_dict(load_file(str(folder / "open_clip_model.safetensors")))
     model.eval()
-    x = torch.rand(2, 3, 64, 64)
+    x = torch.rand(2, 3, *stage.clip.image_size)
     text = open_clip.tokenize(["A photo needs noise artifact reduction"])
     with torch.no_grad():
         ref = stage.clip.model.eval()
