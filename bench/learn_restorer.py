@@ -3,7 +3,7 @@ ConStyle-NAFNet (joint ConStyle training) and a plain NAFNet of about the same s
 then scores both on the held-out val shard: every crop degraded by each synthetic type alone,
 `--seeds` seeded draws per type, so each type weighs alike in the mean.
 
-    python bench/learn_restorer.py [--steps 1000] [--jobs 2] [--crop 48] [--seeds 2] [--data data/sample] [--set key=value ...]
+    python bench/learn_restorer.py [--steps 3000] [--jobs 2] [--crop 48] [--seeds 2] [--data data/sample] [--set key=value ...]
 
 Prints mean PSNR per degradation type of the degraded input, of each restorer before training
 (step 0: the nets start as the identity, so this equals the input) and after, and the mean over
@@ -102,7 +102,7 @@ def row(label: str, scores: dict[str, Tensor], extra: str = " | ") -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--crop", type=int, default=48)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
