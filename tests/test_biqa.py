@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _batches import device_batch
+from _batches import device_batch, tiny_stage
 from lit_restore.config import ConfigError, load_config
 from lit_restore.data.degrade.types import DEGRADATION_TYPES, type_index
 
@@ -15,12 +15,7 @@ TINY = str(ROOT / "configs" / "tiny" / "biqa.yaml")
 
 
 def make_stage(*overrides: str):
-    from lit_restore.stages.biqa import BIQAStage
-
-    torch.manual_seed(0)
-    stage = BIQAStage(load_config(TINY, list(overrides)))
-    stage.configure_model()
-    return stage.train()
+    return tiny_stage("biqa", *overrides)
 
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _batches import device_batch, tiny_stage
 from lit_restore.config import load_config
 from lit_restore.models.constyle import (
     ConStyleEncoder,
@@ -21,29 +22,11 @@ from lit_restore.models.constyle import (
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny" / "constyle.yaml")
-
-
-def tiny_cfg(*overrides: str):
-    return load_config(TINY, ["model.base_channels=4", "model.dim=16", "model.queue_size=32",
-                              "data.batch_size=4", *overrides])
-
-
-def device_batch(stage, n: int = 4, size: int = 32, seed: int = 0) -> dict:
-    """A host batch as the loader gives it, turned into a device batch by the stage (real Degrader)."""
-    g = torch.Generator().manual_seed(seed)
-    host = {"gt": torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8),
-            "key": [f"k{seed}_{i}" for i in range(n)]}
-    return stage.on_after_batch_transfer(host)
+SMALL = ["model.base_channels=4", "model.dim=16", "model.queue_size=32", "data.batch_size=4"]
 
 
 def make_stage(*overrides: str):
-    from lit_restore.stages.constyle import ConStyleStage
-
-    torch.manual_seed(0)
-    stage = ConStyleStage(tiny_cfg(*overrides))
-    stage.configure_model()
-    stage.train()
-    return stage
+    return tiny_stage("constyle", *SMALL, *overrides)
 
 
 # ----------------------------------------------------------------------------- models

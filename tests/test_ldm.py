@@ -2,7 +2,7 @@ import huggingface_hub.constants
 import pytest
 import torch
 
-from _batches import device_batch
+from _batches import device_batch, tiny_stage
 from lit_restore.config import load_config
 from lit_restore.models.ldm import (
     LatentDiffusion, ddpm_scheduler, load_unet, load_vae, min_snr_weight, predict_x0, widen_conv_in,
@@ -108,12 +108,7 @@ TINY = "configs/tiny/ldm.yaml"
 
 
 def make_stage(*overrides: str):
-    from lit_restore.stages.ldm import LDMStage
-
-    torch.manual_seed(0)
-    stage = LDMStage(load_config(TINY, ["data.batch_size=4", *overrides]))
-    stage.setup("fit")
-    return stage.train()
+    return tiny_stage("ldm", "data.batch_size=4", *overrides, fit_setup=True)
 
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from _batches import device_batch, tiny_stage
 from lit_restore.config import ConfigError, load_config
 from lit_restore.models.constyle import ConStyleEncoder, ConStyleNAFNet
 from lit_restore.models.nafnet import NAFBlock
@@ -27,20 +28,7 @@ def tiny_net() -> ConStyleNAFNet:
 
 
 def make_stage(*overrides: str):
-    from lit_restore.stages.restorer import RestorerStage
-
-    torch.manual_seed(0)
-    stage = RestorerStage(load_config(TINY, [*SMALL, *overrides]))
-    stage.configure_model()
-    stage.train()
-    return stage
-
-
-def device_batch(stage, n: int = 4, size: int = 32, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    host = {"gt": torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8),
-            "key": [f"k{seed}_{i}" for i in range(n)]}
-    return stage.on_after_batch_transfer(host)
+    return tiny_stage("restorer", *SMALL, *overrides)
 
 
 # ----------------------------------------------------------------------------- network

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _batches import device_batch
+from _batches import device_batch, tiny_stage
 from lit_restore.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -14,12 +14,7 @@ TINY = str(ROOT / "configs" / "tiny" / "scm.yaml")
 
 
 def make_stage(*overrides: str):
-    from lit_restore.stages.scm import SCMStage
-
-    torch.manual_seed(0)
-    stage = SCMStage(load_config(TINY, ["data.batch_size=4", *overrides]))
-    stage.setup("fit")
-    return stage.train()
+    return tiny_stage("scm", "data.batch_size=4", *overrides, fit_setup=True)
 
 
 
