@@ -76,8 +76,9 @@ def parameter_counts(module: nn.Module) -> tuple[int, int]:
 
 def parameter_table(module: nn.Module, depth: int = 2) -> str:
     """Parameter counts of `module`'s submodules that hold parameters, down to `depth` levels, and the total."""
-    rows = [("  " * name.count(".") + name, *parameter_counts(sub)) for name, sub in module.named_modules()
-            if name and name.count(".") < depth and parameter_counts(sub)[0] > 0]
+    counted = [("  " * name.count(".") + name, *parameter_counts(sub)) for name, sub in module.named_modules()
+               if name and name.count(".") < depth]
+    rows = [row for row in counted if row[1] > 0]
     rows.append(("total", *parameter_counts(module)))
     width = max(len(row[0]) for row in rows)
     lines = [f"{'module':<{width}}  {'parameters':>13}  {'trainable':>13}"]
