@@ -60,7 +60,8 @@ def _fit(a: argparse.Namespace) -> int:
 def _export(a: argparse.Namespace) -> int:
     from lit_restore.export import export_command
 
-    return export_command(ckpt=a.ckpt, out=a.out, ema=not a.no_ema, onnx=not a.no_onnx)
+    # Several checkpoints in one call share the start-up cost; each becomes OUT/<its stage>/.
+    return max(export_command(ckpt=c, out=a.out, ema=not a.no_ema, onnx=not a.no_onnx) for c in a.ckpt)
 
 
 def _restore(a: argparse.Namespace) -> int:
@@ -70,6 +71,7 @@ def _restore(a: argparse.Namespace) -> int:
         weights=a.weights, inputs=a.inputs, out=a.out, prompt=a.prompt, fast=a.fast,
         max_passes=a.max_passes, steps=a.steps, sampler=a.sampler, guidance_text=a.guidance_text,
         guidance_image=a.guidance_image, tile=a.tile, overlap=a.overlap, device=a.device, seed=a.seed,
+        threads=a.threads,
     )
 
 
@@ -80,7 +82,8 @@ def _evaluate(a: argparse.Namespace) -> int:
         weights=a.weights, suite=a.suite, data=a.data, out=a.out, lines=a.lines, save_lines_path=a.save_lines,
         line_role=a.line_role, tasks=a.tasks, max_images=a.max_images, crop_border=a.crop_border,
         y_channel=a.y_channel, lpips_weights=a.lpips_weights, fast=a.fast, steps=a.steps, sampler=a.sampler,
-        max_passes=a.max_passes, device=a.device, seed=a.seed,
+        max_passes=a.max_passes, device=a.device, seed=a.seed, threads=a.threads,
+        compare_fast=a.compare_fast,
     )
 
 
@@ -155,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("export", help="checkpoint → weights folder (safetensors, config, model card, ONNX)",
                        description="Export a trained checkpoint for restore/evaluate and for other tools.")
-    s.add_argument("ckpt", help="Lightning checkpoint file or sharded checkpoint folder")
+    s.add_argument("ckpt", nargs="+", help="Lightning checkpoint file(s) or sharded checkpoint folder(s)")
     s.add_argument("--out", required=True, help="exported weights folder (a stage subfolder is written inside)")
     s.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA weights")
     s.add_argument("--no-onnx", action="store_true", help="skip the ONNX export of conv nets")
@@ -178,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tile", type=int, default=512, help="images larger than this go through the nets tile by tile")
     s.add_argument("--overlap", type=int, default=64, help="tile overlap in pixels")
     s.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    s.add_argument("--threads", type=int, default=0, help="CPU threads (default: one per core this process may use)")
     s.add_argument("--seed", type=int, default=0, help="sampling seed (each image starts from it)")
     s.set_defaults(func=_restore)
 
@@ -199,10 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--y-channel", action="store_true", help="PSNR/SSIM on the Y channel (BT.601)")
     s.add_argument("--lpips-weights", default=None, help="local LPIPS backbone weights (offline)")
     s.add_argument("--fast", action="store_true", help="evaluate the feed-forward restorer instead of the loop")
+    s.add_argument("--compare-fast", action="store_true",
+                   help="also run the feed-forward restorer on the same images: a column in the table and contact sheets")
     s.add_argument("--steps", type=int, default=20, help="diffusion sampling steps")
     s.add_argument("--sampler", default="euler_a", help="diffusion sampler: euler_a (Euler ancestral) or ddim")
     s.add_argument("--max-passes", type=int, default=7, help="automatic loop: passes at most")
     s.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, ...")
+    s.add_argument("--threads", type=int, default=0, help="CPU threads (default: one per core this process may use)")
     s.add_argument("--seed", type=int, default=0, help="sampling seed (each image starts from it)")
     s.set_defaults(func=_evaluate)
 

@@ -15,7 +15,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-STAGES = ("biqa", "constyle", "restorer", "ldm", "scm")
+STAGES = ("autoencoder", "biqa", "constyle", "restorer", "ldm", "scm")
 SAMPLE_DIR = "data/sample"
 
 
@@ -288,6 +288,10 @@ class BIQAModelConfig:
     # resizing only images smaller than the tower's input; True: resize the shorter side first.
     resize: bool = False
     train_logit_scale: bool = False  # let the CLIP temperature train with the image tower
+    # True trains the text tower too. Only for making a CLIP where no pretrained one exists (the
+    # tiny foundation, configs/foundations/clip.yaml): AutoDIR fine-tunes a pretrained CLIP with
+    # the text tower frozen, and the LDM's context comes from that same frozen tower.
+    train_text: bool = False
     grad_checkpointing: bool = False  # activation checkpointing in the image tower
 
 
@@ -396,6 +400,10 @@ class LDMModelConfig:
     drop_text: float = 0.05
     drop_both: float = 0.05
     drop_image: float = 0.05
+    # False: a plain latent denoiser of clean images (no condition latent, conv_in not widened, the
+    # empty prompt as context): the role of SD's text-to-image UNet before InstructPix2Pix's
+    # fine-tuning, used only to make the tiny UNet foundation (configs/foundations/unet.yaml).
+    image_condition: bool = True
     frozen_dtype: str = choice("bfloat16", ("float32", "bfloat16", "float16"), "dtype of the frozen VAE")
     grad_checkpointing: bool = True  # UNet activation checkpointing
     val_steps: int = 20  # sampler steps for validation images and PSNR/SSIM
@@ -424,7 +432,20 @@ class SCMModelConfig:
     sample_steps: int = 10  # sample: Euler-ancestral steps
 
 
+@dataclass
+class AutoencoderModelConfig:
+    """A diffusers AutoencoderKL trained to reconstruct clean images: the role of Stable
+    Diffusion's VAE, for models that cannot download it (the tiny foundation, new domains)."""
+
+    vae_cfg: dict[str, Any] = field(default_factory=dict)  # AutoencoderKL kwargs
+    # Reconstruction loss on [-1, 1] images. SD's VAE adds LPIPS and a patch GAN for sharper
+    # textures; PSNR is what the restoration stages are scored by, so the default is plain L1.
+    loss: str = choice("l1", ("l1", "mse"), "pixel loss against the input")
+    kl_weight: float = 1.0e-6  # SD's autoencoder KL weight: a near-deterministic, well-scaled latent
+
+
 MODEL_CONFIGS: dict[str, type] = {
+    "autoencoder": AutoencoderModelConfig,
     "biqa": BIQAModelConfig,
     "constyle": ConStyleModelConfig,
     "restorer": RestorerModelConfig,
@@ -446,6 +467,9 @@ class RunConfig:
     seed: int = 0
     out_dir: str = "runs/default"  # run dir: checkpoints/, config.yaml, logs; stable across requeues
     resume: str = "auto"  # auto (newest hpc or last checkpoint in out_dir), never, or a checkpoint path
+    # CPU training: torch threads per process; 0 = the cores this process may use / processes on the
+    # node − loader workers (OMP_NUM_THREADS, when set, wins over 0). GPU runs leave torch's default.
+    threads: int = 0
     logger: str = choice("csv", ("wandb", "csv", "none"), "where metrics go")
     wandb: WandbConfig = field(default_factory=WandbConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -523,6 +547,8 @@ def _check_values(cfg: RunConfig) -> None:
             raise ConfigError(f"{key}: {value} must be >= 0")
     if not 0.0 <= data.max_corrupt_fraction <= 1.0:
         raise ConfigError(f"data.max_corrupt_fraction: {data.max_corrupt_fraction} must be in [0, 1]")
+    if cfg.threads < 0:
+        raise ConfigError(f"threads: {cfg.threads} must be >= 0 (0 = from the cores)")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr: {cfg.optim.lr} must be > 0")
     if not 0.0 <= cfg.optim.ema_decay < 1.0:

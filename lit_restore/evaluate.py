@@ -30,14 +30,14 @@ from torch import Tensor
 from lit_restore.data.degrade.suite import Task, build_task_set, find_task, load_suite, real_tasks_from_shards
 from lit_restore.lines import LinesError, line_stats, read_lines, save_lines
 from lit_restore.metrics import LPIPSWeightsError, load_lpips, psnr, quantize_8bit, ssim
-from lit_restore.report import BIQAResult, Conventions, EvalResult, TaskResult, before_after_grid, write_report
-from lit_restore.restore import (AutoRestorer, MissingWeightsError, SamplerSettings, TileSettings, biqa_logits,
+from lit_restore.report import BIQAResult, Conventions, EvalResult, TaskResult, contact_sheet, write_report
+from lit_restore.restore import (AutoRestorer, FastRestorer, MissingWeightsError, SamplerSettings, TileSettings, biqa_logits,
                                  build_restorer, check_settings, has_stage, image_generator, load_biqa, pick_device,
                                  progress_bar)
 
 __all__ = ["psnr", "ssim", "evaluate_command", "select_tasks"]
 
-GRID_IMAGES = 4  # before/after rows per task in the report
+GRID_IMAGES = 4  # contact-sheet rows per task in the report
 
 
 def select_tasks(suite: str, data: str, tasks: Optional[str]) -> list[Task]:
@@ -71,7 +71,8 @@ class TaskScores:
     input_psnr: list[float] = field(default_factory=list)
     input_ssim: list[float] = field(default_factory=list)
     lpips: list[float] = field(default_factory=list)
-    grid: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)
+    compare_psnr: list[float] = field(default_factory=list)
+    grid: list[list[tuple[Tensor, str]]] = field(default_factory=list)  # contact-sheet rows: (image, caption)
 
     def result(self, task: Task) -> TaskResult:
         def mean(v: list[float]) -> float:
@@ -80,15 +81,8 @@ class TaskScores:
         return TaskResult(task=task.name, n_images=len(self.psnr), psnr=mean(self.psnr), ssim=mean(self.ssim),
                           input_psnr=mean(self.input_psnr), input_ssim=mean(self.input_ssim),
                           lpips=mean(self.lpips) if self.lpips else None,
-                          kind="real" if task.kind == "real" else "synthetic", types=list(task.types))
-
-
-def _grid(rows: list[tuple[Tensor, Tensor, Tensor]]) -> Tensor:
-    """Before/after grid of the rows that share the first row's size (make_grid needs one size)."""
-    size = rows[0][0].shape
-    same = [r for r in rows if r[0].shape == size]
-    lq, out, gt = (torch.cat([r[i] for r in same]) for i in range(3))
-    return before_after_grid(lq, out, gt, max_images=GRID_IMAGES)
+                          kind="real" if task.kind == "real" else "synthetic", types=list(task.types),
+                          level=task.level, compare_psnr=mean(self.compare_psnr) if self.compare_psnr else None)
 
 
 def _error(message: str) -> int:
@@ -100,7 +94,8 @@ def evaluate_command(weights: str, suite: str, data: str, out: str, lines: Optio
                      save_lines_path: Optional[str] = None, line_role: str = "acceptance", tasks: Optional[str] = None,
                      max_images: int = 0, crop_border: int = 4, y_channel: bool = False,
                      lpips_weights: Optional[str] = None, fast: bool = False, steps: int = 20, sampler: str = "euler_a",
-                     max_passes: int = 7, device: str = "auto", seed: int = 0) -> int:
+                     max_passes: int = 7, device: str = "auto", seed: int = 0, threads: int = 0,
+                     compare_fast: bool = False) -> int:
     """Evaluate `weights` on the suite and write metrics.json + report.md/html into `out`.
     Exit codes: 0 done; 2 nothing evaluated (missing weights or data, bad arguments)."""
 
@@ -116,10 +111,12 @@ def evaluate_command(weights: str, suite: str, data: str, out: str, lines: Optio
         if not selected:
             raise ValueError(f"--tasks {tasks!r} selects no task")
         reference = read_lines(lines) if lines else {}
-        dev = pick_device(device)
+        dev = pick_device(device, threads)
         restorer = build_restorer(weights, dev, None, fast, max_passes, sampling, tiles)
         biqa = restorer.biqa if isinstance(restorer, AutoRestorer) else (
             load_biqa(weights, dev) if has_stage(weights, "biqa") else None)
+        # The feed-forward restorer on the same images, for a column beside the automatic loop's.
+        fast_restorer = FastRestorer(weights, dev, tiles) if compare_fast and not fast else None
     except (MissingWeightsError, FileNotFoundError, ValueError) as e:  # ConfigError and LinesError are ValueErrors
         return _error(str(e))
     try:
@@ -145,6 +142,11 @@ def evaluate_command(weights: str, suite: str, data: str, out: str, lines: Optio
                 restored, log = restorer.restore(lq, image_generator(seed))
                 restored = quantize_8bit(restored)
                 s.psnr.append(float(psnr(restored, gt, crop_border, y_channel)))
+                row = [(lq, "input"), (restored, "")]
+                if fast_restorer is not None:
+                    fast_out = quantize_8bit(fast_restorer.restore(lq, image_generator(seed))[0])
+                    s.compare_psnr.append(float(psnr(fast_out, gt, crop_border, y_channel)))
+                    row.append((fast_out, f"{s.compare_psnr[-1]:.2f} dB"))
                 s.ssim.append(float(ssim(restored, gt, crop_border, y_channel)))
                 s.input_psnr.append(float(psnr(lq, gt, crop_border, y_channel)))
                 s.input_ssim.append(float(ssim(lq, gt, crop_border, y_channel)))
@@ -152,7 +154,9 @@ def evaluate_command(weights: str, suite: str, data: str, out: str, lines: Optio
                     with torch.no_grad():
                         s.lpips.append(float(lpips_model(restored.to(dev), gt.to(dev), normalize=True).mean()))
                 if len(s.grid) < GRID_IMAGES:
-                    s.grid.append((lq, restored, gt))
+                    row[0] = (lq, f"{s.input_psnr[-1]:.2f} dB")
+                    row[1] = (restored, f"{s.psnr[-1]:.2f} dB")
+                    s.grid.append(row + [(gt, "clean")])
                 if biqa is not None:
                     if target is not None:
                         first = log.get("passes")
@@ -175,6 +179,7 @@ def evaluate_command(weights: str, suite: str, data: str, out: str, lines: Optio
         st = line_stats({r.task: getattr(r, metric) for r in evaluated}, reference, metric)
         if st is not None:
             stats[metric] = st
+    columns = ["input", "--fast" if fast else "automatic", *(["--fast"] if fast_restorer else []), "clean"]
     if fast:
         method = "feed-forward ConStyle restorer (--fast)"
     else:
@@ -185,7 +190,8 @@ def evaluate_command(weights: str, suite: str, data: str, out: str, lines: Optio
         conventions=Conventions(crop_border=crop_border, y_channel=y_channel, lpips=lpips_note),
         tasks=results, lines=reference, line_stats=stats,
         biqa=BIQAResult(classes, confusion) if biqa is not None and any(map(any, confusion)) else None,
-        grids={t.name: _grid(scores[t.name].grid) for t in selected if scores[t.name].grid},
+        grids={t.name: contact_sheet(columns, scores[t.name].grid) for t in selected if scores[t.name].grid},
+        compare_method="--fast restorer" if fast_restorer is not None else "",
     )
     paths = write_report(out, result)
     if save_lines_path:

@@ -183,6 +183,7 @@ def export_command(ckpt: str, out: str, ema: bool = True, onnx: bool = True) -> 
     use_ema = ema and cfg.optim.ema_decay > 0
     stage, modules = build_modules(without_downloads(cfg), use_ema)
     stage.load_state_dict(stage_state_dict(checkpoint, stage, use_ema))
+    stage.prepare_export()
     step = int(checkpoint.get("global_step", 0))
     final = Path(out) / cfg.stage
     final.parent.mkdir(parents=True, exist_ok=True)

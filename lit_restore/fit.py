@@ -35,6 +35,10 @@ from lit_restore.stages.base import Stage
 
 def build_stage(cfg: RunConfig) -> Stage:
     """The stage's LightningModule. An explicit chain: each stage is one file in lit_restore/stages."""
+    if cfg.stage == "autoencoder":
+        from lit_restore.stages.autoencoder import AutoencoderStage
+
+        return AutoencoderStage(cfg)
     if cfg.stage == "biqa":
         from lit_restore.stages.biqa import BIQAStage
 
@@ -185,6 +189,19 @@ def on_cpu(cfg: RunConfig) -> bool:
     return accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
 
 
+def local_processes(cfg: RunConfig) -> int:
+    """Training processes sharing this machine's cores: one per device, unless the process is
+    already bound to its own cores (SLURM --cpus-per-task with task affinity)."""
+    from lit_restore.threads import available_cores
+
+    if available_cores() < (os.cpu_count() or 1):
+        return 1
+    devices = cfg.trainer.get("devices", 1)
+    if devices == "auto":
+        return 1
+    return len(devices) if isinstance(devices, (list, tuple)) else max(1, int(devices))
+
+
 def build_strategy(cfg: RunConfig) -> Union[str, Strategy]:
     """`trainer.strategy`: Lightning's names pass through (auto = DDP when several devices);
     `fsdp` = FSDP for the LDM UNet, `modelparallel` = FSDP2 for any stage (CPU too)."""
@@ -259,6 +276,11 @@ def fit(cfg: RunConfig, stage: Optional[L.LightningModule] = None, datamodule: O
         ) -> L.Trainer:
     """Train `cfg`'s stage (or the given module and datamodule) into `cfg.out_dir`."""
     ckpt = resume_path(cfg.resume, cfg.out_dir)
+    if on_cpu(cfg):
+        from lit_restore.threads import use_cpu_threads
+
+        n = use_cpu_threads(local_processes(cfg), cfg.data.num_workers, cfg.threads)
+        rank_zero_info(f"CPU threads per process: {n} (threads=N to change)")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     write_run_config(cfg)
     stage = stage if stage is not None else build_stage(cfg)

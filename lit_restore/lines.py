@@ -109,7 +109,7 @@ class LineStats:
 
     metric: str
     n_cases: int  # tasks counted
-    n_dropped: int  # tasks with both lines closer than MIN_GAP
+    n_dropped: int  # tasks whose lines are closer than MIN_GAP or inverted (excellence below acceptance)
     n_without_lines: int  # scored tasks missing a line
     ar: float
     er: float

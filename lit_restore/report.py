@@ -66,6 +66,13 @@ class TaskResult:
     lpips: Optional[float] = None
     kind: str = "synthetic"  # "synthetic" (GIR suite) or "real" (paired shards)
     types: list[str] = field(default_factory=list)
+    level: str = "id"  # "id" (inside the training ranges) or "ood" (harder; real sets count as ood)
+    compare_psnr: Optional[float] = None  # a second method on the same images (evaluate --compare-fast)
+
+    @property
+    def gain(self) -> float:
+        """PSNR gain over the degraded input (dB): negative means the output is worse than its input."""
+        return self.psnr - self.input_psnr
 
 
 @dataclass
@@ -94,16 +101,41 @@ class EvalResult:
     lines: Lines = field(default_factory=dict)
     line_stats: dict[str, LineStats] = field(default_factory=dict)  # "psnr"/"ssim" → stats
     biqa: Optional[BIQAResult] = None
-    grids: dict[str, Tensor] = field(default_factory=dict)  # task → (3, H, W) in [0, 1]
+    grids: dict[str, Tensor] = field(default_factory=dict)  # task → contact sheet (3, H, W) in [0, 1]
+    compare_method: str = ""  # what TaskResult.compare_psnr measured, e.g. "--fast restorer"
 
 
-def before_after_grid(lq: Tensor, out: Tensor, gt: Tensor, max_images: int = 4, pad: int = 2) -> Tensor:
-    """(N, 3, H, W) input, output and GT → one (3, H', W') image: a row per image, columns lq | out | gt."""
-    from torchvision.utils import make_grid
+SHEET_MIN_SIDE = 192  # contact-sheet cells are enlarged (nearest) to at least this, so pixels can be judged
+SHEET_FONT = 16
 
-    n = min(max_images, lq.shape[0])
-    cells = torch.stack([lq[:n], out[:n], gt[:n]], dim=1).flatten(0, 1)
-    return make_grid(cells.float().clamp(0, 1).cpu(), nrow=3, padding=pad, pad_value=1.0)
+
+def contact_sheet(columns: list[str], rows: list[list[tuple[Tensor, str]]], min_side: int = SHEET_MIN_SIDE) -> Tensor:
+    """A labelled contact sheet: a header of column names, then a row per image of (image, caption)
+    cells, each (1|3, H, W) in [0, 1] with its caption (e.g. its PSNR) underneath. Images of any
+    size share the sheet (each cell is as big as the largest); small ones are enlarged by an
+    integer factor, nearest-neighbour, so what is shown is the pixels that were scored."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=SHEET_FONT)
+    cells = [[(x[0] if x.dim() == 4 else x).float().clamp(0, 1).cpu(), cap] for row in rows for x, cap in row]
+    factor = max(1, -(-min_side // max(max(c[0].shape[-2:]) for c in cells)))
+    h = max(c[0].shape[-2] for c in cells) * factor
+    w = max(c[0].shape[-1] for c in cells) * factor
+    text_h, pad = SHEET_FONT + 8, 4
+    canvas = Image.new("RGB", (len(columns) * (w + pad) + pad, text_h + len(rows) * (h + text_h + pad) + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for c, name in enumerate(columns):
+        draw.text((pad + c * (w + pad) + 2, 2), name, fill="black", font=font)
+    for r, row in enumerate(rows):
+        y0 = text_h + r * (h + text_h + pad) + pad
+        for c, (image, caption) in enumerate(row):
+            image = (image[0] if image.dim() == 4 else image).float().clamp(0, 1).cpu()
+            rgb = (image.expand(3, -1, -1) * 255).round().byte().permute(1, 2, 0).numpy()
+            tile = Image.fromarray(rgb).resize((rgb.shape[1] * factor, rgb.shape[0] * factor), Image.Resampling.NEAREST)
+            x0 = pad + c * (w + pad)
+            canvas.paste(tile, (x0, y0))
+            draw.text((x0 + 2, y0 + h + 2), caption, fill="black", font=font)
+    return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1).float() / 255
 
 
 # --------------------------------------------------------------------------------------
@@ -291,26 +323,69 @@ def _mean(values: list[Optional[float]]) -> Optional[float]:
     return sum(vals) / len(vals) if vals else None
 
 
+def _verdicts(result: EvalResult, task: str) -> tuple[str, str]:
+    """(accepted, excellent) cells: yes/no where the task's PSNR lines are meaningful, "lines
+    inverted" where the excellence line lies below the acceptance line (left out of AR/ER)."""
+    line = result.lines.get(task, {})
+    a, e = line.get("acceptance_psnr"), line.get("excellence_psnr")
+    if a is not None and e is not None and e < a:
+        return "lines inverted", "lines inverted"
+    stats = result.line_stats.get("psnr")
+    judged = stats.per_task.get(task) if stats else None
+    return _yes_no(judged["accepted"] if judged else None), _yes_no(judged["excellent"] if judged else None)
+
+
 def _task_table(result: EvalResult) -> Table:
-    psnr_stats = result.line_stats.get("psnr")
-    headers = ["task", "kind", "images", "PSNR", "SSIM", "LPIPS", "input PSNR", "input SSIM",
-               "acceptance", "excellence", "accepted", "excellent"]
+    compare = [f"{result.compare_method} PSNR"] if result.compare_method else []
+    headers = ["task", "kind", "level", "images", "input PSNR", "PSNR", "gain (dB)", *compare, "SSIM", "input SSIM",
+               "LPIPS", "acceptance", "excellence", "accepted", "excellent"]
     rows = []
     for t in result.tasks:
         line = result.lines.get(t.task, {})
-        judged = psnr_stats.per_task.get(t.task) if psnr_stats else None
         rows.append([
-            t.task, t.kind, str(t.n_images), _fmt(t.psnr, 2), _fmt(t.ssim, 4), _fmt(t.lpips, 4),
-            _fmt(t.input_psnr, 2), _fmt(t.input_ssim, 4),
-            _fmt(line.get("acceptance_psnr"), 2), _fmt(line.get("excellence_psnr"), 2),
-            _yes_no(judged["accepted"] if judged else None), _yes_no(judged["excellent"] if judged else None),
+            t.task, t.kind, t.level, str(t.n_images), _fmt(t.input_psnr, 2), _fmt(t.psnr, 2), _signed(t.gain),
+            *([_fmt(t.compare_psnr, 2)] if compare else []), _fmt(t.ssim, 4), _fmt(t.input_ssim, 4),
+            _fmt(t.lpips, 4), _fmt(line.get("acceptance_psnr"), 2), _fmt(line.get("excellence_psnr"), 2),
+            *_verdicts(result, t.task),
         ])
     ts = result.tasks
-    rows.append(["mean", "", str(sum(t.n_images for t in ts)), _fmt(_mean([t.psnr for t in ts]), 2),
-                 _fmt(_mean([t.ssim for t in ts]), 4), _fmt(_mean([t.lpips for t in ts]), 4),
-                 _fmt(_mean([t.input_psnr for t in ts]), 2), _fmt(_mean([t.input_ssim for t in ts]), 4),
-                 "", "", "", ""])
+    rows.append(["mean", "", "", str(sum(t.n_images for t in ts)), _fmt(_mean([t.input_psnr for t in ts]), 2),
+                 _fmt(_mean([t.psnr for t in ts]), 2), _signed(_mean([t.gain for t in ts])),
+                 *([_fmt(_mean([t.compare_psnr for t in ts]), 2)] if compare else []),
+                 _fmt(_mean([t.ssim for t in ts]), 4), _fmt(_mean([t.input_ssim for t in ts]), 4),
+                 _fmt(_mean([t.lpips for t in ts]), 4), "", "", "", ""])
     return Table(headers, rows)
+
+
+def _signed(v: Optional[float]) -> str:
+    if v is None or not math.isfinite(v):
+        return _fmt(v, 2)
+    return f"{v:+.2f}"
+
+
+def summary_rows(tasks: list[TaskResult]) -> list[tuple[str, list[TaskResult]]]:
+    """Groups for the summary table: each degradation type's single-type tasks, then the
+    in-distribution, out-of-distribution and combination tasks, then all."""
+    groups: list[tuple[str, list[TaskResult]]] = []
+    singles = [t for t in tasks if len(t.types) == 1 and t.kind != "real"]
+    for name in dict.fromkeys(t.types[0] for t in singles):
+        groups.append((f"type {name}", [t for t in singles if t.types[0] == name]))
+    for label, level in (("in-distribution", "id"), ("out-of-distribution", "ood")):
+        groups.append((label, [t for t in tasks if t.level == level]))
+    groups.append(("combinations", [t for t in tasks if len(t.types) > 1]))
+    groups.append(("real pairs", [t for t in tasks if t.kind == "real"]))
+    groups.append(("all", list(tasks)))
+    return [(label, ts) for label, ts in groups if ts]
+
+
+def _summary_table(result: EvalResult) -> Table:
+    rows = []
+    for label, ts in summary_rows(result.tasks):
+        gains = [t.gain for t in ts if math.isfinite(t.gain)]
+        worse = sum(g < 0 for g in gains)
+        rows.append([label, str(len(ts)), _fmt(_mean([t.input_psnr for t in ts]), 2), _fmt(_mean([t.psnr for t in ts]), 2),
+                     _signed(_mean(gains)), _signed(min(gains) if gains else None), f"{worse} of {len(gains)}"])
+    return Table(["tasks", "count", "input PSNR", "PSNR", "mean gain (dB)", "worst gain (dB)", "worse than input"], rows)
 
 
 def _lines_table(stats: dict[str, LineStats]) -> Table:
@@ -336,6 +411,10 @@ def write_report(out_dir: Union[str, Path], result: EvalResult) -> dict[str, Pat
         Paragraph(f"Weights: {result.weights}. Method: {result.method}."),
         Heading("Conventions"),
         Paragraph(result.conventions.text()),
+        Heading("Summary"),
+        Paragraph("Gain = output PSNR − input PSNR: what the restoration adds to the degraded image it was "
+                  "given. A negative gain means the output is worse than its input."),
+        _summary_table(result),
         Heading("Per-task results"),
         _task_table(result),
     ]
@@ -344,14 +423,19 @@ def write_report(out_dir: Union[str, Path], result: EvalResult) -> dict[str, Pat
         plot_psnr_lines(result.tasks, result.lines, paths["psnr_plot"])
         blocks.append(Figure("Per-task PSNR against the acceptance and excellence lines", "plots/psnr_lines.png"))
     blocks.append(Heading("Acceptance and excellence lines"))
+    inverted = [t for t, v in result.lines.items() if v.get("excellence_psnr", math.inf) < v.get("acceptance_psnr", -math.inf)]
     if result.line_stats:
         blocks += [
             Paragraph("AR = share of tasks at or above the acceptance line, ER = share at or above the "
                       "excellence line, RPR = sigmoid((m − A) / (E − A)); tasks whose lines are closer than "
-                      "0.1 dB (PSNR) or 0.01 (SSIM) are dropped. RPR_A / RPR_U: mean RPR of accepted / "
-                      "rejected tasks."),
+                      "0.1 dB (PSNR) or 0.01 (SSIM), or inverted (excellence below acceptance), are dropped. "
+                      "RPR_A / RPR_U: mean RPR of accepted / rejected tasks."),
             _lines_table(result.line_stats),
         ]
+    if inverted:
+        blocks.append(Paragraph(f"Lines inverted (the excellence line lies below the acceptance line, so they say "
+                                f"nothing about this model) on {len(inverted)} task(s), left out of AR/ER: "
+                                f"{', '.join(inverted)}."))
     else:
         blocks.append(Paragraph("No lines given (evaluate --lines CSV); AR/ER/RPR not computed."))
     if result.biqa is not None:
@@ -360,8 +444,9 @@ def write_report(out_dir: Union[str, Path], result: EvalResult) -> dict[str, Pat
         blocks += [Heading("BIQA"), _biqa_table(result.biqa),
                    Figure("BIQA confusion matrix (rows: true, columns: predicted)", "plots/confusion.png")]
     if result.grids:
-        blocks.append(Heading("Before / after"))
-        blocks.append(Paragraph("Columns: degraded input, restored output, ground truth."))
+        blocks.append(Heading("Contact sheets"))
+        blocks.append(Paragraph("Per task: the degraded input, the restored output(s) and the ground truth, each "
+                                "with its PSNR against the ground truth; small images are enlarged by whole pixels."))
         for task, grid in result.grids.items():
             rel = f"grids/{_safe_name(task)}.png"
             rgb = (grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()

@@ -200,11 +200,17 @@ class MissingWeightsError(FileNotFoundError):
     """An exported stage the chosen mode needs is not in the weights folder (one-line message)."""
 
 
-def pick_device(device: str) -> torch.device:
-    """'auto' → the first CUDA device when there is one, else the CPU."""
+def pick_device(device: str, threads: int = 0) -> torch.device:
+    """'auto' → the first CUDA device when there is one, else the CPU. On the CPU, torch gets
+    `threads` threads (0: as `lit_restore.threads.cpu_threads` chooses)."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        from lit_restore.threads import use_cpu_threads
+
+        use_cpu_threads(requested=threads)
+    return dev
 
 
 def has_stage(weights: str | Path, stage: str) -> bool:
@@ -444,7 +450,7 @@ def progress_bar(label: str):
 def restore_command(weights: str, inputs: Sequence[str], out: str, prompt: Optional[str] = None, fast: bool = False,
                     max_passes: int = 7, steps: int = 50, sampler: str = "euler_a", guidance_text: float = 1.0,
                     guidance_image: float = 1.0, tile: int = 512, overlap: int = 64, device: str = "auto",
-                    seed: int = 0) -> int:
+                    seed: int = 0, threads: int = 0) -> int:
     """Restore every image of `inputs` into `out`; exit code as in the module docstring."""
 
     sampling = SamplerSettings(steps, sampler, guidance_text, guidance_image)
@@ -463,7 +469,7 @@ def restore_command(weights: str, inputs: Sequence[str], out: str, prompt: Optio
     if not files:
         _error("no input images")
         return 2
-    dev = pick_device(device)
+    dev = pick_device(device, threads)
     try:
         restorer = build_restorer(weights, dev, prompt, fast, max_passes, sampling, tiles)
     except (MissingWeightsError, ValueError) as e:

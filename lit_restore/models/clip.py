@@ -102,15 +102,16 @@ class PromptCLIP(nn.Module):
     """
 
     def __init__(self, model: open_clip.CLIP, class_names: Sequence[str], resize: bool = False,
-                 train_logit_scale: bool = False) -> None:
+                 train_logit_scale: bool = False, train_text: bool = False) -> None:
         super().__init__()
         if not isinstance(model, open_clip.CLIP):
             raise TypeError(f"PromptCLIP needs an open_clip.CLIP with a built-in text tower, got {type(model).__name__}")
         self.model = model
         self.class_names = list(class_names)
         self.resize = resize
+        self.train_text = train_text
         for p in self.text_parameters():
-            p.requires_grad_(False)
+            p.requires_grad_(train_text)
         model.logit_scale.requires_grad_(train_logit_scale)
         pp = model.visual.preprocess_cfg
         size = pp["size"]
@@ -134,8 +135,9 @@ class PromptCLIP(nn.Module):
 
     def train(self, mode: bool = True) -> "PromptCLIP":
         super().train(mode)
-        for m in self.text_modules():
-            m.eval()
+        if not self.train_text:
+            for m in self.text_modules():
+                m.eval()
         return self
 
     def preprocess(self, images: Tensor) -> Tensor:
@@ -153,10 +155,11 @@ class PromptCLIP(nn.Module):
         images = images[..., top : top + th, left : left + tw]
         return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
 
-    @torch.no_grad()
     def prompt_features(self) -> Tensor:
-        """(K, D) L2-normalised pooled text features of the class prompts."""
-        return self.model.encode_text(self.prompt_tokens, normalize=True)
+        """(K, D) L2-normalised pooled text features of the class prompts (with gradients only
+        when the text tower trains)."""
+        with torch.set_grad_enabled(self.train_text and torch.is_grad_enabled()):
+            return self.model.encode_text(self.prompt_tokens, normalize=True)
 
     @torch.no_grad()
     def token_states(self, texts: Sequence[str]) -> Tensor:
@@ -169,7 +172,8 @@ class PromptCLIP(nn.Module):
         return m.ln_final(x)
 
     def logits(self, images: Tensor) -> Tensor:
-        """(B, K) class logits for [0,1] images; gradients reach the image tower only."""
+        """(B, K) class logits for [0,1] images; gradients reach the image tower (and the text
+        tower when it trains)."""
         image = F.normalize(self.model.encode_image(self.preprocess(images)), dim=-1)
         text = self.prompt_features().to(image.dtype)
         return self.model.logit_scale.exp() * image @ text.t()

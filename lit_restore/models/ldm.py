@@ -157,10 +157,11 @@ class LatentDiffusion(nn.Module):
         x = self.vae.decode((z / self.vae.config.scaling_factor).to(self.vae.dtype)).sample
         return ((x.float() + 1) / 2).clamp(0, 1)
 
-    def denoise(self, unet: nn.Module, z_t: Tensor, t: Tensor, cond_latent: Tensor, context: Tensor) -> Tensor:
-        """UNet output for noisy latents with the condition latent concatenated on channels."""
+    def denoise(self, unet: nn.Module, z_t: Tensor, t: Tensor, cond_latent: Optional[Tensor], context: Tensor) -> Tensor:
+        """UNet output for noisy latents with the condition latent concatenated on channels (none
+        for a plain denoiser)."""
         dtype = next(unet.parameters()).dtype
-        x = torch.cat([z_t, cond_latent], dim=1).to(dtype)
+        x = (z_t if cond_latent is None else torch.cat([z_t, cond_latent], dim=1)).to(dtype)
         return unet(x, t, encoder_hidden_states=context.to(dtype)).sample.float()
 
     @torch.no_grad()

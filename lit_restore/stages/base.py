@@ -81,11 +81,19 @@ class Stage(L.LightningModule):
         g.manual_seed(self.cfg.seed + zlib.crc32(keys[0].encode()))
         return g
 
+    def clean_batch(self, batch: dict) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+        """(gt in [0,1], keys, valid) of a transferred batch; counts the loader's corrupt samples."""
+        gt = batch["gt"].float().div_(255.0)
+        valid = batch.get("valid")
+        if valid is None:
+            valid = torch.ones(gt.shape[0], dtype=torch.bool, device=gt.device)
+        if "n_corrupt" in batch and self._is_training():
+            self._corrupt_seen += int(batch["n_corrupt"].sum())
+        return gt, list(batch["key"]), valid.to(torch.bool)
+
     @torch.no_grad()
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int = 0) -> dict:
-        gt = batch["gt"].float().div_(255.0)
-        n = gt.shape[0]
-        keys = list(batch["key"])
+        gt, keys, valid = self.clean_batch(batch)
         generator = self._degrade_generator(gt.device, keys)
         # Degradations in fp32 whatever the training precision (half-precision blur/JPEG drift).
         with torch.autocast(device_type=gt.device.type, enabled=False):
@@ -99,11 +107,6 @@ class Stage(L.LightningModule):
             label = torch.where(real, real_label, label)
             real_types = F.one_hot(real_label, len(DEGRADATION_TYPES)).to(torch.bool)
             types = torch.where(real[:, None], real_types, types)
-        valid = batch.get("valid")
-        if valid is None:
-            valid = torch.ones(n, dtype=torch.bool, device=gt.device)
-        if "n_corrupt" in batch and self._is_training():
-            self._corrupt_seen += int(batch["n_corrupt"].sum())
         return {
             "gt": gt,
             "lq": lq.contiguous(),
@@ -111,7 +114,7 @@ class Stage(L.LightningModule):
             "types": types,
             "params": params,
             "key": keys,
-            "valid": valid.to(torch.bool),
+            "valid": valid,
         }
 
     # ------------------------------------------------------------------ EMA of one sub-network
@@ -198,6 +201,9 @@ class Stage(L.LightningModule):
         return path
 
     # ------------------------------------------------------------------ export
+
+    def prepare_export(self) -> None:
+        """Called by export after the checkpoint's weights are loaded, before files are written."""
 
     def export_modules(self) -> dict[str, nn.Module]:
         """Inference modules to export, by name."""

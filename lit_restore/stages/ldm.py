@@ -50,7 +50,8 @@ def build_latent_diffusion(m: LDMModelConfig, key: str = "model") -> LatentDiffu
     if unet.config.out_channels != latent:
         raise ConfigError(f"{key}.unet_cfg: out_channels {unet.config.out_channels} must equal the VAE's "
                           f"latent_channels {latent}")
-    widen_conv_in(unet, 2 * latent)
+    if m.image_condition:
+        widen_conv_in(unet, 2 * latent)
     width = text_shape(m.clip)[1]
     if unet.config.cross_attention_dim != width:
         raise ConfigError(f"{key}.unet_cfg: cross_attention_dim {unet.config.cross_attention_dim} must equal "
@@ -111,8 +112,12 @@ class LDMStage(Stage):
     def inference_unet(self) -> nn.Module:
         return self.averaged(self.ldm.unet)
 
-    def conditions(self, batch: dict, drop: bool, generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
-        """(condition latent, text context) per sample, with classifier-free dropout when `drop`."""
+    def conditions(self, batch: dict, drop: bool, generator: Optional[torch.Generator] = None
+                   ) -> tuple[Optional[Tensor], Tensor]:
+        """(condition latent, text context) per sample, with classifier-free dropout when `drop`.
+        A plain denoiser (`image_condition` off) has no condition latent and the empty prompt."""
+        if not self.cfg.model.image_condition:
+            return None, self.context_bank[NULL_PROMPT].expand(batch["gt"].shape[0], -1, -1)
         cond = self.ldm.encode_condition(batch["lq"])
         context = self.context_bank[batch["label"]]
         if drop:
@@ -156,6 +161,8 @@ class LDMStage(Stage):
         unet = self.inference_unet
         loss = masked_mean(self.diffusion_loss(unet, batch, drop=False, generator=g), batch["valid"])
         self.log("val/loss", loss, batch_size=batch["gt"].shape[0], sync_dist=True)
+        if not m.image_condition:
+            return  # a plain denoiser has nothing to restore from
         context = self.context_bank[batch["label"]]
         pred = self.ldm.sample(batch["lq"], context, self.context_bank[NULL_PROMPT:], steps=m.val_steps,
                                sampler=m.val_sampler, generator=g, unet=unet)
