@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench slurm-local slurm-local-stop clean
+.PHONY: demo test bench foundations slurm-local slurm-local-stop clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,6 +15,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(PY) -m lit_restore.demo
+
+# The tiny VAE, UNet and CLIP that configs/tiny/ start from (shipped in foundations/tiny/; this
+# is how they were made: ~N min on 2 cores, see foundations/tiny/*/README.md).
+foundations: $(STAMP)
+	$(PY) -m lit_restore.foundations
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra tests

@@ -1,9 +1,15 @@
-"""Does the tiny restorer learn? Trains configs/tiny/restorer.yaml for a few CPU minutes twice —
-ConStyle-NAFNet (joint ConStyle training) and a plain NAFNet of about the same size, same steps —
-then scores both on the held-out val shard: every crop degraded by each synthetic type alone,
+"""Does the tiny restorer learn, and does the ConStyle prior help? Trains configs/tiny/restorer.yaml
+for the same restorer budget (steps, batch) as
+- `constyle_frozen`: ConStyle-NAFNet with the encoder pretrained by the constyle stage
+  (configs/tiny/constyle.yaml, `--pretrain-steps`, before the restorer budget) and then frozen: the
+  method as IRConStyle / ConStyle v2 run it;
+- `constyle_joint`: ConStyle-NAFNet with the encoder trained jointly from random (IRConStyle v1);
+- `nafnet_same_width`: the plain NAFNet of the same restorer width (does the prior help the same net?);
+- `nafnet`: a plain NAFNet of about the same total size, encoder included;
+then scores each on the held-out val shard: every crop degraded by each synthetic type alone,
 `--seeds` seeded draws per type, so each type weighs alike in the mean.
 
-    python bench/learn_restorer.py [--steps 3000] [--jobs 2] [--crop 48] [--seeds 2] [--data data/sample] [--set key=value ...]
+    python bench/learn_restorer.py [--steps 3000] [--pretrain-steps 1000] [--jobs 2] [--models ...] [--set key=value ...]
 
 Prints mean PSNR per degradation type of the degraded input, of each restorer before training
 (step 0: the nets start as the identity, so this equals the input) and after, and the mean over
@@ -33,10 +39,25 @@ from lit_restore.metrics import psnr
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny" / "restorer.yaml"
+CONSTYLE_CONFIG = ROOT / "configs" / "tiny" / "constyle.yaml"
 # Plain NAFNet sized to the ConStyle-NAFNet of the tiny config (encoder included): ~0.75 M parameters.
 PLAIN = ["model.arch=nafnet", "model.width=26", "model.enc_blocks=[1,1,1]", "model.middle_blocks=1",
          "model.dec_blocks=[1,1,1]"]
-MODELS = {"constyle_nafnet": [], "nafnet": PLAIN}
+MODELS = {"constyle_frozen": ["model.constyle_mode=frozen"], "constyle_joint": ["model.constyle_mode=joint"],
+          "nafnet_same_width": ["model.arch=nafnet"], "nafnet": PLAIN}
+
+
+def pretrain_constyle(args: argparse.Namespace, out: Path) -> Path:
+    """The constyle stage's encoder pretraining on the same shards; returns its last checkpoint."""
+    torch.set_num_threads(args.threads)
+    cfg = load_config(CONSTYLE_CONFIG, [
+        f"out_dir={out / 'constyle'}", "logger=none", f"data.train={args.data}/train-{{000000..000003}}.tar",
+        f"data.val={args.data}/val-000000.tar", f"data.crop={args.crop}", f"trainer.max_steps={args.pretrain_steps}",
+        f"trainer.val_check_interval={args.pretrain_steps}", f"checkpoint.every_n_steps={args.pretrain_steps}",
+        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", f"seed={args.seed}"])
+    L.seed_everything(cfg.seed, verbose=False)
+    fit(cfg)
+    return out / "constyle" / "checkpoints" / "last.ckpt"
 
 
 def degraded_sets(cfg, seeds: int) -> tuple[Tensor, dict[str, Tensor]]:
@@ -111,6 +132,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads of the training process")
     p.add_argument("--jobs", type=int, default=1, help="models trained at the same time, one process each")
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    p.add_argument("--pretrain-steps", type=int, default=1000, help="constyle stage steps before constyle_frozen")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for both runs")
     p.add_argument("--data", default=str(ROOT / "data" / "sample"), help="`lit-restore prep-sample` output")
     args = p.parse_args()
@@ -120,7 +142,13 @@ def main() -> None:
         prep_sample(args.data, crop=128, train_crops=64, val_crops=4, seed=0, overwrite=False)
 
     with tempfile.TemporaryDirectory() as tmp, ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-        futures = {name: pool.submit(run, name, MODELS[name], args, Path(tmp)) for name in args.models}
+        models = {name: list(MODELS[name]) for name in args.models}
+        if "constyle_frozen" in models:
+            t0 = time.perf_counter()
+            encoder = pool.submit(pretrain_constyle, args, Path(tmp)).result()
+            print(f"constyle pretraining: {args.pretrain_steps} steps in {time.perf_counter() - t0:.0f} s")
+            models["constyle_frozen"].append(f"model.constyle_weights={encoder}")
+        futures = {name: pool.submit(run, name, overrides, args, Path(tmp)) for name, overrides in models.items()}
         results = {name: f.result() for name, f in futures.items()}
 
     inputs = next(iter(results.values()))["input"]
@@ -144,9 +172,12 @@ def main() -> None:
         print(f"{name}: gain over the input, mean over types {type_means(gains)[-1]:+.2f} dB ("
               + ", ".join(f"{t} {g.mean().item():+.2f}" for t, g in gains.items())
               + f"); median per image {flat.median().item():+.2f} dB, {(flat > 0).sum().item()}/{len(flat)} improved")
-    if len(results) == 2:
-        a, b = (type_means(r["after"])[-1] for r in results.values())
-        print(f"ConStyle-NAFNet - NAFNet = {a - b:+.2f} dB (mean over types) at equal parameters and steps")
+    means = {name: type_means(r["after"])[-1] for name, r in results.items()}
+    for constyle in ("constyle_frozen", "constyle_joint"):
+        for plain, what in (("nafnet_same_width", "the same restorer width"), ("nafnet", "about equal total parameters")):
+            if constyle in means and plain in means:
+                print(f"{constyle} - {plain} = {means[constyle] - means[plain]:+.2f} dB (mean over types), "
+                      f"{what}, equal restorer steps")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,21 @@
 """`make demo`: the whole pipeline on a CPU in minutes, everything under `demo_out/`.
 
-Sample shards → train the tiny BIQA, ConStyle, restorer, LDM and SCM → export → restore a few
-degraded images (automatic loop and --fast) → evaluate on one task per degradation type → report.
-Every step is a real `lit-restore` command (run as `python -m lit_restore.cli`), so the demo
-exercises what a user types; each command's output goes to `demo_out/logs/<step>.log`.
+Sample shards → BIQA, ConStyle, restorer, LDM and SCM, each started the way the full configs start
+→ export → restore a few degraded images (automatic loop and --fast) → evaluate on one task per
+degradation type → report. Every step is a real `lit-restore` command (run as
+`python -m lit_restore.cli`), so the demo exercises what a user types; each command's output goes
+to `demo_out/logs/<step>.log`.
+
+What each step starts from mirrors the full pipeline, in miniature: BIQA fine-tunes the image tower
+of the tiny CLIP foundation (OpenAI's CLIP at full scale), the LDM fine-tunes the tiny UNet
+foundation on the frozen tiny VAE foundation (SD-1.5's), the restorer uses the encoder the demo's
+ConStyle step pretrained, frozen, and the SCM trains on the demo's frozen LDM. The foundations are
+shipped in `foundations/tiny/` (made by `make foundations`). The figures come from minutes of CPU
+training of tiny models: they show that the method works end to end, not what full-size models reach.
 
 GIR lines for the report: the restorer's early checkpoint is the acceptance line and its final
-weights the excellence line (both run feed-forward, `--fast`); the automatic loop is then
-judged against them. The tiny models are random-initialised and trained for a few hundred CPU
-steps: the numbers show the pipeline works end to end, not what the full-size models reach.
+weights the excellence line (both run feed-forward, `--fast`); the automatic loop is judged
+against them, where the lines are meaningful (excellence above acceptance).
 
 Run: `python -m lit_restore.demo [--out demo_out] [--scale 1.0]` (`--scale` multiplies every
 training length; the README's timing is for 1.0).
@@ -17,6 +24,7 @@ training length; the README's timing is for 1.0).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -31,6 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 EVAL_TASKS = ("noise_s25", "blur_s2", "jpeg_q50", "lowres_x4", "haze_b1.5", "rain_a75", "lowlight_g2")
 # Degraded inputs written for the restore step (first val images, one task each).
 RESTORE_TASKS = ("noise_s25", "blur_s2", "haze_b1.5")
+TINY_NOTE = "tiny models, minutes of CPU training: proof that the method runs end to end, not full-scale quality"
 
 
 @dataclass
@@ -40,10 +49,9 @@ class DemoPlan:
     biqa_steps: int = 300
     constyle_steps: int = 100
     restorer_steps: int = 200  # checkpoints every quarter: the first is the acceptance line's weights
-    # The tiny LDM/SCM cost seconds per CPU step (VAE + UNet): short runs, few sampling steps.
     ldm_steps: int = 60
     scm_steps: int = 40
-    eval_images: int = 2  # per task
+    eval_images: int = 8  # per task
     diffusion_steps: int = 5
     max_passes: int = 2
 
@@ -80,16 +88,24 @@ class Runner:
         self.index += 1
         self.console.rule(f"[bold]{self.index}/{self.total}  {title}")
 
-    def cli(self, name: str, *args: str, ok_codes: Sequence[int] = (0,)) -> str:
-        """`python -m lit_restore.cli ARGS`; returns its stdout+stderr, raises StepFailed on a bad exit code."""
+    def cli(self, name: str, *args: str, ok_codes: Sequence[int] = (0,), steps: int = 0, run_dir: Optional[Path] = None
+            ) -> str:
+        """`python -m lit_restore.cli ARGS`; returns its stdout+stderr, raises StepFailed on a bad exit
+        code. A training command (`steps`, `run_dir`) shows its step and the time left."""
         cmd = [sys.executable, "-m", "lit_restore.cli", *args]
         log = self.logs / f"{name}.log"
         start = time.perf_counter()
-        with self.console.status(f"lit-restore {' '.join(args[:2])} …  (log: {log})"):
+        label = f"lit-restore {' '.join(args[:2])}"
+        with self.console.status(f"{label} …  (log: {log})") as status:
             with open(log, "w") as f:
                 f.write("$ lit-restore " + " ".join(args) + "\n")
                 f.flush()
-                code = subprocess.run(cmd, cwd=REPO, env=self.env, stdout=f, stderr=subprocess.STDOUT).returncode
+                proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=f, stderr=subprocess.STDOUT)
+                while proc.poll() is None:
+                    time.sleep(1.0)
+                    if steps and run_dir is not None:
+                        status.update(f"{label}: {progress_text(run_dir, steps, time.perf_counter() - start)}")
+                code = proc.returncode
         seconds = time.perf_counter() - start
         self.times[name] = seconds
         text = log.read_text(errors="replace")
@@ -101,25 +117,50 @@ class Runner:
         return text
 
 
+def progress_text(run_dir: Path, steps: int, elapsed: float) -> str:
+    """'step N/M, ~S s left' from the run's CSV log (written every log_every_n_steps)."""
+    done = last_metric(run_dir, "step")
+    if not done:
+        return f"starting ({elapsed:.0f} s)"
+    done = int(done) + 1
+    left = elapsed / done * max(steps - done, 0)
+    return f"step {done}/{steps}, ~{left:.0f} s left"
+
+
 def fit_args(config: str, out_dir: Path, data: Path, steps: int, *overrides: str, every: int = 0) -> list[str]:
     """`fit` arguments for a tiny config on the demo shards: validation at the end, checkpoints
     every `every` steps (default: at the end)."""
     return ["fit", f"configs/tiny/{config}.yaml", f"out_dir={out_dir}", f"data.train={data}/train-{{000000..000003}}.tar",
             f"data.val={data}/val-000000.tar", f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
-            f"checkpoint.every_n_steps={every or steps}", "logger=csv", "resume=never", *overrides]
+            f"checkpoint.every_n_steps={every or steps}", "trainer.log_every_n_steps=5", "logger=csv", "resume=never",
+            *overrides]
+
+
+def metric_values(run_dir: Path, name: str) -> list[float]:
+    """Every logged value of `name` in a run's CSV logs, in order."""
+    import csv
+
+    values = []
+    for path in sorted(run_dir.glob("logs/version_*/metrics.csv")):
+        with open(path, newline="") as f:
+            values += [float(row[name]) for row in csv.DictReader(f) if row.get(name)]
+    return values
 
 
 def last_metric(run_dir: Path, name: str) -> Optional[float]:
     """The last logged value of `name` in a run's CSV logs."""
-    import csv
+    values = metric_values(run_dir, name)
+    return values[-1] if values else None
 
-    value = None
-    for path in sorted(run_dir.glob("logs/version_*/metrics.csv")):
-        with open(path, newline="") as f:
-            for row in csv.DictReader(f):
-                if row.get(name):
-                    value = float(row[name])
-    return value
+
+def loss_story(run_dir: Path) -> str:
+    """'train/loss a → b' over the run: the mean of its first and last few logged values."""
+    losses = metric_values(run_dir, "train/loss")
+    if not losses:
+        return "no loss logged"
+    k = max(1, min(3, len(losses) // 4))
+    first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
+    return f"train/loss {first:.4f} → {last:.4f} ({'down' if last < first else 'NOT down'})"
 
 
 def write_degraded_inputs(data: Path, folder: Path) -> list[Path]:
@@ -143,35 +184,37 @@ def run_demo(out: Path, plan: DemoPlan) -> int:
     start = time.perf_counter()
     r = Runner(out, total=9)
     data, runs, weights, early = out / "data", out / "runs", out / "weights", out / "weights_early"
+    stories: list[tuple[str, str, str]] = []  # (step, starts from, loss)
+
+    def train(name: str, title: str, starts_from: str, config: str, steps: int, *overrides: str, every: int = 0) -> None:
+        r.stage(f"{title} ({steps} steps)")
+        r.console.print(f"  starts from: {starts_from}")
+        run = runs / config
+        r.cli(f"fit-{config}", *fit_args(config, run, data, steps, *overrides, every=every), steps=steps, run_dir=run)
+        story = loss_story(run)
+        r.console.print(f"  {story}")
+        stories.append((name, starts_from, story))
+
     try:
         r.stage("Sample shards from scikit-image's photos")
         r.cli("prep-sample", "prep-sample", "--out", str(data), "--crop", "128", "--train-crops", "32",
               "--val-crops", "4", "--overwrite")
-
-        r.stage(f"Train BIQA (tiny CLIP image tower, {plan.biqa_steps} steps)")
-        r.cli("fit-biqa", *fit_args("biqa", runs / "biqa", data, plan.biqa_steps))
         biqa_ckpt = runs / "biqa" / "checkpoints" / "last.ckpt"
-
-        r.stage(f"Train ConStyle encoder ({plan.constyle_steps} steps)")
-        r.cli("fit-constyle", *fit_args("constyle", runs / "constyle", data, plan.constyle_steps))
-
-        r.stage(f"Train ConStyle-NAFNet restorer, frozen encoder ({plan.restorer_steps} steps)")
-        r.cli("fit-restorer", *fit_args(
-            "restorer", runs / "restorer", data, plan.restorer_steps, "model.constyle_mode=frozen",
-            f"model.constyle_weights={runs / 'constyle' / 'checkpoints' / 'last.ckpt'}", every=plan.restorer_early_step))
-
-        r.stage(f"Train LDM (tiny UNet/VAE, BIQA's text tower, {plan.ldm_steps} steps)")
-        r.cli("fit-ldm", *fit_args("ldm", runs / "ldm", data, plan.ldm_steps, f"model.clip.pretrained={biqa_ckpt}"))
-
-        r.stage(f"Train SCM on the frozen LDM ({plan.scm_steps} steps)")
-        r.cli("fit-scm", *fit_args("scm", runs / "scm", data, plan.scm_steps,
-                                   f"model.ldm_checkpoint={runs / 'ldm' / 'checkpoints' / 'last.ckpt'}",
-                                   f"model.ldm.clip.pretrained={biqa_ckpt}"))
+        train("BIQA", "Fine-tune BIQA's image tower", "the tiny CLIP foundation (foundations/tiny/clip), text tower frozen",
+              "biqa", plan.biqa_steps)
+        train("ConStyle", "Pretrain the ConStyle encoder (MoCo)", "random initialisation", "constyle", plan.constyle_steps)
+        train("restorer", "Train the ConStyle-NAFNet restorer", "random NAFNet + the ConStyle encoder above, frozen",
+              "restorer", plan.restorer_steps, "model.constyle_mode=frozen",
+              f"model.constyle_weights={runs / 'constyle' / 'checkpoints' / 'last.ckpt'}", every=plan.restorer_early_step)
+        train("LDM", "Fine-tune the LDM (InstructPix2Pix-style)",
+              "the tiny UNet foundation (conv_in widened) + the frozen tiny VAE foundation (foundations/tiny/sd), "
+              "BIQA's frozen text tower", "ldm", plan.ldm_steps, f"model.clip.pretrained={biqa_ckpt}")
+        train("SCM", "Train the structure corrector", "random NAFNet, on the frozen LDM above", "scm", plan.scm_steps,
+              f"model.ldm_checkpoint={runs / 'ldm' / 'checkpoints' / 'last.ckpt'}", f"model.ldm.clip.pretrained={biqa_ckpt}")
 
         r.stage("Export weights (safetensors, config, model card)")
-        for stage in ("biqa", "constyle", "restorer", "ldm", "scm"):
-            r.cli(f"export-{stage}", "export", str(runs / stage / "checkpoints" / "last.ckpt"), "--out", str(weights),
-                  "--no-onnx")
+        r.cli("export", "export", *(str(runs / s / "checkpoints" / "last.ckpt") for s in ("biqa", "constyle", "restorer", "ldm", "scm")),
+              "--out", str(weights), "--no-onnx")
         early_ckpt = runs / "restorer" / "checkpoints" / f"step{plan.restorer_early_step:07d}.ckpt"
         r.cli("export-restorer-early", "export", str(early_ckpt), "--out", str(early), "--no-onnx")
 
@@ -182,7 +225,7 @@ def run_demo(out: Path, plan: DemoPlan) -> int:
         r.cli("restore-fast", "restore", str(out / "inputs"), "--weights", str(weights), "--out",
               str(out / "restored_fast"), "--fast", "--device", "cpu")
 
-        r.stage(f"Evaluate on {len(EVAL_TASKS)} GIR tasks × {plan.eval_images} images")
+        r.stage(f"Evaluate on {len(EVAL_TASKS)} GIR-style tasks × {plan.eval_images} images")
         lines = out / "lines.csv"
         if lines.exists():
             lines.unlink()  # lines of an earlier demo run would be merged otherwise
@@ -193,49 +236,93 @@ def run_demo(out: Path, plan: DemoPlan) -> int:
         r.cli("evaluate-fast", "evaluate", "--weights", str(weights), "--out", str(out / "report_fast"), "--fast",
               "--save-lines", str(lines), "--line-role", "excellence", *common)
         r.cli("evaluate-auto", "evaluate", "--weights", str(weights), "--out", str(out / "report"), "--lines",
-              str(lines), "--steps", str(plan.diffusion_steps), "--max-passes", str(plan.max_passes), *common)
+              str(lines), "--steps", str(plan.diffusion_steps), "--max-passes", str(plan.max_passes), "--compare-fast",
+              *common)
     except StepFailed:
         return 1
-    summarize(r, out, runs, time.perf_counter() - start)
+    summarize(r, out, stories, time.perf_counter() - start)
     return 0
 
 
-def _mean_gain(metrics: dict) -> float:
+@dataclass
+class Figures:
+    """The mean figures of one evaluated method over the demo's tasks."""
+
+    input_psnr: float
+    psnr: float
+    worst_task: str
+    worst_gain: float
+    worse: list[str]  # tasks whose output is worse than the input
+
+    @property
+    def gain(self) -> float:
+        return self.psnr - self.input_psnr
+
+
+def figures(metrics: dict) -> Figures:
     tasks = metrics["tasks"]
-    return sum(t["psnr"] - t["input_psnr"] for t in tasks) / len(tasks)
+    gains = {t["task"]: t["psnr"] - t["input_psnr"] for t in tasks}
+    worst = min(gains, key=gains.get)
+    return Figures(sum(t["input_psnr"] for t in tasks) / len(tasks), sum(t["psnr"] for t in tasks) / len(tasks),
+                   worst, gains[worst], [t for t, g in gains.items() if g < 0])
 
 
-def summarize(r: Runner, out: Path, runs: Path, seconds: float) -> None:
+def biqa_accuracy(metrics: dict) -> Optional[float]:
+    biqa = metrics.get("biqa")
+    if not biqa:
+        return None
+    conf = biqa["confusion"]
+    total = sum(map(sum, conf))
+    return sum(conf[i][i] for i in range(len(conf))) / total if total else None
+
+
+def summarize(r: Runner, out: Path, stories: list[tuple[str, str, str]], seconds: float) -> None:
     from rich.table import Table
 
-    auto = json.loads((out / "report" / "metrics.json").read_text())
-    fast = json.loads((out / "report_fast" / "metrics.json").read_text())
-    table = Table(title="Headline figures (tiny models, CPU)", show_header=True)
-    table.add_column("figure")
-    table.add_column("value", justify="right")
-    biqa_acc = last_metric(runs / "biqa", "val/acc")
-    table.add_row("BIQA val accuracy (8 classes, training val set)", "–" if biqa_acc is None else f"{biqa_acc:.3f}")
-    if auto.get("biqa"):
-        conf = auto["biqa"]["confusion"]
-        total = sum(map(sum, conf))
-        table.add_row("BIQA accuracy on the evaluated tasks + clean GTs", f"{sum(conf[i][i] for i in range(len(conf))) / total:.3f}")
-    val_psnr = last_metric(runs / "restorer", "val/psnr")
-    table.add_row("restorer val PSNR (dB)", "–" if val_psnr is None else f"{val_psnr:.2f}")
-    table.add_row("restorer (--fast) mean PSNR gain over the input (dB)", f"{_mean_gain(fast):+.2f}")
-    table.add_row("automatic loop mean PSNR gain over the input (dB)", f"{_mean_gain(auto):+.2f}")
-    stats = auto.get("line_stats", {}).get("psnr")
+    auto_metrics = json.loads((out / "report" / "metrics.json").read_text())
+    auto, fast = figures(auto_metrics), figures(json.loads((out / "report_fast" / "metrics.json").read_text()))
+    steps = Table(title="What each step started from", show_header=True)
+    for col in ("step", "starts from", "loss over the run"):
+        steps.add_column(col)
+    for row in stories:
+        steps.add_row(*row)
+
+    table = Table(title=f"Headline figures ({TINY_NOTE})", show_header=True)
+    for col, justify in (("figure", "left"), ("input", "right"), ("output", "right"), ("gain", "right"),
+                         ("worst task (gain)", "left")):
+        table.add_column(col, justify=justify)
+    acc = biqa_accuracy(auto_metrics)
+    table.add_row("BIQA accuracy, evaluated tasks + clean GTs", "", "–" if acc is None else f"{acc:.3f}", "", "")
+    for label, f in (("restorer (--fast) mean PSNR (dB)", fast), ("automatic loop mean PSNR (dB)", auto)):
+        table.add_row(label, f"{f.input_psnr:.2f}", f"{f.psnr:.2f}", f"{f.gain:+.2f}", f"{f.worst_task} ({f.worst_gain:+.2f})")
+    stats = auto_metrics.get("line_stats", {}).get("psnr")
+    n_lines = len(auto_metrics.get("lines", {}))
     if stats:
-        table.add_row("automatic loop AR / ER (lines: early / final restorer)", f"{stats['ar']:.2f} / {stats['er']:.2f}")
-    table.add_row("demo wall time (Python part)", f"{seconds / 60:.1f} min")
+        dropped = f", {stats['n_dropped']} of {n_lines} task(s) left out: lines inverted or too close" if stats["n_dropped"] else ""
+        table.add_row(f"automatic loop AR / ER (lines: early / final restorer{dropped})", "",
+                      f"{stats['ar']:.2f} / {stats['er']:.2f}", "", "")
+    else:
+        table.add_row("automatic loop AR / ER", "", "no meaningful lines (inverted or too close)", "", "")
+    table.add_row("demo wall time (Python part)", "", f"{seconds / 60:.1f} min", "", "")
     r.console.rule("[bold]Done")
+    r.console.print(steps)
     r.console.print(table)
-    r.console.print(f"Report:            {(out / 'report' / 'report.html').resolve()}  (also report.md, metrics.json)")
+    for label, f in (("The --fast restorer", fast), ("The automatic loop", auto)):
+        if f.gain < 0:
+            r.console.print(f"[bold red]{label}'s output is WORSE than its input on average ({f.gain:+.2f} dB).[/bold red]")
+        if f.worse:
+            r.console.print(f"[yellow]{label}'s output is worse than its input on {len(f.worse)} of "
+                            f"{len(auto_metrics['tasks'])} tasks: {', '.join(f.worse)}.[/yellow]")
+    r.console.print(f"Report:            {(out / 'report' / 'report.html').resolve()}  (also report.md, metrics.json; "
+                    "contact sheets input | automatic | --fast | clean)")
     r.console.print(f"Feed-forward report: {(out / 'report_fast' / 'report.html').resolve()}")
     r.console.print(f"Restored images:   {(out / 'restored').resolve()}/ (automatic loop, with a JSON log each), "
                     f"{(out / 'restored_fast').resolve()}/ (--fast); inputs in {(out / 'inputs').resolve()}/")
     r.console.print(f"Logs of every step: {(out / 'logs').resolve()}/")
     timings = {name: round(s, 1) for name, s in r.times.items()}
-    (out / "timings.json").write_text(json.dumps({"total_seconds": round(seconds, 1), "steps": timings}, indent=2))
+    summary = {"total_seconds": round(seconds, 1), "steps": timings, "biqa_accuracy": acc,
+               "fast": dataclasses.asdict(fast), "auto": dataclasses.asdict(auto), "starts": stories}
+    (out / "timings.json").write_text(json.dumps(summary, indent=2))
 
 
 def main(argv: Optional[list[str]] = None) -> int:

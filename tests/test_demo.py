@@ -44,3 +44,25 @@ def test_last_metric_reads_the_newest_logged_value(tmp_path):
     (log / "metrics.csv").write_text("step,val/acc,train/loss\n10,,0.5\n20,0.25,\n30,0.5,\n40,,0.1\n")
     assert last_metric(tmp_path, "val/acc") == 0.5
     assert last_metric(tmp_path, "val/psnr") is None
+
+
+def test_loss_story_and_progress_read_the_run_log(tmp_path):
+    from lit_restore.demo import loss_story, progress_text
+
+    log = tmp_path / "logs" / "version_0"
+    log.mkdir(parents=True)
+    (log / "metrics.csv").write_text("step,train/loss\n" + "".join(f"{s},{v}\n" for s, v in
+                                     [(4, 1.0), (9, 0.9), (14, 0.8), (19, 0.5), (24, 0.3), (29, 0.2), (34, 0.1), (39, 0.1)]))
+    assert loss_story(tmp_path) == "train/loss 0.9500 → 0.1000 (down)"
+    assert progress_text(tmp_path, steps=80, elapsed=40.0) == "step 40/80, ~40 s left"
+    assert loss_story(tmp_path / "none") == "no loss logged"
+
+
+def test_figures_name_the_tasks_worse_than_their_input():
+    from lit_restore.demo import biqa_accuracy, figures
+
+    metrics = {"tasks": [{"task": "a", "psnr": 30.0, "input_psnr": 25.0}, {"task": "b", "psnr": 19.0, "input_psnr": 20.0}],
+               "biqa": {"confusion": [[3, 1], [0, 4]]}}
+    f = figures(metrics)
+    assert f.gain == 2.0 and f.worst_task == "b" and f.worst_gain == -1.0 and f.worse == ["b"]
+    assert biqa_accuracy(metrics) == 7 / 8

@@ -142,7 +142,7 @@ def test_ldm_export_loads_in_diffusers_and_scm_exports_onnx(tmp_path):
         assert export_command(str(ckpt), str(tmp_path / "weights"), ema=True, onnx=True) == 0
         if name == "ldm":
             unet = UNet2DConditionModel.from_pretrained(tmp_path / "weights" / "ldm" / "unet")
-            assert unet.config.in_channels == 8
+            assert unet.config.in_channels == 2 * stage.ldm.vae.config.latent_channels  # conv_in widened
             ref = stage.inference_unet.state_dict()
             assert all(torch.equal(v, ref[k]) for k, v in unet.state_dict().items())
             AutoencoderKL.from_pretrained(tmp_path / "weights" / "ldm" / "vae")

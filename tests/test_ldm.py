@@ -17,28 +17,30 @@ def tiny():
 @pytest.fixture(scope="module")
 def ldm(tiny):
     torch.manual_seed(0)
-    return LatentDiffusion(widen_conv_in(load_unet("", tiny.unet_cfg)), load_vae("", tiny.vae_cfg)).eval()
+    return LatentDiffusion(widen_conv_in(load_unet(tiny.pretrained, tiny.unet_cfg), 16),
+                           load_vae(tiny.pretrained, tiny.vae_cfg)).eval()
 
 
 def test_widen_conv_in_keeps_weights_bias_and_function(tiny):
     torch.manual_seed(0)
-    unet = load_unet("", tiny.unet_cfg).eval()
-    assert unet.config.in_channels == 4
+    unet = load_unet(tiny.pretrained, tiny.unet_cfg).eval()  # the tiny UNet foundation, as SD-1.5's
+    c = unet.config.in_channels
+    assert c == load_vae(tiny.pretrained, tiny.vae_cfg).config.latent_channels
     with torch.no_grad():
-        unet.conv_in.bias.normal_()  # a nonzero bias, as in a pretrained UNet
+        unet.conv_in.bias.normal_()  # a nonzero bias, whatever the foundation learnt
     old_w, old_b = unet.conv_in.weight.clone(), unet.conv_in.bias.clone()
-    z, t, ctx = torch.randn(2, 4, 16, 16), torch.tensor([10, 900]), torch.randn(2, 77, 32)
+    z, t, ctx = torch.randn(2, c, 16, 16), torch.tensor([10, 900]), torch.randn(2, 77, 32)
     with torch.no_grad():
         before = unet(z, t, encoder_hidden_states=ctx).sample
-    widen_conv_in(unet, 8)
-    assert unet.config.in_channels == 8 and unet.conv_in.in_channels == 8
-    assert torch.equal(unet.conv_in.weight[:, :4], old_w)
+    widen_conv_in(unet, 2 * c)
+    assert unet.config.in_channels == 2 * c and unet.conv_in.in_channels == 2 * c
+    assert torch.equal(unet.conv_in.weight[:, :c], old_w)
     assert torch.equal(unet.conv_in.bias, old_b)
-    assert unet.conv_in.weight[:, 4:].abs().sum() == 0
+    assert unet.conv_in.weight[:, c:].abs().sum() == 0
     with torch.no_grad():
         after = unet(torch.cat([z, torch.randn_like(z)], 1), t, encoder_hidden_states=ctx).sample
     torch.testing.assert_close(after, before)  # the zero channels ignore the new input
-    assert widen_conv_in(unet, 8) is unet and unet.conv_in.in_channels == 8  # idempotent
+    assert widen_conv_in(unet, 2 * c) is unet and unet.conv_in.in_channels == 2 * c  # idempotent
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
@@ -172,8 +174,8 @@ def test_v_prediction_min_snr_and_validation_outputs(tmp_path):
 def test_cross_attention_width_must_match_the_text_tower():
     from lit_restore.stages.ldm import LDMStage
 
-    with pytest.raises(Exception, match="cross_attention_dim 16 must equal the CLIP text width 32"):
-        LDMStage(load_config(TINY, ["model.unet_cfg.cross_attention_dim=16"])).configure_model()
+    with pytest.raises(Exception, match="cross_attention_dim 32 must equal the CLIP text width 16"):
+        LDMStage(load_config(TINY, ["model.clip.model_cfg.text_cfg.width=16"])).configure_model()
 
 
 def test_fit_tiny_config(sample_shards, tmp_path):

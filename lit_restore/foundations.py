@@ -1,0 +1,178 @@
+"""`make foundations`: the tiny stand-ins for the pretrained models the full configs download.
+
+At full scale every stage starts from a pretrained foundation: OpenAI's CLIP ViT-L/14 (BIQA, and
+the LDM's text context) and Stable Diffusion 1.5's VAE and UNet (LDM, SCM). The tiny pipeline
+(`configs/tiny/`, `make demo`) starts from these instead, each made by this project's own stages
+from the scikit-image sample photos:
+
+| foundation | stands in for | recipe | made by stage |
+|---|---|---|---|
+| `sd/vae/` | SD-1.5's VAE | configs/foundations/autoencoder.yaml | autoencoder |
+| `clip/` | OpenAI CLIP | configs/foundations/clip.yaml | biqa (text tower trained too) |
+| `sd/unet/` | SD-1.5's UNet | configs/foundations/unet.yaml | ldm (plain denoiser, on the VAE above) |
+
+Each step is a real `lit-restore fit` + `lit-restore export`; the exported files are copied into
+`--out` (default `foundations/tiny/`) with a model card each and `MANIFEST.json` (sha256, bytes).
+The weights are shipped in the repository, so users and tests never run this; it is how they
+were made, and `--scale 0.01` is the test that the recipe still runs.
+
+Run: `python -m lit_restore.foundations [--out foundations/tiny] [--scale 1.0]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from lit_restore.demo import REPO, Runner, StepFailed, last_metric
+
+# name → (recipe, what it stands in for, files copied from the export folder into OUT)
+FOUNDATIONS: dict[str, tuple[str, str, dict[str, str]]] = {
+    "vae": ("autoencoder", "Stable Diffusion 1.5's VAE (AutoencoderKL)", {"vae": "sd/vae"}),
+    "clip": ("clip", "OpenAI CLIP (open_clip)", {"open_clip_model.safetensors": "clip/open_clip_model.safetensors",
+                                                  "open_clip_config.json": "clip/open_clip_config.json"}),
+    "unet": ("unet", "Stable Diffusion 1.5's UNet (UNet2DConditionModel)", {"unet": "sd/unet"}),
+}
+CARD_DIRS = {"vae": "sd/vae", "clip": "clip", "unet": "sd/unet"}
+DEFAULT_OUT = REPO / "foundations" / "tiny"
+# The held-out figure each card reports: (metric in the run's CSV log, how it reads).
+FIGURES = {"vae": ("val/psnr", "reconstruction PSNR (dB) on the 64-px centre crops of the val photos"),
+           "clip": ("val/acc", "degradation-prompt accuracy (8 classes, val crops, one synthetic type each)"),
+           "unet": ("val/loss", "denoising loss (ε-MSE at random timesteps) on the val crops")}
+
+
+@dataclass
+class FoundationPlan:
+    """Training lengths of the three recipes (their configs' max_steps at scale 1)."""
+
+    scale: float = 1.0
+
+    def steps(self, recipe: str) -> Optional[int]:
+        if self.scale == 1.0:
+            return None  # the recipe's own max_steps
+        from lit_restore.config import load_config
+
+        full = load_config(REPO / "configs" / "foundations" / f"{recipe}.yaml").trainer["max_steps"]
+        return max(2, round(full * self.scale))
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(out: Path) -> dict[str, dict]:
+    """MANIFEST.json: sha256 and size of every weights and config file under `out`."""
+    files = {}
+    for path in sorted(out.rglob("*")):
+        if path.is_file() and path.suffix in (".safetensors", ".json") and path.name != "MANIFEST.json":
+            files[str(path.relative_to(out))] = {"sha256": sha256(path), "bytes": path.stat().st_size}
+    (out / "MANIFEST.json").write_text(json.dumps({"files": files}, indent=2) + "\n")
+    return files
+
+
+def verify_manifest(out: Path) -> list[str]:
+    """Files under `out` whose sha256 differs from MANIFEST.json (or that are missing)."""
+    listed = json.loads((out / "MANIFEST.json").read_text())["files"]
+    return [name for name, entry in listed.items()
+            if not (out / name).is_file() or sha256(out / name) != entry["sha256"]]
+
+
+def model_card(name: str, command: str, fit: str, seconds: float, steps: int, figure: Optional[float]) -> str:
+    recipe, stands_in, _ = FOUNDATIONS[name]
+    metric, meaning = FIGURES[name]
+    value = "–" if figure is None else f"{figure:.4g}"
+    return "\n".join([
+        "---",
+        "library_name: lit_restore",
+        "tags: [lit_restore, tiny, foundation, image-restoration]",
+        "datasets: [scikit-image sample photos]",
+        "---",
+        f"# Tiny {name} foundation",
+        "",
+        f"Stands in for {stands_in} in the tiny pipeline (`configs/tiny/`, `make demo`). Trained from random",
+        f"initialisation by this project's own recipe `configs/foundations/{recipe}.yaml` on the",
+        "`lit-restore prep-sample` crops of the scikit-image photos; a few CPU minutes, so it is a",
+        "miniature of the real foundation's role, not of its quality.",
+        "",
+        f"- made by: `{command}` (all three foundations, in order), which runs",
+        f"  `{fit}` on `lit-restore prep-sample --crop 128 --train-crops 64 --val-crops 4` shards, then exports it",
+        f"- training: {steps} steps, {seconds / 60:.1f} min on a 2-core CPU",
+        f"- held-out figure: {meaning}: **{value}** (`{metric}`)",
+        "- files and sha256: `foundations/tiny/MANIFEST.json`",
+        "",
+    ])
+
+
+def run_foundations(out: Path, work: Path, plan: FoundationPlan) -> int:
+    start = time.perf_counter()
+    r = Runner(work, total=1 + len(FOUNDATIONS))
+    data, runs, exports = work / "data", work / "runs", work / "weights"
+    cards, fits = {}, {}
+    try:
+        r.stage("Sample shards from scikit-image's photos")
+        r.cli("prep-sample", "prep-sample", "--out", str(data), "--crop", "128", "--train-crops", "64",
+              "--val-crops", "4", "--overwrite")
+        for name, (recipe, stands_in, copies) in FOUNDATIONS.items():
+            steps = plan.steps(recipe)
+            r.stage(f"Foundation {name}: {stands_in} ({recipe} recipe)")
+            run = runs / name
+            args = ["fit", f"configs/foundations/{recipe}.yaml", f"out_dir={run}",
+                    f"data.train={data}/train-{{000000..000003}}.tar", f"data.val={data}/val-000000.tar",
+                    "resume=never", "logger=csv"]
+            if name == "unet" and out != DEFAULT_OUT:  # the recipe reads the VAE and CLIP from foundations/tiny/
+                args += [f"model.pretrained={out / 'sd'}", f"model.clip.pretrained={out / 'clip' / 'open_clip_model.safetensors'}"]
+            if steps is not None:
+                args += [f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
+                         f"checkpoint.every_n_steps={steps}", "optim.warmup_steps=1"]
+            began = time.perf_counter()
+            fits[name] = "lit-restore " + " ".join(a for a in args if not a.startswith(("out_dir=", "data.", "model.")))
+            r.cli(f"fit-{name}", *args)
+            seconds = time.perf_counter() - began
+            r.cli(f"export-{name}", "export", str(run / "checkpoints" / "last.ckpt"), "--out", str(exports / name), "--no-onnx")
+            stage = {"autoencoder": "autoencoder", "clip": "biqa", "unet": "ldm"}[recipe]
+            for src, dst in copies.items():
+                source, target = exports / name / stage / src, out / dst
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if target.exists():
+                    shutil.rmtree(target) if target.is_dir() else target.unlink()
+                shutil.copytree(source, target) if source.is_dir() else shutil.copy2(source, target)
+            metric = FIGURES[name][0]
+            done = steps if steps is not None else int(last_metric(run, "step") or 0) + 1
+            cards[name] = (seconds, done, last_metric(run, metric))
+            r.console.print(f"  {name}: {metric} = {cards[name][2]}")
+    except StepFailed:
+        return 1
+    command = "make foundations" if plan.scale == 1.0 else f"python -m lit_restore.foundations --scale {plan.scale}"
+    for name, (seconds, steps, figure) in cards.items():
+        (out / CARD_DIRS[name] / "README.md").write_text(model_card(name, command, fits[name], seconds, steps, figure))
+    files = write_manifest(out)
+    total = sum(f["bytes"] for f in files.values())
+    r.console.print(f"foundations in {out}: {len(files)} files, {total / 1e6:.1f} MB, "
+                    f"{(time.perf_counter() - start) / 60:.1f} min")
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m lit_restore.foundations", description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="where the foundation files go")
+    p.add_argument("--work", default="runs/foundations", help="training runs, exports and data")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply every training length (0.01: a smoke run)")
+    a = p.parse_args(argv)
+    if a.scale <= 0:
+        p.error("--scale must be > 0")
+    return run_foundations(Path(a.out).resolve(), Path(a.work).resolve(), FoundationPlan(a.scale))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

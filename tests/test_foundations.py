@@ -1,0 +1,81 @@
+"""The tiny foundations shipped in foundations/tiny/: files match their manifest, fit the size
+budget, load as the classes they stand in for, their cards state how they were made and what they
+reach (the VAE's PSNR is recomputed here), and each recipe still trains (its first steps)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from lit_restore.config import load_config
+from lit_restore.export import export_command
+from lit_restore.fit import fit
+from lit_restore.foundations import CARD_DIRS, FOUNDATIONS, verify_manifest, write_manifest
+
+REPO = Path(__file__).resolve().parent.parent
+SHIPPED = REPO / "foundations" / "tiny"
+BUDGET_BYTES = 20 * 10**6
+
+
+def test_shipped_files_match_the_manifest_and_the_budget():
+    assert verify_manifest(SHIPPED) == []
+    files = json.loads((SHIPPED / "MANIFEST.json").read_text())["files"]
+    assert sum(f["bytes"] for f in files.values()) <= BUDGET_BYTES
+    weights = [name for name in files if name.endswith(".safetensors")]
+    assert len(weights) == 3  # VAE, UNet, CLIP: no pickle anywhere
+
+
+def test_manifest_names_a_changed_file(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "w.safetensors").write_bytes(b"123")
+    write_manifest(tmp_path)
+    assert verify_manifest(tmp_path) == []
+    (tmp_path / "a" / "w.safetensors").write_bytes(b"124")
+    assert verify_manifest(tmp_path) == ["a/w.safetensors"]
+
+
+def card_figure(name: str) -> float:
+    card = (SHIPPED / CARD_DIRS[name] / "README.md").read_text()
+    assert card.startswith("---\n") and "made by: `make foundations`" in card
+    assert re.search(r"training: \d+ steps, [\d.]+ min", card)
+    return float(re.search(r"\*\*([-\d.]+)\*\*", card).group(1))
+
+
+def test_cards_state_command_time_and_figure():
+    for name in FOUNDATIONS:
+        card_figure(name)
+
+
+def test_vae_reconstructs_held_out_crops_as_its_card_says(sample_shards):
+    """The VAE card's PSNR, recomputed on the 64-px centre crops of the sample val photos."""
+    from diffusers import AutoencoderKL
+
+    from lit_restore.data.degrade.suite import build_task_set, find_task, load_suite
+
+    vae = AutoencoderKL.from_pretrained(str(SHIPPED / "sd" / "vae")).eval()
+    clean = find_task(load_suite(), "noise_s25")  # any task: only the clean images are used
+    gts = torch.stack([gt for _, gt, _ in build_task_set(clean, str(sample_shards / "val-000000.tar"))]).float() / 255
+    with torch.no_grad():
+        recon = ((vae.decode(vae.encode(gts * 2 - 1).latent_dist.mode()).sample + 1) / 2).clamp(0, 1)
+    psnr = float((10 * torch.log10(1 / (recon - gts).pow(2).mean(dim=(1, 2, 3)))).mean())
+    assert 2 ** (len(vae.config.block_out_channels) - 1) == 4  # the downsampling factor the card states
+    assert psnr > 20 and abs(psnr - card_figure("vae")) < 3.0
+
+
+@pytest.mark.parametrize("recipe", ["autoencoder", "clip", "unet"])
+def test_recipe_runs_its_first_steps_and_exports(recipe, sample_shards, tmp_path):
+    cfg = load_config(REPO / "configs" / "foundations" / f"{recipe}.yaml", [
+        f"out_dir={tmp_path / 'run'}", f"data.train={sample_shards}/train-{{000000..000003}}.tar",
+        f"data.val={sample_shards}/val-000000.tar", "data.num_workers=0", "data.batch_size=2", "data.crop=32",
+        "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
+        "trainer.enable_progress_bar=false", "optim.warmup_steps=1"])
+    trainer = fit(cfg)
+    assert trainer.global_step == 2 and torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert export_command(str(tmp_path / "run" / "checkpoints" / "last.ckpt"), str(tmp_path / "weights"), onnx=False) == 0
+    stage = {"autoencoder": "autoencoder", "clip": "biqa", "unet": "ldm"}[recipe]
+    for src in next(v[2] for v in FOUNDATIONS.values() if v[0] == recipe):
+        assert (tmp_path / "weights" / stage / src).exists(), src
