@@ -1,7 +1,7 @@
 """Stream shards the way training and evaluation do and print one JSON outcome per shard.
 
 `python tests/_stream_shards.py SHARD...`: for each shard, the training stream (3 batches of 2)
-and the ordered reader (`iter_samples`) give "ok" (3 full batches; the reader reached the end), "corrupt" (the corrupt-data stop) or
+and what evaluate reads (its real tasks, then `iter_samples`) give "ok" (3 full batches; the reader reached the end), "corrupt" (the corrupt-data stop) or
 "error: <type>: <message>" for anything else. Run in a subprocess with a timeout, so a hang
 fails the caller instead of blocking it.
 """
@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 
+from lit_restore.data.degrade.suite import real_tasks_from_shards
 from lit_restore.data.shards import CorruptDataError, TrainStream, iter_samples, make_loader
 
 logging.disable(logging.WARNING)  # the skip notes of thousands of corrupt samples
@@ -34,6 +35,8 @@ def train(shard: str) -> None:
 
 
 def ordered(shard: str) -> None:
+    """What `evaluate` reads: the real tasks of the shard, then its samples in order."""
+    real_tasks_from_shards(shard)
     for s in iter_samples(shard, max_corrupt_fraction=0.5):
         assert s["gt"].ndim == 3 and s["gt"].shape[2] == 3, "malformed sample"
 

@@ -90,25 +90,45 @@ SIZE = slice(124, 136)
 NEGATIVE_SIZE = (-4096).to_bytes(12, "big", signed=True)  # GNU base-256, first byte 0xff
 
 
-def test_negative_size_and_empty_pax_record_end_the_shard_instead_of_hanging(tmp_path):
-    data = write_tar(tmp_path / "good.tar", members(4)).read_bytes()
+def hanging_shards(folder: Path, size_field: bytes = b"-0001000") -> tuple[Path, Path]:
+    """The report's two hangs: a negative size (signed octal) on a member the loader skips, and a
+    pax header whose first record has length zero."""
+    folder.mkdir()
+    data = write_tar(folder / "good.tar", members(4)).read_bytes()
     offsets = header_offsets(data)
-    # The header of a skipped member (k000.txt, the 5th header: pax + gt, pax + json, pax + txt).
     txt = next(o for o in offsets if data[o:o + 100].startswith(b"k000.txt"))
-    negative = tmp_path / "negative.tar"
-    negative.write_bytes(edit_header(data, txt, SIZE, NEGATIVE_SIZE))
-    # A pax record "0 " (zero length) at the start of the first pax header's data.
-    pax = offsets[0]
+    negative = folder / "negative.tar"
+    negative.write_bytes(edit_header(data, txt, SIZE, size_field))
     zero = bytearray(data)
-    zero[pax + 512:pax + 514] = b"0 "
-    zero_pax = tmp_path / "zero_pax.tar"
+    zero[offsets[0] + 512:offsets[0] + 514] = b"0 "
+    zero_pax = folder / "zero_pax.tar"
     zero_pax.write_bytes(bytes(zero))
-    for result in stream([negative, zero_pax], timeout=60):
-        assert result["train"] == "corrupt" and result["ordered"] == "ok", result
-    with pytest.raises(TarFormatError, match=r"size -4096 outside"):
+    return negative, zero_pax
+
+
+@pytest.fixture(scope="module")
+def streamed(tmp_path_factory) -> dict[str, dict]:
+    """The hanging shards and the fuzz variants, streamed in ONE subprocess (one interpreter
+    start); outcomes by path relative to the fixture's folder."""
+    tmp = tmp_path_factory.mktemp("streamed")
+    (tmp / "fuzz").mkdir()
+    shards = [*hanging_shards(tmp / "hang"), *fuzz_variants(tmp / "fuzz")]
+    results = stream(shards, timeout=90)
+    assert [r["shard"] for r in results] == [str(p) for p in shards]
+    return {Path(r["shard"]).relative_to(tmp).as_posix(): r for r in results}
+
+
+def test_negative_size_and_empty_pax_record_end_the_shard_instead_of_hanging(streamed, tmp_path):
+    for name in ("hang/negative.tar", "hang/zero_pax.tar"):
+        assert streamed[name]["train"] == "corrupt" and streamed[name]["ordered"] == "ok", streamed[name]
+    negative, zero_pax = hanging_shards(tmp_path / "octal")
+    with pytest.raises(TarFormatError, match=r"bad numeric header field b'-0001000"):
         list(tar_members(io.BytesIO(negative.read_bytes()), lambda n: False))
+    base256, _ = hanging_shards(tmp_path / "base256", NEGATIVE_SIZE)
+    with pytest.raises(TarFormatError, match=r"size -4096 outside"):
+        list(tar_members(io.BytesIO(base256.read_bytes()), lambda n: False))
     with pytest.raises(TarFormatError, match="pax record"):
-        list(tar_members(io.BytesIO(bytes(zero)), lambda n: True))
+        list(tar_members(io.BytesIO(zero_pax.read_bytes()), lambda n: True))
 
 
 def test_hostile_samples_are_skipped_and_counted_not_fatal(tmp_path):
@@ -242,10 +262,9 @@ def fuzz_variants(tmp_path: Path, seed: int = 0) -> list[Path]:
     return out
 
 
-def test_fuzzed_shards_yield_batches_or_stop_with_the_corrupt_data_message(tmp_path):
-    variants = fuzz_variants(tmp_path)
-    results = stream(variants, timeout=60)
-    assert len(results) == len(variants)
-    for r in results:
+def test_fuzzed_shards_yield_batches_or_stop_with_the_corrupt_data_message(streamed):
+    fuzzed = [r for name, r in streamed.items() if name.startswith("fuzz/")]
+    assert len(fuzzed) == 48
+    for r in fuzzed:
         assert r["train"] in ("ok", "corrupt") and r["ordered"] in ("ok", "corrupt"), r
-    assert {r["train"] for r in results} == {"ok", "corrupt"}  # both outcomes are exercised
+    assert {r["train"] for r in fuzzed} == {"ok", "corrupt"}  # both outcomes are exercised
