@@ -191,6 +191,11 @@ def test_pixel_limit_refuses_a_png_bomb_from_its_header(tmp_path):
     with pytest.raises(ValueError, match=r"gt.png: 16000000 pixels exceed data.max_pixels=1000000"):
         decode_sample(raw, max_pixels=1_000_000)
     assert decode_sample(raw, max_pixels=16_000_000).gt.shape == (4000, 4000, 3)  # the limit is the only reason
+    depth = io.BytesIO()
+    np.save(depth, np.ones((40, 50), np.uint8))
+    small = {"__key__": "d", "gt.png": png(np.zeros((8, 10, 3), np.uint8)), "depth.npy": depth.getvalue()}
+    with pytest.raises(ValueError, match=r"depth.npy: 2000 pixels exceed data.max_pixels=1000"):
+        decode_sample(small, max_pixels=1000)
     from lit_restore.config import DataConfig
 
     assert DataConfig().max_pixels < 12000 * 12000  # the 12000² bomb of the report is refused by default

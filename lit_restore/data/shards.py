@@ -415,13 +415,15 @@ def _open_image(data: bytes, name: str, max_pixels: int) -> np.ndarray:
     return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
 
 
-def _depth_to_uint8(data: bytes, size: tuple[int, int]) -> np.ndarray:
+def _depth_to_uint8(data: bytes, size: tuple[int, int], max_pixels: int) -> np.ndarray:
     try:
         depth = np.load(io.BytesIO(data), allow_pickle=False)
     except Exception as e:
         raise CorruptSample(f"depth.npy: cannot load ({type(e).__name__})") from None
     if depth.ndim != 2 or depth.size == 0 or not np.issubdtype(depth.dtype, np.number):
         raise CorruptSample(f"depth.npy: expected a non-empty numeric (H, W) array, got {depth.dtype} {depth.shape}")
+    if depth.size > max_pixels:  # before the float copy, which can be 4x an 8-bit map
+        raise CorruptSample(f"depth.npy: {depth.size} pixels exceed data.max_pixels={max_pixels}")
     depth = np.nan_to_num(depth.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
     peak = float(depth.max())
     depth = np.clip(depth / peak, 0.0, 1.0) if peak > 0 else np.zeros_like(depth)
@@ -464,7 +466,7 @@ def decode_sample(raw: dict[str, Any], max_pixels: int = DEFAULT_MAX_PIXELS) -> 
             if fx != fy or fx != int(fx):
                 raise CorruptSample(f"lq size {lq_size} is not gt size {size} divided by an integer")
             lq = np.asarray(Image.fromarray(lq).resize(size, Image.BICUBIC))
-    depth = _depth_to_uint8(raw["depth.npy"], (gt.shape[1], gt.shape[0])) if "depth.npy" in raw else None
+    depth = _depth_to_uint8(raw["depth.npy"], (gt.shape[1], gt.shape[0]), max_pixels) if "depth.npy" in raw else None
     return Decoded(raw["__key__"], str(meta.get("dataset", "")), gt, lq, depth, label, meta)
 
 
