@@ -28,10 +28,10 @@ import torch
 from torch import Tensor
 
 from lit_restore.data.degrade.suite import Task, build_task_set, find_task, load_suite, real_tasks_from_shards
+from lit_restore.data.images import write_bytes_atomic
 from lit_restore.lines import LinesError, line_stats, read_lines, save_lines
 from lit_restore.metrics import LPIPSWeightsError, load_lpips, psnr, quantize_8bit, ssim
 from lit_restore.report import BIQAResult, Conventions, EvalResult, TaskResult, before_after_grid, write_report
-from lit_restore.data.images import write_bytes_atomic
 from lit_restore.restore import (AutoRestorer, MissingWeightsError, SamplerSettings, TileSettings, biqa_logits,
                                  build_restorer, check_out_dir, check_settings, has_stage, image_generator, load_biqa,
                                  pick_device, progress_bar)
