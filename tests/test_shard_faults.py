@@ -131,6 +131,23 @@ def test_negative_size_and_empty_pax_record_end_the_shard_instead_of_hanging(str
         list(tar_members(io.BytesIO(zero_pax.read_bytes()), lambda n: True))
 
 
+def test_only_unreadable_shards_stop_even_when_every_sample_may_be_corrupt(tmp_path):
+    import threading
+
+    from lit_restore.data.shards import TrainStream, make_loader
+
+    shard = tmp_path / "empty.tar"
+    shard.write_bytes(b"\0" * 1024)  # a valid tar without members: nothing can ever be read
+    stream = TrainStream([([str(shard)], 1.0)], batch_size=2, crop=8, steps=1, shuffle_buffer=0, max_corrupt_fraction=1.0)
+    errors = []
+    reader = threading.Thread(target=lambda: errors.append(pytest.raises(CorruptDataError, list, make_loader(stream, 0))),
+                              daemon=True)
+    reader.start()
+    reader.join(timeout=30)  # before: spins forever, re-reading the empty shard
+    assert not reader.is_alive() and len(errors) == 1
+    assert "100 of 100 samples unreadable (none readable)" in str(errors[0].value)
+
+
 def test_hostile_samples_are_skipped_and_counted_not_fatal(tmp_path):
     empty = io.BytesIO()
     np.save(empty, np.zeros((0, 0), np.float32))

@@ -43,7 +43,7 @@ before decoding. Any exception while decoding a sample is that sample's corrupti
 counted per worker and its reason logged (the first MAX_LOGGED). Each batch carries
 `n_corrupt`, the count since that worker's previous batch, and a worker stops the run with
 `CorruptDataError` once more than `max_corrupt_fraction` of at least `MIN_CHECKED` samples were
-unreadable.
+unreadable, or all of them (a stream that can never fill a batch would otherwise spin).
 """
 
 from __future__ import annotations
@@ -116,12 +116,16 @@ class CorruptCounter:
         if self.corrupt - n < MAX_LOGGED:
             more = "; further ones are only counted" if self.corrupt >= MAX_LOGGED else ""
             log.warning("skipped %d unreadable sample(s) at %s: %s%s", n, where, reason, more)
+        if self.seen < self.min_checked:
+            return
         fraction = self.corrupt / self.seen
-        if self.seen >= self.min_checked and fraction > self.max_fraction:
-            raise CorruptDataError(
-                f"{self.corrupt} of {self.seen} samples unreadable ({fraction:.1%} > data.max_corrupt_fraction="
-                f"{self.max_fraction:.1%}); last: {where}: {reason}"
-            )
+        if fraction > self.max_fraction:
+            why = f"{fraction:.1%} > data.max_corrupt_fraction={self.max_fraction:.1%}"
+        elif self.corrupt == self.seen:  # no batch can ever be made: stop even when 100 % is allowed
+            why = "none readable"
+        else:
+            return
+        raise CorruptDataError(f"{self.corrupt} of {self.seen} samples unreadable ({why}); last: {where}: {reason}")
 
     def take(self) -> int:
         """Corrupt samples since the previous call (reported with each batch)."""
