@@ -60,6 +60,10 @@ class DataConfig:
     # the workers (the first `steps_per_epoch % num_workers` workers make one more).
     steps_per_epoch: int = 500
     max_corrupt_fraction: float = 0.05  # stop the run when more samples than this are unreadable (checked after 100)
+    # Images (gt, lq) with more pixels than this are skipped as corrupt, checked from the file
+    # header before decoding: a small PNG can decode to gigabytes in a loader worker. 40 MP is
+    # 120 MB as 8-bit RGB, a few times that while decoding and resizing.
+    max_pixels: int = 40_000_000
 
 
 @dataclass
@@ -532,6 +536,7 @@ def _check_values(cfg: RunConfig) -> None:
         "data.batch_size": data.batch_size,
         "data.crop": data.crop,
         "data.steps_per_epoch": data.steps_per_epoch,
+        "data.max_pixels": data.max_pixels,
     }
     for key, value in positive.items():
         if value <= 0:

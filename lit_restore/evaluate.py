@@ -28,12 +28,13 @@ import torch
 from torch import Tensor
 
 from lit_restore.data.degrade.suite import Task, build_task_set, find_task, load_suite, real_tasks_from_shards
+from lit_restore.data.images import write_bytes_atomic
 from lit_restore.lines import LinesError, line_stats, read_lines, save_lines
 from lit_restore.metrics import LPIPSWeightsError, load_lpips, psnr, quantize_8bit, ssim
 from lit_restore.report import BIQAResult, Conventions, EvalResult, TaskResult, contact_sheet, write_report
-from lit_restore.restore import (AutoRestorer, FastRestorer, MissingWeightsError, SamplerSettings, TileSettings, biqa_logits,
-                                 build_restorer, check_settings, has_stage, image_generator, load_biqa, pick_device,
-                                 progress_bar)
+from lit_restore.restore import (AutoRestorer, FastRestorer, MissingWeightsError, SamplerSettings, TileSettings,
+                                 biqa_logits, build_restorer, check_out_dir, check_settings, has_stage, image_generator,
+                                 load_biqa, pick_device, progress_bar)
 
 __all__ = ["psnr", "ssim", "evaluate_command", "select_tasks"]
 
@@ -97,16 +98,21 @@ def evaluate_command(weights: str, suite: str, data: str, out: str, lines: Optio
                      max_passes: int = 7, device: str = "auto", seed: int = 0, threads: int = 0,
                      compare_fast: bool = False) -> int:
     """Evaluate `weights` on the suite and write metrics.json + report.md/html into `out`.
-    Exit codes: 0 done; 2 nothing evaluated (missing weights or data, bad arguments)."""
+    Exit codes: 0 done; 1 done, but some images ran out of memory (listed in OUT/failed.txt, left
+    out of the metrics); 2 nothing evaluated (missing weights or data, bad arguments, an output
+    folder that holds an input)."""
 
-    from lit_restore.data.shards import check_local_shards, expand_urls
+    from lit_restore.data.shards import check_local_shards, expand_urls, is_local
 
     sampling, tiles = SamplerSettings(steps=steps, sampler=sampler), TileSettings()
     try:
         check_settings(sampling, tiles, max_passes)
         if crop_border < 0:
             raise ValueError(f"--crop-border {crop_border} must be >= 0")
-        check_local_shards(expand_urls(data), "--data")
+        shards = expand_urls(data)
+        check_local_shards(shards, "--data")
+        given = [weights, *(u for u in shards if is_local(u)), lines, suite if suite != "gir" else None]
+        check_out_dir(Path(out), [Path(p) for p in given if p])
         selected = select_tasks(suite, data, tasks)
         if not selected:
             raise ValueError(f"--tasks {tasks!r} selects no task")
@@ -130,6 +136,7 @@ def evaluate_command(weights: str, suite: str, data: str, out: str, lines: Optio
     confusion = [[0] * len(classes) for _ in classes]
     gt_seen: set[str] = set()
     scores: dict[str, TaskScores] = {}
+    failed: list[str] = []
     start = time.perf_counter()
     with progress_bar("evaluate") as bar:
         job = bar.add_task("", total=len(selected))
@@ -139,7 +146,14 @@ def evaluate_command(weights: str, suite: str, data: str, out: str, lines: Optio
             target = true_class(task, classes) if biqa is not None else None
             for key, gt8, lq8 in build_task_set(task, data, max_images=max_images):
                 gt, lq = gt8[None].float() / 255, lq8[None].float() / 255
-                restored, log = restorer.restore(lq, image_generator(seed))
+                try:
+                    restored, log = restorer.restore(lq, image_generator(seed))
+                except (torch.OutOfMemoryError, MemoryError) as e:  # one image too large; the next may fit
+                    failed.append(f"{task.name}/{key}: out of memory ({type(e).__name__})")
+                    bar.console.print(f"[red]skipped[/red] {failed[-1]}")
+                    if dev.type == "cuda":
+                        torch.cuda.empty_cache()
+                    continue
                 restored = quantize_8bit(restored)
                 s.psnr.append(float(psnr(restored, gt, crop_border, y_channel)))
                 row = [(lq, "input"), (restored, "")]
@@ -194,6 +208,8 @@ def evaluate_command(weights: str, suite: str, data: str, out: str, lines: Optio
         compare_method="--fast restorer" if fast_restorer is not None else "",
     )
     paths = write_report(out, result)
+    if failed:
+        write_bytes_atomic(Path(out) / "failed.txt", ("\n".join(failed) + "\n").encode("utf-8"))
     if save_lines_path:
         try:
             save_lines(save_lines_path, line_role, {r.task: {"psnr": r.psnr, "ssim": r.ssim} for r in evaluated})
@@ -207,4 +223,6 @@ def evaluate_command(weights: str, suite: str, data: str, out: str, lines: Optio
     if result.biqa is not None and result.biqa.accuracy() is not None:
         print(f"BIQA accuracy {result.biqa.accuracy():.3f}")
     print(f"report: {paths['html']} (and {paths['markdown'].name}, {paths['metrics'].name})")
-    return 0
+    if failed:
+        print(f"{len(failed)} image(s) ran out of memory and are not in the metrics (see {Path(out) / 'failed.txt'})")
+    return 1 if failed else 0

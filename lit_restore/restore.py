@@ -12,12 +12,16 @@ up to `max_passes` passes.
 
 `--prompt TEXT` runs one pass with the text tower's states of the user's own instruction;
 `--fast` runs the feed-forward ConStyle restorer alone. Images larger than `tile` go through
-the LDM, SCM and restorer tile by tile (`lit_restore.tiling`), so memory stays bounded; BIQA
-looks at a centre crop at native scale (what it was trained on) and needs no tiling.
+the LDM, SCM and restorer tile by tile (`lit_restore.tiling`), so the networks' memory is set
+by the tile; BIQA looks at a centre crop at native scale (what it was trained on) and needs no
+tiling. The image itself is held as float32 (12 bytes per pixel per copy: the input, each
+pass's LDM output and corrected image) and converted from and to 8 bits band by band:
+measured peak growth (bench/restore_memory.py, 5000² input) ≈ 28 bytes per pixel for --fast,
+≈ 52 for the loop with two restoring passes.
 Outputs are 8-bit PNGs (grayscale when the input was) plus a JSON log per image.
-Exit codes: 0 every image restored; 1 some inputs failed (unreadable, listed on stderr and in
-OUT/failed.txt), the others were written; 2 nothing was done (missing weights, bad arguments,
-no inputs).
+Exit codes: 0 every image restored; 1 some inputs failed (unreadable or out of memory, listed on
+stderr and in OUT/failed.txt), the others were written; 2 nothing was done (missing weights, bad
+arguments, no inputs, an output folder that holds an input).
 """
 
 from __future__ import annotations
@@ -160,14 +164,27 @@ def output_stem(path: Path, taken: set[str]) -> str:
 _GRAY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N")
 
 
+# Rows converted at a time between uint8 HWC and float CHW: the temporaries stay this tall.
+BAND = 256
+
+
 def to_tensor(rgb: np.ndarray) -> Tensor:
-    """uint8 (H, W, 3) → float (1, 3, H, W) in [0, 1]."""
-    return torch.as_tensor(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)[None].float() / 255.0
+    """uint8 (H, W, 3) → float (1, 3, H, W) in [0, 1], with no full-size temporary."""
+    h, w = rgb.shape[:2]
+    out = torch.empty(1, 3, h, w, dtype=torch.float32)
+    for y0 in range(0, h, BAND):
+        out[0, :, y0:y0 + BAND] = torch.from_numpy(rgb[y0:y0 + BAND].transpose(2, 0, 1).astype(np.float32))
+    return out.div_(255.0)
 
 
 def to_uint8(image: Tensor) -> np.ndarray:
-    """float (1, 3, H, W) in [0, 1] → uint8 (H, W, 3)."""
-    return (image[0].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+    """float (1, 3, H, W) in [0, 1] → uint8 (H, W, 3), band by band (no full-size temporary)."""
+    h, w = image.shape[-2:]
+    out = np.empty((h, w, 3), np.uint8)
+    for y0 in range(0, h, BAND):
+        band = image[0, :, y0:y0 + BAND].clamp(0, 1).mul_(255).round_()
+        out[y0:y0 + BAND] = band.byte().permute(1, 2, 0).cpu().numpy()
+    return out
 
 
 def save_result(out_dir: Path, stem: str, image: Tensor, info: dict[str, Any], log: dict[str, Any]) -> Path:
@@ -182,6 +199,16 @@ def save_result(out_dir: Path, stem: str, image: Tensor, info: dict[str, Any], l
         write_png(path, rgb)
     write_bytes_atomic(out_dir / f"{stem}.json", json.dumps(log, indent=2).encode("utf-8"))
     return path
+
+
+def check_out_dir(out: Path, inputs: Sequence[Path], option: str = "--out") -> None:
+    """ValueError (one line) when the output folder is, or holds, one of the inputs: its files
+    would be overwritten by results, or read back as inputs by the next run."""
+    root = out.resolve()
+    for path in inputs:
+        resolved = path.resolve()
+        if resolved == root or root in resolved.parents:
+            raise ValueError(f"{option} {out} holds the input {path}; choose an output folder outside the inputs")
 
 
 def load_input(path: Path) -> tuple[Tensor, dict[str, Any]]:
@@ -312,11 +339,10 @@ class Diffusion:
     @torch.no_grad()
     def correct(self, image: Tensor, ldm_out: Tensor) -> Tensor:
         """The SCM's corrected image from the pass input and the LDM output, tile by tile."""
-        def run(pair: Tensor) -> Tensor:
-            pair = pair.to(self.device)
-            return self.scm(pair[:, :3], pair[:, 3:]).clamp(0, 1).cpu()
+        def run(lq: Tensor, out: Tensor) -> Tensor:
+            return self.scm(lq.to(self.device), out.to(self.device)).clamp(0, 1).cpu()
 
-        return restore_tiled(run, torch.cat([image, ldm_out], dim=1), self.tiles.tile, self.tiles.overlap)
+        return restore_tiled(run, (image, ldm_out), self.tiles.tile, self.tiles.overlap)
 
 
 def load_text_tower(weights: str | Path, device: torch.device) -> PromptCLIP:
@@ -358,7 +384,7 @@ class FastRestorer:
     def restore(self, image: Tensor, generator: torch.Generator) -> tuple[Tensor, dict[str, Any]]:
         out = restore_tiled(lambda x: self.net(x.to(self.device)).float().cpu(), image, self.tiles.tile,
                             self.tiles.overlap)
-        return out.clamp(0, 1), {"mode": self.mode}
+        return out.clamp_(0, 1), {"mode": self.mode}
 
 
 class PromptRestorer:
@@ -417,6 +443,18 @@ Restorer = Union[FastRestorer, PromptRestorer, AutoRestorer]
 # --------------------------------------------------------------------------------------
 
 
+def restore_file(restorer: Restorer, path: Path, out_dir: Path, taken: set[str], seed: int) -> None:
+    """Read, restore and write one input (its stem joins `taken`); its buffers go when it returns."""
+    image, info = load_input(path)
+    start = time.perf_counter()
+    restored, log = restorer.restore(image, image_generator(seed))
+    del image  # the loop's input buffer, before the 8-bit copy of the result is made
+    stem = output_stem(path, taken)
+    log = {"input": str(path), "output": f"{stem}.png", "size": list(info["size"]), "input_mode": info["mode"],
+           "bit_depth": info["bit_depth"], **log, "seconds": round(time.perf_counter() - start, 3)}
+    save_result(out_dir, stem, restored, info, log)
+
+
 def build_restorer(weights: str, device: torch.device, prompt: Optional[str], fast: bool, max_passes: int,
                    sampling: SamplerSettings, tiles: TileSettings) -> Restorer:
     """The restorer of the chosen mode from the exported weights (MissingWeightsError when a needed
@@ -469,13 +507,18 @@ def restore_command(weights: str, inputs: Sequence[str], out: str, prompt: Optio
     if not files:
         _error("no input images")
         return 2
+    out_dir = Path(out)
+    try:
+        check_out_dir(out_dir, files)
+    except ValueError as e:
+        _error(str(e))
+        return 2
     dev = pick_device(device, threads)
     try:
         restorer = build_restorer(weights, dev, prompt, fast, max_passes, sampling, tiles)
     except (MissingWeightsError, ValueError) as e:
         _error(str(e))
         return 2
-    out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     taken: set[str] = set()
     failed: list[str] = []
@@ -484,19 +527,19 @@ def restore_command(weights: str, inputs: Sequence[str], out: str, prompt: Optio
         job = bar.add_task("", total=len(files))
         for path in files:
             bar.update(job, description=path.name)
+            reason = None
             try:
-                image, info = load_input(path)
+                restore_file(restorer, path, out_dir, taken, seed)
             except ImageReadError as e:
-                failed.append(str(e))
-                bar.console.print(f"[red]skipped[/red] {e}")
-                bar.advance(job)
-                continue
-            start = time.perf_counter()
-            restored, log = restorer.restore(image, image_generator(seed))
-            stem = output_stem(path, taken)
-            log = {"input": str(path), "output": f"{stem}.png", "size": list(info["size"]), "input_mode": info["mode"],
-                   "bit_depth": info["bit_depth"], **log, "seconds": round(time.perf_counter() - start, 3)}
-            save_result(out_dir, stem, restored, info, log)
+                reason = str(e)
+            except (torch.OutOfMemoryError, MemoryError) as e:
+                # One image too large for this machine; the next one may fit.
+                reason = f"{path}: out of memory ({type(e).__name__}); try a smaller --tile or a larger machine"
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+            if reason is not None:
+                failed.append(reason)
+                bar.console.print(f"[red]skipped[/red] {reason}")
             bar.advance(job)
     if failed:
         write_bytes_atomic(out_dir / "failed.txt", ("\n".join(failed) + "\n").encode("utf-8"))

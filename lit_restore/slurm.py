@@ -22,6 +22,12 @@ from lit_restore.config import ConfigError, load_config, to_yaml
 TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "fit.sbatch.template"
 # SLURM jobs named like this are treated by Lightning as interactive shells (no SLURM environment).
 INTERACTIVE_NAMES = ("bash", "interactive")
+# What reaches an #SBATCH line unquoted (those lines are not shell, so quoting cannot help): a
+# newline there would end the directive and start a line the job runs.
+PARTITION = re.compile(r"[A-Za-z0-9._-]+(,[A-Za-z0-9._-]+)*")
+# sbatch --time forms: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S, and the unlimited keywords.
+TIME = re.compile(r"[0-9]+(-[0-9]+)?(:[0-9]+){0,2}|(?i:unlimited|infinite)")
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def lit_restore_command() -> list[str]:
@@ -34,7 +40,11 @@ def lit_restore_command() -> list[str]:
 def render_sbatch(command: list[str], run_dir: Path, job_name: str, nodes: int, devices_per_node: int,
                   cpus_per_task: int, gpus: bool, partition: Optional[str] = None, time: Optional[str] = None,
                   script: Optional[Path] = None) -> str:
-    """The job script text: `srun command` on `nodes` × `devices_per_node` tasks."""
+    """The job script text: `srun command` on `nodes` × `devices_per_node` tasks.
+
+    Every value that reaches an #SBATCH line is checked against what SLURM accepts there (a
+    newline or shell metacharacter is refused with a ConfigError); shell lines get quoted values.
+    """
     if nodes < 1 or devices_per_node < 1 or cpus_per_task < 1:
         raise ConfigError(f"sbatch: --nodes ({nodes}), --devices-per-node ({devices_per_node}) and "
                           f"--cpus-per-task ({cpus_per_task}) must be >= 1")
@@ -43,7 +53,16 @@ def render_sbatch(command: list[str], run_dir: Path, job_name: str, nodes: int, 
                           f"(and not {' or '.join(INTERACTIVE_NAMES)})")
     if not re.fullmatch(r"[A-Za-z0-9._/+-]+", str(run_dir)):
         # #SBATCH lines are not shell: a quoted or spaced --output path is not understood everywhere.
-        raise ConfigError(f"out_dir: {run_dir} must be a path of letters, digits and . _ / + - for a SLURM job")
+        raise ConfigError(f"out_dir: {str(run_dir)!r} must be a path of letters, digits and . _ / + - for a SLURM job")
+    if partition is not None and not PARTITION.fullmatch(partition):
+        raise ConfigError(f"sbatch: --partition {partition!r}: use partition names of letters, digits, '.', '_', '-', "
+                          "separated by commas")
+    if time is not None and not TIME.fullmatch(time):
+        raise ConfigError(f"sbatch: --time {time!r}: use minutes, [D-]HH:MM:SS (or MM:SS, D-HH, D-HH:MM) or UNLIMITED")
+    # Quoted below, but a script path with a newline or other control character is surely an accident.
+    for what, value in (("--out", str(script or "")), ("the working directory", os.getcwd())):
+        if CONTROL.search(value):
+            raise ConfigError(f"sbatch: {what} {value!r} holds a newline or another control character")
     optional = []
     if gpus:
         optional.append(f"#SBATCH --gres=gpu:{devices_per_node}")
@@ -79,14 +98,15 @@ def sbatch_command(config: str, overrides: list[str], nodes: int, devices_per_no
     run_dir = Path(cfg.out_dir).absolute()
     cfg.out_dir = str(run_dir)
     job_config = run_dir / "sbatch_config.yaml"
-    write_atomic(job_config, to_yaml(cfg))
     script = Path(out).absolute() if out else run_dir / "job.sbatch"
     name = job_name or run_dir.name
+    # Rendered (and so every value checked) before anything is written.
     text = render_sbatch(
         [*lit_restore_command(), "fit", str(job_config)], run_dir=run_dir, job_name=name,
         nodes=nodes, devices_per_node=devices_per_node, cpus_per_task=cpus_per_task, gpus=gpus,
         partition=partition, time=time, script=script,
     )
+    write_atomic(job_config, to_yaml(cfg))
     write_atomic(script, text, mode=0o755)
     print(f"wrote {script}")
     if not submit:

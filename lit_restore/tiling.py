@@ -14,7 +14,7 @@ ramp up to 1 at `overlap - overlap // 4`. Two consequences:
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -49,49 +49,73 @@ def _window_1d(start: int, length: int, size: int, overlap: int, dtype: torch.dt
     return w
 
 
-def run_padded(fn: Callable[[Tensor], Tensor], x: Tensor, multiple: int) -> Tensor:
-    """fn on `x` replicate-padded at the bottom/right to a multiple of `multiple`, cropped back."""
-    h, w = x.shape[-2:]
+def run_padded(fn: Callable[..., Tensor], x: Union[Tensor, Sequence[Tensor]], multiple: int) -> Tensor:
+    """fn on `x` (one image or several of one size, given as arguments) replicate-padded at the
+    bottom/right to a multiple of `multiple`, cropped back."""
+    xs = [x] if isinstance(x, Tensor) else list(x)
+    h, w = xs[0].shape[-2:]
     ph, pw = (-h) % multiple, (-w) % multiple
     if ph or pw:
-        x = F.pad(x, (0, pw, 0, ph), mode="replicate")
-    return fn(x)[..., :h, :w]
+        xs = [F.pad(t, (0, pw, 0, ph), mode="replicate") for t in xs]
+    return fn(*xs)[..., :h, :w]
+
+
+def _weight_sum(size: int, tile: int, overlap: int, dtype: torch.dtype) -> Tensor:
+    """Σ of the 1-D windows of every tile along one axis of length `size`."""
+    total = torch.zeros(size, dtype=dtype)
+    length = min(tile, size)
+    for start in tile_starts(size, tile, overlap):
+        total[start:start + length] += _window_1d(start, length, size, overlap, dtype)
+    return total
 
 
 def restore_tiled(
-    fn: Callable[[Tensor], Tensor],
-    image: Tensor,
+    fn: Callable[..., Tensor],
+    image: Union[Tensor, Sequence[Tensor]],
     tile: int = 512,
     overlap: int = 64,
     multiple: int = 1,
 ) -> Tensor:
     """Apply `fn` ((N, C, h, w) → (N, C', h, w)) to `image` (N, C, H, W) tile by tile.
 
+    `image` may be a sequence of same-sized images; `fn` then gets their tiles as arguments
+    (the SCM's input and LDM output), so they never need to be concatenated at full size.
     Images no larger than `tile` go through `fn` in one call. `multiple` pads what `fn` sees to
-    a multiple of it (networks with downsampling need 8 or 16). The output and the weight sum
-    live on `image`'s device; `fn` gets tiles there and may move them (e.g. CPU image, GPU net).
+    a multiple of it (networks with downsampling need 8 or 16). The output lives on the image's
+    device; `fn` gets tiles there and may move them (e.g. CPU image, GPU net).
+
+    Memory beyond the inputs: the output (N·C' values per pixel) and one tile's work. The weight
+    sum of a grid of separable windows is separable too, so it is kept as two 1-D sums and the
+    output is normalised in place, band by band.
     """
-    if image.ndim != 4:
-        raise ValueError(f"expected an (N, C, H, W) image, got shape {tuple(image.shape)}")
+    images = (image,) if isinstance(image, Tensor) else tuple(image)
+    if any(x.ndim != 4 or x.shape[-2:] != images[0].shape[-2:] for x in images):
+        raise ValueError(f"expected (N, C, H, W) images of one size, got shapes {[tuple(x.shape) for x in images]}")
     if tile <= 0 or not 0 <= overlap < tile:
         raise ValueError(f"need tile > 0 and 0 <= overlap < tile, got tile={tile}, overlap={overlap}")
     if multiple <= 0:
         raise ValueError(f"multiple must be > 0, got {multiple}")
-    h, w = image.shape[-2:]
+    device = images[0].device
+    h, w = images[0].shape[-2:]
+
+    def run(y0: int, x0: int, th: int, tw: int) -> Tensor:
+        return run_padded(fn, [x[..., y0:y0 + th, x0:x0 + tw] for x in images], multiple).to(device)
+
     if h <= tile and w <= tile:
-        return run_padded(fn, image, multiple).to(image.device)
-    out = weight = None
+        return run(0, 0, h, w)
+    th, tw = min(tile, h), min(tile, w)
+    out = None
     for y0 in tile_starts(h, tile, overlap):
-        th = min(tile, h)
-        wy = _window_1d(y0, th, h, overlap, torch.float32).to(image.device)
+        wy = _window_1d(y0, th, h, overlap, torch.float32).to(device)
         for x0 in tile_starts(w, tile, overlap):
-            tw = min(tile, w)
-            wx = _window_1d(x0, tw, w, overlap, torch.float32).to(image.device)
-            result = run_padded(fn, image[..., y0:y0 + th, x0:x0 + tw], multiple).to(image.device)
+            wx = _window_1d(x0, tw, w, overlap, torch.float32).to(device)
+            result = run(y0, x0, th, tw)
             if out is None:
-                out = torch.zeros(*result.shape[:2], h, w, dtype=result.dtype, device=image.device)
-                weight = torch.zeros(h, w, dtype=torch.float32, device=image.device)
-            window = wy[:, None] * wx[None, :]
-            out[..., y0:y0 + th, x0:x0 + tw] += result * window.to(result.dtype)
-            weight[y0:y0 + th, x0:x0 + tw] += window
-    return out / weight.to(out.dtype)
+                out = torch.zeros(*result.shape[:2], h, w, dtype=result.dtype, device=device)
+            out[..., y0:y0 + th, x0:x0 + tw] += result * (wy[:, None] * wx[None, :]).to(result.dtype)
+    sum_y = _weight_sum(h, tile, overlap, torch.float32).to(device)
+    sum_x = _weight_sum(w, tile, overlap, torch.float32).to(device)
+    for y0 in range(0, h, th):
+        band = out[..., y0:y0 + th, :]
+        band /= (sum_y[y0:y0 + th, None] * sum_x[None, :]).to(out.dtype)
+    return out

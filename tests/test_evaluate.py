@@ -99,3 +99,32 @@ def test_task_selection_and_errors(weights, sample_shards, tmp_path, capsys):
     assert main(["evaluate", "--weights", str(tmp_path / "nothing"), "--data", data, "--out", str(tmp_path / "r"),
                  "--fast"]) == 2
     assert "weights folder not found" in capsys.readouterr().err
+
+
+def test_output_folder_holding_an_input_is_refused_and_out_of_memory_images_are_listed(
+        weights, sample_shards, tmp_path, capsys, monkeypatch):
+    data = str(sample_shards / "val-000000.tar")
+    for out in (weights, sample_shards, weights.parent):
+        assert evaluate(weights, data, out) == 2
+        err = capsys.readouterr().err.strip()
+        assert "holds the input" in err and len(err.splitlines()) == 1, err
+    assert not (weights / "metrics.json").exists() and not (sample_shards / "metrics.json").exists()
+
+    from lit_restore.restore import FastRestorer
+
+    real, calls = FastRestorer.restore, []
+
+    def restore(self, image, generator):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real(self, image, generator)
+
+    monkeypatch.setattr(FastRestorer, "restore", restore)
+    out = tmp_path / "report"
+    assert evaluate(weights, data, out) == 1
+    (line,) = (out / "failed.txt").read_text().splitlines()
+    assert line.startswith("noise_s25/") and line.endswith("out of memory (OutOfMemoryError)")
+    metrics = json.loads((out / "metrics.json").read_text())
+    n_images = {t["task"]: t["n_images"] for t in metrics["tasks"]}
+    assert n_images["noise_s25"] == 1 and n_images["blur_s2"] == 2

@@ -81,6 +81,18 @@ def test_16bit_rgb_tiff_rounds_full_depth():
     assert info["bit_depth"] == 16
 
 
+def test_16bit_lzw_tiff_as_opencv_writes_it(tmp_path):
+    import cv2
+
+    x = RNG.integers(0, 65536, (6, 5, 3), dtype=np.uint16)
+    assert cv2.imwrite(str(tmp_path / "cv.tif"), x[..., ::-1])  # OpenCV takes BGR
+    with tifffile.TiffFile(tmp_path / "cv.tif") as tif:
+        assert tif.pages[0].compression == tifffile.COMPRESSION.LZW  # OpenCV's default for TIFF
+    out, info = read_image(tmp_path / "cv.tif")
+    np.testing.assert_array_equal(out, rounded(x))
+    assert info["bit_depth"] == 16
+
+
 def test_16bit_gray_tiff():
     x = RNG.integers(0, 65536, (6, 5), dtype=np.uint16)
     buf = io.BytesIO()

@@ -198,6 +198,42 @@ def test_missing_weights_and_bad_arguments_fail_in_one_line(weights, inputs, tmp
     assert not (tmp_path / "o").exists()
 
 
+def test_an_output_folder_holding_an_input_is_refused(weights, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(np.full((20, 24, 3), 7, np.uint8)).save(folder / "a.png")
+    before = (folder / "a.png").read_bytes()
+    for out in (folder, tmp_path):  # the input folder itself, and a folder above it
+        code = run_restore([folder, "--weights", weights, "--out", out, "--fast", "--device", "cpu"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and "holds the input" in err, err
+    assert sorted(p.name for p in folder.iterdir()) == ["a.png"] and (folder / "a.png").read_bytes() == before
+
+
+def test_an_image_that_runs_out_of_memory_is_listed_and_the_rest_continue(weights, inputs, tmp_path, capsys,
+                                                                           monkeypatch):
+    from lit_restore.restore import FastRestorer
+
+    real = FastRestorer.restore
+
+    def restore(self, image, generator):
+        if image.shape[-1] == 90:  # large.jpg
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        if image.shape[-1] == 30:  # alpha.png
+            raise MemoryError()
+        return real(self, image, generator)
+
+    monkeypatch.setattr(FastRestorer, "restore", restore)
+    out = tmp_path / "out"
+    code = run_restore([inputs, "--weights", weights, "--out", out, "--fast", "--device", "cpu"])
+    assert code == 1 and "restored 3 of 6 image(s)" in capsys.readouterr().out
+    failed = (out / "failed.txt").read_text().splitlines()
+    assert len(failed) == 3 and [l for l in failed if "out of memory" in l] == [
+        f"{inputs / 'alpha.png'}: out of memory (MemoryError); try a smaller --tile or a larger machine",
+        f"{inputs / 'large.jpg'}: out of memory (OutOfMemoryError); try a smaller --tile or a larger machine"]
+    assert sorted(p.name for p in out.glob("*.png")) == ["gray.png", "gray16.png", "rgb.png"]
+
+
 # --------------------------------------------------------------------------------------
 # The automatic loop and --prompt on tiny diffusion models (built directly, not exported)
 # --------------------------------------------------------------------------------------

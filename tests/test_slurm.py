@@ -106,6 +106,23 @@ def test_sbatch_command_resolves_config_into_run_dir(tmp_path, capsys):
     assert os.access(run / "job.sbatch", os.X_OK)
 
 
+@pytest.mark.parametrize("option, value", [
+    ("--partition", "gpu\n#SBATCH --output=/tmp/elsewhere"), ("--partition", "gpu;touch pwned"),
+    ("--time", "1:00:00\ntouch pwned"), ("--time", "$(touch pwned)"), ("--out", "job.sbatch\ntouch pwned"),
+])
+def test_sbatch_refuses_injected_lines_in_one_line_before_writing(tmp_path, capsys, monkeypatch, option, value):
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    rc = cli_main(["sbatch", str(REPO / "configs/tiny/restorer.yaml"), "--no-gpus", option, value, f"out_dir={run}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and option in err and len(err.strip().splitlines()) == 1, err
+    assert not run.exists() and not list(tmp_path.glob("job.sbatch*"))
+    # Ordinary values still render.
+    text = render_sbatch(["x"], run_dir=run, job_name="a", nodes=1, devices_per_node=1, cpus_per_task=1, gpus=False,
+                         partition="gpu,debug", time="2-12:00:00")
+    assert "#SBATCH --partition=gpu,debug" in text and "#SBATCH --time=2-12:00:00" in text
+
+
 # ------------------------------------------------------------------ real jobs
 
 

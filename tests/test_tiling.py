@@ -66,3 +66,23 @@ def test_multiple_pads_what_fn_sees_and_crops_back():
 def test_bad_arguments_raise(tile, overlap, multiple):
     with pytest.raises(ValueError):
         restore_tiled(lambda t: t, torch.rand(1, 3, 40, 40), tile=tile, overlap=overlap, multiple=multiple)
+
+
+def test_several_inputs_are_tiled_together_and_weights_stay_one_dimensional(monkeypatch):
+    a, b = torch.rand(1, 3, 50, 61), torch.rand(1, 2, 50, 61)
+    out = restore_tiled(lambda x, y: torch.cat([x, y], dim=1) * 2, (a, b), tile=16, overlap=6, multiple=4)
+    torch.testing.assert_close(out, torch.cat([a, b], dim=1) * 2)
+    # The only full-size buffer is the output: no (H, W) weight map, no concatenated input.
+    sizes = []
+    real_zeros = torch.zeros
+
+    def zeros(*shape, **kw):
+        t = real_zeros(*shape, **kw)
+        sizes.append(t.numel())
+        return t
+
+    monkeypatch.setattr(torch, "zeros", zeros)
+    restore_tiled(lambda x: x, a, tile=16, overlap=6)
+    assert sorted(sizes)[-1] == a.numel() and sorted(sizes)[-2] <= 61
+    with pytest.raises(ValueError, match="of one size"):
+        restore_tiled(lambda x, y: x, (a, b[..., :40, :]), tile=16, overlap=6)

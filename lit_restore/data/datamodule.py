@@ -65,7 +65,7 @@ class ShardDataModule(L.LightningDataModule):
         self._train_builds += 1
         return TrainStream(
             _expand(c.train, "train"), batch_size=c.batch_size, crop=c.crop, steps=c.steps_per_epoch,
-            shuffle_buffer=c.shuffle_buffer, max_corrupt_fraction=c.max_corrupt_fraction,
+            shuffle_buffer=c.shuffle_buffer, max_corrupt_fraction=c.max_corrupt_fraction, max_pixels=c.max_pixels,
             seed=self.seed, rank=rank, restart=restart, build=self._train_builds,
         )
 
@@ -79,7 +79,7 @@ class ShardDataModule(L.LightningDataModule):
         c = self.cfg
         return ValStream(
             self._val_shards, batch_size=c.val_batch_size or c.batch_size, crop=c.val_crop or c.crop,
-            max_corrupt_fraction=c.max_corrupt_fraction, rank=rank, world=world,
+            max_corrupt_fraction=c.max_corrupt_fraction, max_pixels=c.max_pixels, rank=rank, world=world,
         )
 
     def train_dataloader(self) -> wds.WebLoader:

@@ -5,7 +5,8 @@ Every reader returns a uint8 (H, W, 3) RGB array plus what the file originally w
 
 - 16-bit channels become 8-bit by rounding x/257 (the exact 65535 → 255 map). Pillow truncates
   16-bit colour PNGs/TIFFs to their high byte on load, so those are decoded at full depth with
-  torchvision's libpng binding (PNG) or tifffile (TIFF) instead.
+  torchvision's libpng binding (PNG) or tifffile (TIFF; imagecodecs gives it the LZW and deflate
+  codecs, and LZW is what OpenCV writes) instead.
 - Transparent pixels are composited on white rather than dropped: the colour under alpha 0 is
   arbitrary (often black or leftover paint), and white is what viewers and documents show, so
   the restored image matches what the user sees.

@@ -30,22 +30,34 @@ than `gt.png` by an integer factor (SR pairs) is resized to the gt size with bic
 crop. `depth.npy` is divided by its maximum, resized to the image size if needed and stored as
 uint8.
 
-Only `gt.png`, `lq.png`, `depth.npy` and `json` members are read from a tar; everything else
-(`.pth`, `.pyd`, pickles, ...) is skipped by name before its bytes are read, and `.npy` is
-loaded with `allow_pickle=False`, so sample data is never unpickled. Unreadable samples are
-skipped and counted per worker; each batch carries `n_corrupt`, the count since that worker's
-previous batch, and a worker stops the run once more than `max_corrupt_fraction` of at least
-`MIN_CHECKED` samples were unreadable.
+Only `gt.png` (or webdataset's `png`/`jpg`/`jpeg`/`webp` as the clean image), `lq.png`,
+`depth.npy` and `json` members are read from a tar (`.tar.gz`/`.tgz` shards are decompressed on
+the fly); everything else (`.pth`, `.pyd`, pickles, ...) is skipped by name before its bytes are
+read, and `.npy` is loaded with `allow_pickle=False`, so sample data is never unpickled.
+
+Shards come from strangers. Tar headers are checked (sizes in [0, MAX_MEMBER_BYTES], whole pax
+records), so every header moves the stream forward and a damaged shard ends with an error
+instead of a hang; it then counts the samples it lost (its `manifest.json` count minus those
+read, when the manifest lists it). Images above `max_pixels` are refused from their header,
+before decoding. Any exception while decoding a sample is that sample's corruption: skipped,
+counted per worker and its reason logged (the first MAX_LOGGED). Each batch carries
+`n_corrupt`, the count since that worker's previous batch, and a worker stops the run with
+`CorruptDataError` once more than `max_corrupt_fraction` of at least `MIN_CHECKED` samples were
+unreadable, or all of them (a stream that can never fill a batch would otherwise spin).
 """
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
+import logging
 import math
 import os
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 from itertools import islice
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -58,12 +70,21 @@ from PIL import Image
 from webdataset.gopen import gopen
 from torch.utils.data import IterableDataset, get_worker_info
 
+from lit_restore.config import DataConfig
 from lit_restore.data.degrade.types import type_index
 
+# The clean image: the project's `gt.png`, else the first of webdataset's usual image names.
+GT_MEMBERS = ("gt.png", "png", "jpg", "jpeg", "webp")
 # Tar members a sample may have; anything else is never read.
-SAMPLE_FILES = frozenset({"gt.png", "lq.png", "depth.npy", "json"})
+SAMPLE_FILES = frozenset({*GT_MEMBERS, "lq.png", "depth.npy", "json"})
+GZIP_SUFFIXES = (".tar.gz", ".tgz")
 # Samples a worker must have seen before the corrupt fraction can stop the run.
 MIN_CHECKED = 100
+# Unreadable samples a worker names in the log before it only counts them.
+MAX_LOGGED = 20
+DEFAULT_MAX_PIXELS = DataConfig.max_pixels
+
+log = logging.getLogger(__name__)
 
 
 class CorruptDataError(RuntimeError):
@@ -87,16 +108,24 @@ class CorruptCounter:
     def ok(self) -> None:
         self.seen += 1
 
-    def bad(self, where: str, reason: str) -> None:
-        self.seen += 1
-        self.corrupt += 1
-        self.since_batch += 1
+    def bad(self, where: str, reason: str, n: int = 1) -> None:
+        """`n` unreadable samples at `where` (a shard losing its tail counts every sample it lost)."""
+        self.seen += n
+        self.corrupt += n
+        self.since_batch += n
+        if self.corrupt - n < MAX_LOGGED:
+            more = "; further ones are only counted" if self.corrupt >= MAX_LOGGED else ""
+            log.warning("skipped %d unreadable sample(s) at %s: %s%s", n, where, reason, more)
+        if self.seen < self.min_checked:
+            return
         fraction = self.corrupt / self.seen
-        if self.seen >= self.min_checked and fraction > self.max_fraction:
-            raise CorruptDataError(
-                f"{self.corrupt} of {self.seen} samples unreadable ({fraction:.1%} > data.max_corrupt_fraction="
-                f"{self.max_fraction:.1%}); last: {where}: {reason}"
-            )
+        if fraction > self.max_fraction:
+            why = f"{fraction:.1%} > data.max_corrupt_fraction={self.max_fraction:.1%}"
+        elif self.corrupt == self.seen:  # no batch can ever be made: stop even when 100 % is allowed
+            why = "none readable"
+        else:
+            return
+        raise CorruptDataError(f"{self.corrupt} of {self.seen} samples unreadable ({why}); last: {where}: {reason}")
 
     def take(self) -> int:
         """Corrupt samples since the previous call (reported with each batch)."""
@@ -128,6 +157,11 @@ def check_local_shards(urls: list[str], what: str) -> None:
 
 
 _BLOCK = 512
+# Largest tar member the loader reads or skips: far above any image a shard holds, small enough
+# that a damaged size field cannot send a reader gigabytes ahead or into memory.
+MAX_MEMBER_BYTES = 1 << 30
+# Largest pax / GNU long-name header; real ones hold a few short records.
+MAX_META_BYTES = 1 << 20
 
 
 class TarFormatError(ValueError):
@@ -135,20 +169,42 @@ class TarFormatError(ValueError):
 
 
 def _header_number(field: bytes) -> int:
-    if field[:1] and field[0] & 0x80:  # base-256 (GNU) for values too large for octal
-        return int.from_bytes(field[1:], "big")
+    """A numeric header field: octal text, or GNU base-256 (first byte 0x80 positive, 0xff negative)."""
+    if field[:1] and field[0] & 0x80:
+        return int.from_bytes(field, "big", signed=True) if field[0] == 0xFF else int.from_bytes(field[1:], "big")
     text = field.split(b"\0", 1)[0].strip()
+    if text and not all(48 <= c <= 55 for c in text):
+        raise TarFormatError(f"bad numeric header field {field!r}")
     return int(text, 8) if text else 0
 
 
 def _pax_records(data: bytes) -> dict[str, str]:
+    """The `LENGTH key=value\\n` records of a pax header; every record must be whole and advance."""
     records, pos = {}, 0
     while pos < len(data):
-        length = int(data[pos : data.index(b" ", pos)])
-        key, _, value = data[data.index(b" ", pos) + 1 : pos + length - 1].partition(b"=")
+        space = data.find(b" ", pos, pos + 21)
+        digits = data[pos:space]
+        if space < 0 or not digits.isdigit():
+            raise TarFormatError("bad pax record length")
+        end = pos + int(digits)
+        if end <= space + 1 or end > len(data) or data[end - 1 : end] != b"\n":
+            raise TarFormatError("bad pax record")
+        key, eq, value = data[space + 1 : end - 1].partition(b"=")
+        if not eq:
+            raise TarFormatError("pax record without '='")
         records[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
-        pos += length
+        pos = end
     return records
+
+
+def _member_size(pending: dict[str, str], header: bytes, name: str, limit: int) -> int:
+    text = pending.get("size")
+    if text is not None and not text.isdigit():
+        raise TarFormatError(f"{name}: bad pax size {text!r}")
+    size = int(text) if text is not None else _header_number(header[124:136])
+    if not 0 <= size <= limit:
+        raise TarFormatError(f"{name}: member size {size} outside [0, {limit}]")
+    return size
 
 
 def tar_members(stream, wanted) -> Iterator[tuple[str, Optional[bytes]]]:
@@ -157,7 +213,9 @@ def tar_members(stream, wanted) -> Iterator[tuple[str, Optional[bytes]]]:
     Python's tarfile spends about as long parsing the headers of a PNG shard (a pax header per
     member) as PIL spends decoding a small crop, so the loader reads the few header forms that
     shards use here: ustar/GNU headers, pax `path`/`size` records and GNU long names.
-    Unwanted members are skipped without being read into memory.
+    Unwanted members are skipped without being read into memory. Headers come from strangers:
+    sizes must lie in [0, MAX_MEMBER_BYTES] (meta headers MAX_META_BYTES) and pax records must be
+    whole, so every header moves the stream forward and a damaged one raises `TarFormatError`.
     """
     seekable = stream.seekable() if hasattr(stream, "seekable") else False
     pending: dict[str, str] = {}
@@ -171,13 +229,13 @@ def tar_members(stream, wanted) -> Iterator[tuple[str, Optional[bytes]]]:
         if checksum != sum(header[:148]) + 256 + sum(header[156:]):  # the field itself counts as spaces
             raise TarFormatError("bad tar header checksum")
         kind = header[156:157]
-        size = int(pending["size"]) if "size" in pending else _header_number(header[124:136])
         name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
         if header[257:263] == b"ustar\0" and header[345:346] != b"\0":
             name = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
         name = pending.get("path", name)
-        padded = size + (-size % _BLOCK)
         meta = kind in (b"x", b"g", b"L", b"K")
+        size = _member_size({} if meta else pending, header, name, MAX_META_BYTES if meta else MAX_MEMBER_BYTES)
+        padded = size + (-size % _BLOCK)
         if meta or (kind in (b"0", b"\0", b"7") and wanted(name)):
             data = stream.read(padded)
             if len(data) < padded:
@@ -205,7 +263,7 @@ def tar_members(stream, wanted) -> Iterator[tuple[str, Optional[bytes]]]:
                 yield name, data
 
 
-def _split_name(name: str) -> tuple[str, str]:
+def split_name(name: str) -> tuple[str, str]:
     """Sample key and member suffix, as webdataset splits them: at the first dot of the file name."""
     head, sep, base = name.rpartition("/")
     stem, _, suffix = base.partition(".")
@@ -213,52 +271,84 @@ def _split_name(name: str) -> tuple[str, str]:
 
 
 def _wanted_member(name: str) -> bool:
-    return _split_name(name)[1] in SAMPLE_FILES
+    return split_name(name)[1] in SAMPLE_FILES
 
 
-def read_shard(url: str, counter: CorruptCounter) -> Iterator[dict[str, Any]]:
+@contextmanager
+def open_shard(url: str) -> Iterator[Any]:
+    """A shard's tar byte stream; `.tar.gz`/`.tgz` shards are decompressed on the fly, as webdataset reads them."""
+    with gopen(url, "rb") as raw:
+        if url.endswith(GZIP_SUFFIXES):
+            with gzip.GzipFile(fileobj=raw, mode="rb") as stream:
+                yield stream
+        else:
+            yield raw
+
+
+def read_shard(url: str, counter: CorruptCounter, expected: Optional[int] = None) -> Iterator[dict[str, Any]]:
     """Raw samples of one shard in order: `__key__`, `__url__` and the bytes of the known members.
 
-    A shard that cannot be opened, is damaged or truncated counts as one corrupt item and ends
-    there (the sample being read is dropped); so does a shard without samples, which would
-    otherwise make a resampled source spin forever.
+    A shard that cannot be opened, is damaged or truncated ends there (the sample being read is
+    dropped) and counts the samples it lost: `expected` (its manifest count, when known) minus
+    those read, else one. A shard that ends cleanly short of `expected` counts the missing
+    samples, and a shard without samples counts one, which would otherwise make a resampled
+    source spin forever.
     """
     sample: dict[str, Any] = {}
-    found = False
+    read = 0
     try:
-        with gopen(url, "rb") as stream:
+        with open_shard(url) as stream:
             for name, data in tar_members(stream, _wanted_member):
                 if data is None:
                     continue
-                key, suffix = _split_name(name)
+                key, suffix = split_name(name)
                 if sample and sample["__key__"] != key:
-                    found = True
+                    read += 1
                     yield sample
                     sample = {}
                 if not sample:
                     sample = {"__key__": key, "__url__": url}
                 sample[suffix] = data
     except Exception as e:  # any read or format error: the rest of this shard is lost
-        counter.bad(url, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        lost = max(1, (expected or 0) - read)
+        counter.bad(url, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", n=lost)
         return
     if sample:
+        read += 1
         yield sample
-    elif not found:
+    if expected is not None and read < expected:
+        counter.bad(url, f"{expected - read} of the {expected} samples its manifest.json lists are missing",
+                    n=expected - read)
+    elif read == 0:
         counter.bad(url, "no samples")
+
+
+@lru_cache(maxsize=256)
+def _manifest_counts(manifest: Path, mtime_ns: int) -> dict[str, int]:
+    try:
+        entries = json.loads(manifest.read_text())["shards"]
+        return {Path(e["file"]).name: int(e["count"]) for e in entries}
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
+        raise ValueError(f"{manifest}: unreadable manifest ({type(e).__name__}: {e})") from None
+
+
+def manifest_count(url: str) -> Optional[int]:
+    """A local shard's sample count from the `manifest.json` beside it; None when it lists none."""
+    if not is_local(url):
+        return None
+    manifest = Path(url).parent / "manifest.json"
+    try:
+        mtime_ns = manifest.stat().st_mtime_ns
+    except OSError:
+        return None
+    return _manifest_counts(manifest, mtime_ns).get(Path(url).name)
 
 
 def shard_count(url: str) -> int:
     """Samples in a shard: from `manifest.json` beside a local shard when it lists it, else by reading."""
-    if is_local(url):
-        manifest = Path(url).parent / "manifest.json"
-        if manifest.is_file():
-            try:
-                entries = json.loads(manifest.read_text())["shards"]
-                counts = {Path(e["file"]).name: int(e["count"]) for e in entries}
-            except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{manifest}: unreadable manifest ({e})") from None
-            if Path(url).name in counts:
-                return counts[Path(url).name]
+    count = manifest_count(url)
+    if count is not None:
+        return count
     counter = CorruptCounter(max_fraction=1.0)
     return sum(1 for _ in read_shard(url, counter))
 
@@ -284,6 +374,17 @@ class Decoded:
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\nIHDR"
 
 
+def _header_pixels(data: bytes, name: str) -> int:
+    """Width × height from the image's header, read before any pixel is decoded."""
+    if len(data) >= 24 and data[:8] + data[12:16] == _PNG_SIGNATURE:
+        return int.from_bytes(data[16:20], "big") * int.from_bytes(data[20:24], "big")
+    try:
+        w, h = Image.open(io.BytesIO(data)).size  # PIL reads the header only until load()
+    except Exception as e:
+        raise CorruptSample(f"{name}: cannot decode ({type(e).__name__})") from None
+    return w * h
+
+
 def _is_plain_rgb8_png(data: bytes) -> bool:
     """8-bit RGB PNG within PIL's pixel limit: the one form OpenCV decodes to exactly PIL's pixels."""
     if len(data) < 26 or data[:8] + data[12:16] != _PNG_SIGNATURE or data[24:26] != b"\x08\x02":
@@ -292,15 +393,20 @@ def _is_plain_rgb8_png(data: bytes) -> bool:
     return Image.MAX_IMAGE_PIXELS is None or w * h <= Image.MAX_IMAGE_PIXELS
 
 
-def _open_png(data: bytes, name: str) -> np.ndarray:
-    """PNG bytes → (H, W, 3) uint8 RGB.
+def _open_image(data: bytes, name: str, max_pixels: int) -> np.ndarray:
+    """Image bytes (PNG, or JPEG/WebP/... for webdataset's `jpg`/`webp` members) → (H, W, 3) uint8 RGB.
 
-    OpenCV's libpng decode is ~15% faster than PIL's, which is most of the loader's time; it
-    takes the plain 8-bit RGB files that shards hold. Every other form (16-bit, gray, palette,
-    RGBA) and anything OpenCV rejects go through PIL, so conversions and what counts as corrupt
-    stay PIL's (one exception: libpng accepts a bad checksum on an ancillary chunk, where PIL
-    refuses the file; the pixels are intact either way).
+    The pixel count is checked from the header first, so a decompression bomb (a few hundred
+    KB that decode to gigabytes) costs nothing. OpenCV's libpng decode is ~15% faster than
+    PIL's, which is most of the loader's time; it takes the plain 8-bit RGB PNGs that shards
+    hold. Every other form (16-bit, gray, palette, RGBA, other formats) and anything OpenCV
+    rejects go through PIL, so conversions and what counts as corrupt stay PIL's (one exception:
+    libpng accepts a bad checksum on an ancillary chunk, where PIL refuses the file; the pixels
+    are intact either way).
     """
+    pixels = _header_pixels(data, name)
+    if pixels > max_pixels:
+        raise CorruptSample(f"{name}: {pixels} pixels exceed data.max_pixels={max_pixels}")
     if _is_plain_rgb8_png(data):
         img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB)
         if img is not None:
@@ -313,13 +419,15 @@ def _open_png(data: bytes, name: str) -> np.ndarray:
     return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
 
 
-def _depth_to_uint8(data: bytes, size: tuple[int, int]) -> np.ndarray:
+def _depth_to_uint8(data: bytes, size: tuple[int, int], max_pixels: int) -> np.ndarray:
     try:
         depth = np.load(io.BytesIO(data), allow_pickle=False)
     except Exception as e:
         raise CorruptSample(f"depth.npy: cannot load ({type(e).__name__})") from None
-    if depth.ndim != 2 or not np.issubdtype(depth.dtype, np.number):
-        raise CorruptSample(f"depth.npy: expected a numeric (H, W) array, got {depth.dtype} {depth.shape}")
+    if depth.ndim != 2 or depth.size == 0 or not np.issubdtype(depth.dtype, np.number):
+        raise CorruptSample(f"depth.npy: expected a non-empty numeric (H, W) array, got {depth.dtype} {depth.shape}")
+    if depth.size > max_pixels:  # before the float copy, which can be 4x an 8-bit map
+        raise CorruptSample(f"depth.npy: {depth.size} pixels exceed data.max_pixels={max_pixels}")
     depth = np.nan_to_num(depth.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
     peak = float(depth.max())
     depth = np.clip(depth / peak, 0.0, 1.0) if peak > 0 else np.zeros_like(depth)
@@ -328,19 +436,24 @@ def _depth_to_uint8(data: bytes, size: tuple[int, int]) -> np.ndarray:
     return np.rint(depth * 255.0).astype(np.uint8)
 
 
-def decode_sample(raw: dict[str, Any]) -> Decoded:
-    """Raw tar members → `Decoded`; `CorruptSample` names what is wrong."""
-    if "json" not in raw:
-        raise CorruptSample("missing json")
-    try:
-        meta = json.loads(raw["json"])
-    except (ValueError, UnicodeDecodeError):
-        raise CorruptSample("json: cannot parse") from None
-    if not isinstance(meta, dict):
-        raise CorruptSample("json: not an object")
-    if "gt.png" not in raw:
-        raise CorruptSample("missing gt.png")
-    gt = _open_png(raw["gt.png"], "gt.png")
+def decode_sample(raw: dict[str, Any], max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
+    """Raw tar members → `Decoded`; `CorruptSample` names what is wrong.
+
+    The clean image is `gt.png` or webdataset's `png`/`jpg`/`jpeg`/`webp`; `json` is optional for
+    clean samples (a plain webdataset image set has none) and needed by paired ones (their task).
+    """
+    meta: Any = {}
+    if "json" in raw:
+        try:
+            meta = json.loads(raw["json"])
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            raise CorruptSample("json: cannot parse") from None
+        if not isinstance(meta, dict):
+            raise CorruptSample("json: not an object")
+    gt_name = next((m for m in GT_MEMBERS if m in raw), None)
+    if gt_name is None:
+        raise CorruptSample(f"missing gt.png (or {', '.join(GT_MEMBERS[1:])})")
+    gt = _open_image(raw[gt_name], gt_name, max_pixels)
     lq, label = None, -1
     if "lq.png" in raw:
         task = meta.get("task")
@@ -350,15 +463,28 @@ def decode_sample(raw: dict[str, Any]) -> Decoded:
             label = type_index(str(task))
         except ValueError as e:
             raise CorruptSample(str(e)) from None
-        lq = _open_png(raw["lq.png"], "lq.png")
+        lq = _open_image(raw["lq.png"], "lq.png", max_pixels)
         if lq.shape != gt.shape:
             size, lq_size = (gt.shape[1], gt.shape[0]), (lq.shape[1], lq.shape[0])  # PIL's (W, H)
             fx, fy = size[0] / lq_size[0], size[1] / lq_size[1]
             if fx != fy or fx != int(fx):
                 raise CorruptSample(f"lq size {lq_size} is not gt size {size} divided by an integer")
             lq = np.asarray(Image.fromarray(lq).resize(size, Image.BICUBIC))
-    depth = _depth_to_uint8(raw["depth.npy"], (gt.shape[1], gt.shape[0])) if "depth.npy" in raw else None
+    depth = _depth_to_uint8(raw["depth.npy"], (gt.shape[1], gt.shape[0]), max_pixels) if "depth.npy" in raw else None
     return Decoded(raw["__key__"], str(meta.get("dataset", "")), gt, lq, depth, label, meta)
+
+
+def decode_or_count(raw: dict[str, Any], counter: CorruptCounter, max_pixels: int) -> Optional[Decoded]:
+    """`decode_sample`, any failure counted as this sample's corruption (None) and never the run's:
+    the bytes come from strangers, so whatever a decoder raises on them is the sample's fault."""
+    try:
+        s = decode_sample(raw, max_pixels)
+    except Exception as e:
+        reason = str(e) if isinstance(e, CorruptSample) else f"{type(e).__name__}: {str(e)[:200]}"
+        counter.bad(f"{raw.get('__url__')}/{raw.get('__key__')}", reason)
+        return None
+    counter.ok()
+    return s
 
 
 def _pad_to(a: np.ndarray, size: int) -> np.ndarray:
@@ -491,6 +617,7 @@ class TrainStream(IterableDataset):
         steps: int,
         shuffle_buffer: int,
         max_corrupt_fraction: float,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
         seed: int = 0,
         rank: int = 0,
         restart: int = 0,
@@ -505,6 +632,7 @@ class TrainStream(IterableDataset):
         self.steps = steps
         self.shuffle_buffer = shuffle_buffer
         self.max_corrupt_fraction = max_corrupt_fraction
+        self.max_pixels = max_pixels
         self.seed = seed
         self.rank = rank
         self.restart = restart
@@ -514,7 +642,8 @@ class TrainStream(IterableDataset):
 
     def _source(self, urls: list[str], rng: np.random.Generator, counter: CorruptCounter) -> Iterator[dict]:
         while True:
-            yield from read_shard(urls[int(rng.integers(len(urls)))], counter)
+            url = urls[int(rng.integers(len(urls)))]
+            yield from read_shard(url, counter, manifest_count(url))
 
     def _mixed(self, rng: np.random.Generator, counter: CorruptCounter) -> Iterator[dict]:
         streams = [self._source(urls, rng, counter) for urls, _ in self.sources]
@@ -526,12 +655,9 @@ class TrainStream(IterableDataset):
 
     def _cropped(self, raws: Iterator[dict], rng: np.random.Generator, counter: CorruptCounter) -> Iterator[dict]:
         for raw in raws:
-            try:
-                s = decode_sample(raw)
-            except CorruptSample as e:
-                counter.bad(f"{raw.get('__url__')}/{raw.get('__key__')}", str(e))
+            s = decode_or_count(raw, counter, self.max_pixels)
+            if s is None:
                 continue
-            counter.ok()
             row = crop_sample(s, self.crop, *random_window(s, self.crop, rng))
             k = int(rng.integers(8))
             for name in ("gt", "lq", "depth"):
@@ -583,6 +709,7 @@ class ValStream(IterableDataset):
         batch_size: int,
         crop: int,
         max_corrupt_fraction: float,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
         rank: int = 0,
         world: int = 1,
     ) -> None:
@@ -591,6 +718,7 @@ class ValStream(IterableDataset):
         self.batch_size = batch_size
         self.crop = crop
         self.max_corrupt_fraction = max_corrupt_fraction
+        self.max_pixels = max_pixels
         self.rank = rank
         self.world = world
 
@@ -656,13 +784,8 @@ class ValStream(IterableDataset):
             pass
 
     def _decode(self, raw: dict, counter: CorruptCounter) -> Optional[dict[str, Any]]:
-        try:
-            s = decode_sample(raw)
-        except CorruptSample as e:
-            counter.bad(f"{raw.get('__url__')}/{raw.get('__key__')}", str(e))
-            return None
-        counter.ok()
-        return crop_sample(s, self.crop, *center_window(s, self.crop))
+        s = decode_or_count(raw, counter, self.max_pixels)
+        return None if s is None else crop_sample(s, self.crop, *center_window(s, self.crop))
 
     def _pack(self, rows: list[Optional[dict[str, Any]]], n_corrupt: int) -> dict[str, Any]:
         real = next((r for r in rows if r is not None), None)
@@ -678,7 +801,8 @@ class ValStream(IterableDataset):
 # --------------------------------------------------------------------------------------
 
 
-def iter_samples(urls: str | list[str], max_corrupt_fraction: float = 0.05) -> Iterator[dict[str, Any]]:
+def iter_samples(urls: str | list[str], max_corrupt_fraction: float = 0.05,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[dict[str, Any]]:
     """Samples of shards in order at full size: `key`, `dataset`, `gt` (H,W,3) uint8, `lq`
     (H,W,3) uint8 at gt size or None, `depth` (H,W) uint8 or None, `label`, `meta` (the json).
 
@@ -687,13 +811,10 @@ def iter_samples(urls: str | list[str], max_corrupt_fraction: float = 0.05) -> I
     patterns = [urls] if isinstance(urls, str) else list(urls)
     counter = CorruptCounter(max_corrupt_fraction)
     for url in [u for p in patterns for u in expand_urls(p)]:
-        for raw in read_shard(url, counter):
-            try:
-                s = decode_sample(raw)
-            except CorruptSample as e:
-                counter.bad(f"{url}/{raw.get('__key__')}", str(e))
+        for raw in read_shard(url, counter, manifest_count(url)):
+            s = decode_or_count(raw, counter, max_pixels)
+            if s is None:
                 continue
-            counter.ok()
             yield {
                 "key": s.key,
                 "dataset": s.dataset,

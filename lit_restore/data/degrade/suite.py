@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
@@ -245,38 +244,43 @@ def build_task_set(task: Task, val_urls: str | list[str], max_images: int = 0,
 
 
 def _paired_metas(url: str) -> Iterator[dict[str, Any]]:
-    """The json of every paired sample (one with an lq.png) of a local tar, without decoding images."""
-    with tarfile.open(url) as tar:
-        members: dict[str, dict[str, Any]] = {}
-        for m in tar:
-            if not m.isfile():
-                continue
-            key, _, suffix = m.name.partition(".")
-            entry = members.setdefault(key, {})
-            if suffix == "lq.png":
-                entry["lq"] = True
-            elif suffix == "json":
-                f = tar.extractfile(m)
-                try:
-                    entry["meta"] = json.loads(f.read()) if f else None
-                except ValueError:
-                    entry["meta"] = None
-        for entry in members.values():
-            if entry.get("lq") and isinstance(entry.get("meta"), dict) and entry["meta"].get("task"):
-                yield entry["meta"]
+    """The json of every paired sample (one with an lq.png) of a shard, without reading images.
+
+    A damaged shard or json ends or skips quietly here: the loader counts those samples as
+    corrupt when it reads them.
+    """
+    from lit_restore.data.shards import open_shard, split_name, tar_members
+
+    metas: dict[str, Any] = {}
+    paired: list[str] = []
+    try:
+        with open_shard(url) as stream:
+            for name, data in tar_members(stream, lambda n: split_name(n)[1] == "json"):
+                key, suffix = split_name(name)
+                if suffix == "lq.png":
+                    paired.append(key)
+                elif suffix == "json":
+                    try:
+                        metas[key] = json.loads(data)
+                    except (ValueError, RecursionError):
+                        pass
+    except Exception:  # the shard's bytes come from strangers; see the docstring
+        pass
+    for key in paired:
+        meta = metas.get(key)
+        if isinstance(meta, dict) and meta.get("task"):
+            yield meta
 
 
 def real_tasks_from_shards(urls: str | list[str]) -> list[Task]:
     """One real task per (dataset, task type) found among the paired samples of `urls`."""
-    from lit_restore.data.shards import expand_urls, is_local, iter_samples
+    from lit_restore.data.shards import expand_urls
 
     patterns = [urls] if isinstance(urls, str) else list(urls)
     found: dict[tuple[str, str], str] = {}
     for pattern in patterns:
         for url in expand_urls(pattern):
-            metas = _paired_metas(url) if is_local(url) else (
-                s["meta"] for s in iter_samples(url) if s["lq"] is not None)
-            for meta in metas:
+            for meta in _paired_metas(url):
                 kind = str(meta["task"])
                 if kind not in DEGRADATION_TYPES:
                     continue  # decode_sample rejects (and counts) these samples too
