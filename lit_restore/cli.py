@@ -6,6 +6,7 @@ No logic lives here. Heavy imports happen inside each command so `--help` stays 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -46,6 +47,7 @@ def _fit(a: argparse.Namespace) -> int:
         print(f"stage {cfg.stage}: networks built on the meta device, no weights read")
         print(parameter_table(build_on_meta(cfg)))
         return 0
+    from lit_restore.checkpointing import RunTerminated
     from lit_restore.fit import fit
     from lit_restore.guards import NonFiniteLossError
 
@@ -54,6 +56,9 @@ def _fit(a: argparse.Namespace) -> int:
     except NonFiniteLossError as e:
         print(f"lit-restore: {e}", file=sys.stderr)
         return 3
+    except RunTerminated as e:
+        print(f"lit-restore: {e}", file=sys.stderr)
+        return RunTerminated.EXIT_CODE
     return 0
 
 
@@ -95,10 +100,17 @@ def _sbatch(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lit-restore", description="All-in-one image restoration training on Lightning.")
+    p = argparse.ArgumentParser(prog="lit-restore", description="All-in-one image restoration training on Lightning.",
+                                epilog="A problem with what was given (config, data, weights, arguments) is one line "
+                                       "on stderr and exit code 2; --debug adds its traceback.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("prep-shards", help="image folders → WebDataset tar shards",
+    def command(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kwargs)
+
+    s = command("prep-shards", help="image folders → WebDataset tar shards",
                        description="Write clean image folders (or paired --lq/--gt folders) as tar shards.",
                        epilog="exit codes: 0 every input written; 1 shards written but some inputs skipped "
                               "(unreadable, size mismatch, no partner; listed in OUT/skipped.txt); "
@@ -120,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="replace existing shards in --out")
     s.set_defaults(func=_prep_shards)
 
-    s = sub.add_parser("prep-sample", help="build the quickstart shards from scikit-image's sample photos",
+    s = command("prep-sample", help="build the quickstart shards from scikit-image's sample photos",
                        description="Random crops of the photos shipped with scikit-image → train and val shards.")
     s.add_argument("--out", default="data/sample", help="output folder")
     s.add_argument("--crop", type=int, default=128, help="crop size")
@@ -130,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=_prep_sample)
 
-    s = sub.add_parser("degrade", help="preview degradations on an image, or list the GIR tasks",
+    s = command("degrade", help="preview degradations on an image, or list the GIR tasks",
                        description="Write a degraded image, a grid of every op at three strengths, or list the suite.")
     s.add_argument("image", nargs="?", help="input image")
     s.add_argument("--out", help="output image path")
@@ -141,10 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_degrade)
 
-    s = sub.add_parser("fit", help="train a stage from a config",
+    s = command("fit", help="train a stage from a config",
                        description="Train one stage. Overrides are key=value pairs, e.g. data.batch_size=16.",
-                       epilog="exit codes: 0 finished, 2 config error, 3 stopped on a non-finite loss "
-                              "(checkpoint.on_nan=stop; a checkpoint was saved)")
+                       epilog="exit codes: 0 finished, 2 config error, missing data or weights (nothing was built), "
+                              "3 stopped on a non-finite loss (checkpoint.on_nan=stop; a checkpoint was saved), "
+                              "143 stopped by SIGTERM (a checkpoint was saved at the step boundary; the same "
+                              "command resumes)")
     s.add_argument("config", help="stage YAML, e.g. configs/tiny/biqa.yaml")
     s.add_argument("overrides", nargs="*", help="key=value overrides")
     s.add_argument("--print-config", action="store_true", help="print the merged config and exit")
@@ -153,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "or read, no memory taken), print parameter counts per sub-network and exit")
     s.set_defaults(func=_fit)
 
-    s = sub.add_parser("export", help="checkpoint → weights folder (safetensors, config, model card, ONNX)",
+    s = command("export", help="checkpoint → weights folder (safetensors, config, model card, ONNX)",
                        description="Export a trained checkpoint for restore/evaluate and for other tools.")
     s.add_argument("ckpt", help="Lightning checkpoint file or sharded checkpoint folder")
     s.add_argument("--out", required=True, help="exported weights folder (a stage subfolder is written inside)")
@@ -161,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-onnx", action="store_true", help="skip the ONNX export of conv nets")
     s.set_defaults(func=_export)
 
-    s = sub.add_parser("restore", help="restore images with exported weights (automatic loop)",
+    s = command("restore", help="restore images with exported weights (automatic loop)",
                        description="BIQA → LDM → SCM, repeated until no artifact is left; or --fast / --prompt.",
                        epilog="exit codes: 0 every image restored; 1 some inputs failed (unreadable; listed in "
                               "OUT/failed.txt), the others were written; 2 nothing done (missing weights, bad arguments)")
@@ -181,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="sampling seed (each image starts from it)")
     s.set_defaults(func=_restore)
 
-    s = sub.add_parser("evaluate", help="evaluate weights on the GIR suite and write a report",
+    s = command("evaluate", help="evaluate weights on the GIR suite and write a report",
                        description="Run the synthetic GIR tasks (and paired real tasks) and write metrics and a report.",
                        epilog="exit codes: 0 report written; 2 nothing evaluated (missing weights or data, bad arguments)")
     s.add_argument("--weights", required=True, help="exported weights folder")
@@ -206,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="sampling seed (each image starts from it)")
     s.set_defaults(func=_evaluate)
 
-    s = sub.add_parser("sbatch", help="render (and submit) a SLURM job for a config",
+    s = command("sbatch", help="render (and submit) a SLURM job for a config",
                        description="Render an sbatch script that runs `srun lit-restore fit` with requeue on preemption.")
     s.add_argument("config", help="stage YAML")
     s.add_argument("overrides", nargs="*", help="key=value overrides passed to fit")
@@ -233,13 +247,23 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = list(args.overrides) + extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    from lit_restore.config import ConfigError
+    from lit_restore.config import ConfigError, UserError
 
     try:
-        return int(args.func(args) or 0)
-    except ConfigError as e:
-        print(f"lit-restore: config error: {e}", file=sys.stderr)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows up here, inside the handler, not at interpreter exit
+        return code
+    except UserError as e:
+        if args.debug:
+            raise
+        kind = "config error: " if isinstance(e, ConfigError) else ""
+        print(f"lit-restore: {kind}{e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly; stdout is pointed at devnull so the
+        # interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports
 
 
 if __name__ == "__main__":

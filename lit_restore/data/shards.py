@@ -40,6 +40,7 @@ previous batch, and a worker stops the run once more than `max_corrupt_fraction`
 
 from __future__ import annotations
 
+import glob
 import io
 import json
 import math
@@ -58,6 +59,7 @@ from PIL import Image
 from webdataset.gopen import gopen
 from torch.utils.data import IterableDataset, get_worker_info
 
+from lit_restore.config import UserError
 from lit_restore.data.degrade.types import type_index
 
 # Tar members a sample may have; anything else is never read.
@@ -109,9 +111,17 @@ class CorruptCounter:
 # --------------------------------------------------------------------------------------
 
 
+class MissingShardsError(UserError, FileNotFoundError):
+    """Local shard files a pattern names that do not exist."""
+
+
 def expand_urls(pattern: str) -> list[str]:
-    """Brace-expand a shard URL pattern (`train-{000000..000099}.tar`)."""
-    return list(wds.shardlists.expand_urls(pattern))
+    """Brace-expand a shard URL pattern (`train-{000000..000099}.tar`); a local pattern may also
+    be a glob (`shards/*.tar`), its matches taken in sorted order."""
+    urls = []
+    for url in wds.shardlists.expand_urls(pattern):
+        urls += sorted(glob.glob(url)) if is_local(url) and any(c in url for c in "*?[") else [url]
+    return urls
 
 
 def is_local(url: str) -> bool:
@@ -119,12 +129,13 @@ def is_local(url: str) -> bool:
 
 
 def check_local_shards(urls: list[str], what: str) -> None:
-    """A clear error for local shard files that do not exist (remote URLs are not checked)."""
+    """A one-line error for local shard files that do not exist (remote URLs are not checked)."""
     if not urls:
-        raise FileNotFoundError(f"{what}: the pattern expands to no shard")
+        raise MissingShardsError(f"{what}: the pattern matches no shard file")
     missing = [u for u in urls if is_local(u) and not os.path.isfile(u)]
     if missing:
-        raise FileNotFoundError(f"{what}: {len(missing)} of {len(urls)} shard files not found, e.g. {missing[0]}")
+        raise MissingShardsError(f"{what}: {len(missing)} of the {len(urls)} shard files it names do not exist, "
+                                 f"e.g. {missing[0]}; fix the {{first..last}} range or use a glob such as dir/*.tar")
 
 
 _BLOCK = 512
