@@ -44,8 +44,9 @@ def _fit(a: argparse.Namespace) -> int:
     if a.check:
         from lit_restore.fit import build_on_meta, parameter_table
 
+        stage = build_on_meta(cfg)
         print(f"stage {cfg.stage}: networks built on the meta device, no weights read")
-        print(parameter_table(build_on_meta(cfg)))
+        print(parameter_table(stage))
         return 0
     from lit_restore.checkpointing import RunTerminated
     from lit_restore.fit import fit

@@ -40,7 +40,8 @@ def _from_pretrained(cls: Any, pretrained: str, subfolder: str, key: str) -> Any
             raise WeightsError(f"{key}: {pretrained} has no diffusers {subfolder}/ folder (config.json + weights)") from None
         raise WeightsError(
             f"cannot load '{pretrained}' {subfolder} (offline?): download the Stable Diffusion folder on a machine "
-            f"with internet and set {key}=/path/to/folder (with unet/ and vae/ subfolders)"
+            f"with internet and set {key}=/path/to/folder (with unet/ and vae/ subfolders); HF_HUB_OFFLINE=1 "
+            "skips the download retries"
         ) from None
 
 
