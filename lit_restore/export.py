@@ -28,7 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 from safetensors.torch import save_file
 from torch import nn
 
-from lit_restore.checkpointing import WeightsError, load_checkpoint, read_weights
+from lit_restore.checkpointing import WeightsError, load_checkpoint, load_sharded_checkpoint, read_weights
 from lit_restore.config import ConfigError, RunConfig, load_config, schema_for, to_yaml
 
 # Stages whose exported modules are convolutional image-to-image nets: also written as ONNX.
@@ -45,9 +45,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise WeightsError(f"{path}: checkpoint not found (a run's checkpoints/last.ckpt, or a sharded checkpoint folder)")
     if path.is_dir():
-        from lightning.fabric.utilities.load import _load_distributed_checkpoint
-
-        ckpt = _load_distributed_checkpoint(path)
+        ckpt = load_sharded_checkpoint(path)
         if "state_dict" not in ckpt and "model" in ckpt:  # Lightning's sharded layout names it "model"
             ckpt["state_dict"] = ckpt.pop("model")
         return ckpt

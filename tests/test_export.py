@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from _untrusted import code_running_checkpoint
+from _untrusted import RunsCode, code_running_checkpoint
 from lit_restore.checkpointing import WeightsError
 from lit_restore.config import load_config, to_dict
 from lit_restore.export import export_command, load_exported
@@ -149,6 +149,27 @@ def test_untrusted_checkpoints_and_weights_are_refused_in_one_line(restorer_ckpt
     with pytest.raises(WeightsError, match="model.safetensors: not a readable safetensors file") as e:
         load_exported(tmp_path / "w", "restorer")
     assert "\n" not in str(e.value)
+
+
+def test_sharded_checkpoint_that_would_run_code_is_refused(restorer_ckpt, tmp_path):
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    path, stage = restorer_ckpt
+    marker = tmp_path / "ran"
+    # A non-tensor value of a DCP folder is stored as a torch.save pickle of its own.
+    folder = tmp_path / "values.ckpt"
+    dcp.save({"model": stage.state_dict(), "hyper_parameters": {"config": RunsCode(marker)}}, checkpoint_id=str(folder))
+    with pytest.raises(WeightsError, match=r"values\.ckpt: refused: loading it would call .*open"):
+        export_command(str(folder), str(tmp_path / "out"), onnx=False)
+    # The folder's .metadata is a plain pickle.
+    folder = tmp_path / "metadata.ckpt"
+    dcp.save({"model": stage.state_dict()}, checkpoint_id=str(folder))
+    (folder / ".metadata").write_bytes(pickle.dumps(RunsCode(marker)))
+    with pytest.raises(WeightsError, match=r"metadata\.ckpt: refused: loading it would call .*open"):
+        export_command(str(folder), str(tmp_path / "out"), onnx=False)
+    assert not marker.exists()
 
 
 def test_export_follows_the_umask(restorer_ckpt, tmp_path):
