@@ -104,14 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lit-restore", description="All-in-one image restoration training on Lightning.",
                                 epilog="A problem with what was given (config, data, weights, arguments) is one line "
                                        "on stderr and exit code 2; --debug adds its traceback.")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, **kwargs) -> argparse.ArgumentParser:
-        return sub.add_parser(name, parents=[common], **kwargs)
-
-    s = command("prep-shards", help="image folders → WebDataset tar shards",
+    s = sub.add_parser("prep-shards", help="image folders → WebDataset tar shards",
                        description="Write clean image folders (or paired --lq/--gt folders) as tar shards.",
                        epilog="exit codes: 0 every input written; 1 shards written but some inputs skipped "
                               "(unreadable, size mismatch, no partner; listed in OUT/skipped.txt); "
@@ -133,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="replace existing shards in --out")
     s.set_defaults(func=_prep_shards)
 
-    s = command("prep-sample", help="build the quickstart shards from scikit-image's sample photos",
+    s = sub.add_parser("prep-sample", help="build the quickstart shards from scikit-image's sample photos",
                        description="Random crops of the photos shipped with scikit-image → train and val shards.")
     s.add_argument("--out", default="data/sample", help="output folder")
     s.add_argument("--crop", type=int, default=128, help="crop size")
@@ -143,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=_prep_sample)
 
-    s = command("degrade", help="preview degradations on an image, or list the GIR tasks",
+    s = sub.add_parser("degrade", help="preview degradations on an image, or list the GIR tasks",
                        description="Write a degraded image, a grid of every op at three strengths, or list the suite.")
     s.add_argument("image", nargs="?", help="input image")
     s.add_argument("--out", help="output image path")
@@ -154,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_degrade)
 
-    s = command("fit", help="train a stage from a config",
+    s = sub.add_parser("fit", help="train a stage from a config",
                        description="Train one stage. Overrides are key=value pairs, e.g. data.batch_size=16.",
                        epilog="exit codes: 0 finished, 2 config error, missing data or weights (nothing was built), "
                               "3 stopped on a non-finite loss (checkpoint.on_nan=stop; a checkpoint was saved), "
@@ -168,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "or read, no memory taken), print parameter counts per sub-network and exit")
     s.set_defaults(func=_fit)
 
-    s = command("export", help="checkpoint → weights folder (safetensors, config, model card, ONNX)",
+    s = sub.add_parser("export", help="checkpoint → weights folder (safetensors, config, model card, ONNX)",
                        description="Export a trained checkpoint for restore/evaluate and for other tools.")
     s.add_argument("ckpt", help="Lightning checkpoint file or sharded checkpoint folder")
     s.add_argument("--out", required=True, help="exported weights folder (a stage subfolder is written inside)")
@@ -176,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-onnx", action="store_true", help="skip the ONNX export of conv nets")
     s.set_defaults(func=_export)
 
-    s = command("restore", help="restore images with exported weights (automatic loop)",
+    s = sub.add_parser("restore", help="restore images with exported weights (automatic loop)",
                        description="BIQA → LDM → SCM, repeated until no artifact is left; or --fast / --prompt.",
                        epilog="exit codes: 0 every image restored; 1 some inputs failed (unreadable; listed in "
                               "OUT/failed.txt), the others were written; 2 nothing done (missing weights, bad arguments)")
@@ -196,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="sampling seed (each image starts from it)")
     s.set_defaults(func=_restore)
 
-    s = command("evaluate", help="evaluate weights on the GIR suite and write a report",
+    s = sub.add_parser("evaluate", help="evaluate weights on the GIR suite and write a report",
                        description="Run the synthetic GIR tasks (and paired real tasks) and write metrics and a report.",
                        epilog="exit codes: 0 report written; 2 nothing evaluated (missing weights or data, bad arguments)")
     s.add_argument("--weights", required=True, help="exported weights folder")
@@ -221,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="sampling seed (each image starts from it)")
     s.set_defaults(func=_evaluate)
 
-    s = command("sbatch", help="render (and submit) a SLURM job for a config",
+    s = sub.add_parser("sbatch", help="render (and submit) a SLURM job for a config",
                        description="Render an sbatch script that runs `srun lit-restore fit` with requeue on preemption.")
     s.add_argument("config", help="stage YAML")
     s.add_argument("overrides", nargs="*", help="key=value overrides passed to fit")
@@ -235,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="where to write the script (default: <out_dir>/job.sbatch)")
     s.add_argument("--submit", action="store_true", help="submit with sbatch after rendering")
     s.set_defaults(func=_sbatch)
+    for command in sub.choices.values():
+        command.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
     return p
 
 
