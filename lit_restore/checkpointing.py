@@ -2,11 +2,12 @@
 writes, the resume choice, SLURM preemption and SIGTERM at a step boundary, and the run state
 Lightning does not keep (RNG, restart count).
 
-Every checkpoint or weights file lit_restore reads goes through `load_checkpoint` or
-`read_weights`: safetensors where the file is one, else `torch.load(weights_only=True)`, which
-builds plain containers, numbers, strings and tensors and refuses anything that would need code
-from the file. Lightning and lit_restore checkpoints of every stage need nothing more (the RNG
-states are stored as plain lists for this), so there is no allow-list of extra types.
+Every checkpoint or weights file lit_restore reads goes through `load_checkpoint`, `read_weights`
+or `load_sharded_checkpoint`: safetensors where the file is one, else `torch.load(weights_only=True)`,
+which builds plain containers, numbers, strings and tensors and refuses anything that would need
+code from the file. Lightning and lit_restore checkpoints of every stage need nothing more (the RNG
+states are stored as plain lists for this), so there is no allow-list of extra types; only a
+sharded folder's metadata pickle gets one (`_MetadataUnpickler`).
 
 Run dir layout (docs/architecture.md): `checkpoints/stepNNNNNNN.ckpt` and `checkpoints/last.ckpt`
 from `StepCheckpoint`, `hpc_ckpt_N.ckpt` from `PreemptionCheckpoint`.
