@@ -76,7 +76,7 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     that would need code to load included, is a `WeightsError`."""
     path = Path(path)
     if not path.is_file():
-        raise WeightsError(f"{path}: checkpoint not found")
+        raise WeightsError(f"{path}: {'a folder, not a checkpoint file' if path.is_dir() else 'checkpoint not found'}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # whatever a stranger's bytes make torch.load raise is that file's error

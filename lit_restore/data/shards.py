@@ -134,8 +134,8 @@ def check_local_shards(urls: list[str], what: str) -> None:
         raise MissingShardsError(f"{what}: the pattern matches no shard file")
     missing = [u for u in urls if is_local(u) and not os.path.isfile(u)]
     if missing:
-        raise MissingShardsError(f"{what}: {len(missing)} of the {len(urls)} shard files it names do not exist, "
-                                 f"e.g. {missing[0]}; fix the {{first..last}} range or use a glob such as dir/*.tar")
+        raise MissingShardsError(f"{what}: {len(missing)} of {len(urls)} shard files not found, e.g. {missing[0]}; "
+                                 "fix the {first..last} range or use a glob such as dir/*.tar")
 
 
 _BLOCK = 512
