@@ -13,7 +13,8 @@ import torch
 
 from _probe import Probe, ProbeData, probe_config
 from _untrusted import code_running_checkpoint
-from lit_restore.checkpointing import RunTerminated, WeightsError, find_resume_checkpoint, prune_hpc, resume_path
+from lit_restore.checkpointing import (RunTerminated, WeightsError, find_resume_checkpoint, prune_hpc,
+                                      remove_stale_temporaries, resume_path)
 from lit_restore.config import ConfigError
 from lit_restore.fit import fit
 
@@ -134,11 +135,15 @@ def test_sigterm_saves_at_step_boundary_and_fails(tmp_path):
         fit(cfg, stage=Probe(cfg, signal_at=5, signum=signal.SIGTERM), datamodule=ProbeData())
     assert torch.load(tmp_path / "hpc_ckpt_1.ckpt", weights_only=True)["global_step"] == 6
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers handed back
-    # A stale temporary file of a killed checkpoint write goes at the next start.
-    stale = tmp_path / "checkpoints" / ".last.ckpt.tmp12345"
-    stale.write_bytes(b"partial")
-    assert fit(cfg, stage=Probe(cfg), datamodule=ProbeData()).global_step == 12
-    assert not stale.exists()
+
+
+def test_stale_temporaries_of_killed_writes_are_removed(tmp_path):
+    stale = [tmp_path / ".hpc_ckpt_2.ckpt.tmp999", tmp_path / "checkpoints" / ".last.ckpt.tmp12345"]
+    for p in stale:
+        touch(p, time.time_ns(), data=b"partial")
+    touch(tmp_path / "checkpoints" / "last.ckpt", time.time_ns())
+    assert sorted(remove_stale_temporaries(tmp_path)) == sorted(stale)
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == ["last.ckpt"]
 
 
 def test_resume_never_starts_fresh(tmp_path):
