@@ -13,8 +13,8 @@ import torch
 
 from _probe import Probe, ProbeData, probe_config
 from _untrusted import code_running_checkpoint
-from lit_restore.checkpointing import (RunTerminated, WeightsError, find_resume_checkpoint, prune_hpc,
-                                      remove_stale_temporaries, resume_path)
+from lit_restore.checkpointing import (AtomicCheckpointIO, RunTerminated, WeightsError, find_resume_checkpoint,
+                                      prune_hpc, remove_stale_temporaries, resume_path)
 from lit_restore.config import ConfigError
 from lit_restore.fit import fit
 
@@ -74,6 +74,9 @@ def test_unreadable_checkpoints_are_skipped_named_and_kept(tmp_path):
     assert not marker.exists()
     with pytest.raises(WeightsError, match="refused"):
         resume_path(str(ckpts / "step0000012.ckpt"), tmp_path)
+    with pytest.raises(WeightsError, match="refused"):  # what Lightning's resume reads through
+        AtomicCheckpointIO().load_checkpoint(ckpts / "step0000012.ckpt", weights_only=False)
+    assert not marker.exists()
 
 
 def test_prune_hpc_keeps_newest_versions(tmp_path):
