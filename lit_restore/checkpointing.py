@@ -1,5 +1,13 @@
-"""Checkpoints that survive preemption and crashes: atomic writes, the resume choice, SLURM
-preemption at a step boundary, and the run state Lightning does not keep (RNG, restart count).
+"""Checkpoints read as data only, and checkpoints that survive preemption and crashes: atomic
+writes, the resume choice, SLURM preemption and SIGTERM at a step boundary, and the run state
+Lightning does not keep (RNG, restart count).
+
+Every checkpoint or weights file lit_restore reads goes through `load_checkpoint`, `read_weights`
+or `load_sharded_checkpoint`: safetensors where the file is one, else `torch.load(weights_only=True)`,
+which builds plain containers, numbers, strings and tensors and refuses anything that would need
+code from the file. Lightning and lit_restore checkpoints of every stage need nothing more (the RNG
+states are stored as plain lists for this), so there is no allow-list of extra types; only a
+sharded folder's metadata pickle gets one (`_MetadataUnpickler`).
 
 Run dir layout (docs/architecture.md): `checkpoints/stepNNNNNNN.ckpt` and `checkpoints/last.ckpt`
 from `StepCheckpoint`, `hpc_ckpt_N.ckpt` from `PreemptionCheckpoint`.
@@ -7,10 +15,14 @@ from `StepCheckpoint`, `hpc_ckpt_N.ckpt` from `PreemptionCheckpoint`.
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
 import re
 import signal
 import subprocess
+import sys
+import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,9 +34,144 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lit_restore.config import ConfigError
+from lit_restore.config import ConfigError, UserError
 
 HPC_PATTERN = re.compile(r"^hpc_ckpt_(\d+)\.ckpt$")
+STEP_PATTERN = re.compile(r"^step(\d+)\.ckpt$")
+
+
+class WeightsError(UserError, OSError):
+    """A checkpoint or weights file that is missing or cannot be read as plain data."""
+
+
+def _first_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:200] if lines else type(e).__name__
+
+
+def _refusal(path: Path, e: Exception) -> Optional[WeightsError]:
+    """The error for a file whose unpickling would import and call code, if `e` says so."""
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+    if refused is None:
+        return None
+    return WeightsError(f"{path}: refused: loading it would call {refused.group(1)}, code named by the file; "
+                        "only tensors and plain values are read from checkpoints")
+
+
+def _load_failure(path: Path, e: Exception) -> WeightsError:
+    """One line saying why the file `path` did not load."""
+    refused = _refusal(path, e)
+    if refused is not None:
+        return refused
+    if path.stat().st_size == 0:
+        return WeightsError(f"{path}: empty file, not a checkpoint")
+    if not zipfile.is_zipfile(path):
+        return WeightsError(f"{path}: not a checkpoint (no complete torch.save archive: truncated or another format)")
+    return WeightsError(f"{path}: not a readable checkpoint (truncated or damaged?): {_first_line(e)}")
+
+
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """A `torch.save`d checkpoint dict read as data only, tensors on the CPU. `mmap` maps tensor
+    storage instead of reading it: a cheap check that the whole file parses. Any failure, a file
+    that would need code to load included, is a `WeightsError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: {'a folder, not a checkpoint file' if path.is_dir() else 'checkpoint not found'}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # whatever a stranger's bytes make torch.load raise is that file's error
+        raise _load_failure(path, e) from None
+    if not isinstance(ckpt, dict):
+        raise WeightsError(f"{path}: holds a {type(ckpt).__name__}, not a checkpoint dict")
+    return ckpt
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """A sharded checkpoint's `.metadata` is a plain pickle (torch writes it so): rebuilt here from
+    the checkpoint-metadata classes, torch.Size, dtypes, layouts and paths only; any other global
+    the file names is refused instead of imported and called."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        import torch.distributed.checkpoint.metadata as meta
+
+        found = getattr(sys.modules.get(module), name, None)
+        allowed = (
+            (module == meta.__name__ and isinstance(found, type))
+            or (module, name) in {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+                                  ("torch.serialization", "_get_layout"), ("collections", "OrderedDict")}
+            or (module == "torch" and isinstance(found, torch.dtype))
+            or (module == "pathlib" and name in ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"))
+        )
+        if not allowed:
+            raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {module}.{name}")
+        return super().find_class(module, name)
+
+
+def load_sharded_checkpoint(folder: str | Path) -> dict[str, Any]:
+    """A sharded (torch.distributed.checkpoint) checkpoint folder consolidated in memory, read as
+    data only: its metadata through `_MetadataUnpickler`, tensors and other values with
+    weights_only loads, Lightning's `meta.pt` with `load_checkpoint`."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.metadata import StorageMeta
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    folder = Path(folder)
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            with open(folder / ".metadata", "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    class Planner(_EmptyStateDictLoadPlanner):
+        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+            # The base planner unpickles these with weights_only=False: it gets a copy re-saved
+            # from a data-only load.
+            clean = io.BytesIO()
+            torch.save(torch.load(value, weights_only=True), clean)
+            clean.seek(0)
+            super().load_bytes(read_item, clean)
+
+    checkpoint: dict[str, Any] = {}
+    try:
+        _load_state_dict(checkpoint, storage_reader=Reader(folder), planner=Planner(), no_dist=True)
+    except (Exception, CheckpointException) as e:  # the folder is a stranger's: any failure is that checkpoint's
+        # CheckpointException carries the failing rank's traceback; its last line is the error.
+        lines = str(e).strip().splitlines()
+        reason = lines[-1][:200] if lines else type(e).__name__
+        refused = _refusal(folder, e)
+        raise refused or WeightsError(f"{folder}: not a readable sharded checkpoint: {reason}") from None
+    extra = folder / "meta.pt"  # what Lightning keeps beside the shards: step, hyper-parameters, ...
+    if extra.is_file():
+        checkpoint.update(load_checkpoint(extra))
+    return checkpoint
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict in a weights file: a `.safetensors` file (an exported folder: its
+    `model.safetensors`), or a checkpoint's `state_dict` (a bare state dict as is)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise WeightsError(f"{path}: weights file not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as e:  # SafetensorError, OSError: truncated or not a safetensors file
+            raise WeightsError(f"{path}: not a readable safetensors file: {_first_line(e)}") from None
+    ckpt = load_checkpoint(path)
+    state = ckpt.get("state_dict", ckpt)
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path}: its state_dict is a {type(state).__name__}, not a dict of tensors")
+    return state
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -47,6 +194,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         finally:
             tmp.unlink(missing_ok=True)
 
+    def load_checkpoint(self, path: Any, map_location: Optional[Any] = None, weights_only: Optional[bool] = None
+                        ) -> dict[str, Any]:
+        """Resume reads the checkpoint as data only, whatever Lightning asks for (its default is
+        weights_only=False); tensors land on the CPU and Lightning moves them."""
+        return load_checkpoint(path)
+
+
+def remove_stale_temporaries(out_dir: str | Path) -> list[Path]:
+    """Delete the temporary files of checkpoint writes that were killed (`.NAME.ckpt.tmpPID`
+    beside the run dir's checkpoints); call before anything in this run writes one."""
+    out = Path(out_dir)
+    stale = [p for folder in (out, out / "checkpoints") for p in folder.glob(".*.ckpt.tmp*") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
 
 def hpc_checkpoints(out_dir: str | Path) -> list[Path]:
     """`hpc_ckpt_N.ckpt` files in the run dir, oldest (lowest N) first."""
@@ -58,19 +221,44 @@ def hpc_checkpoints(out_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def resume_candidates(out_dir: str | Path) -> list[Path]:
+    """The run dir's hpc checkpoints, `checkpoints/last.ckpt` and step checkpoints, newest
+    first (by modification time; at a tie hpc before last before step, higher step first).
+    Lightning's ckpt_path="last" never looks at hpc checkpoints, and ckpt_path=None only at
+    them, so the choice is made here."""
+    ckpts = Path(out_dir) / "checkpoints"
+    ranked = [(p, 2, 0) for p in hpc_checkpoints(out_dir)] + [(ckpts / "last.ckpt", 1, 0)]
+    for p in ckpts.glob("step*.ckpt"):
+        m = STEP_PATTERN.match(p.name)
+        if m:
+            ranked.append((p, 0, int(m.group(1))))
+    existing = [(p.stat().st_mtime_ns, kind, step, p) for p, kind, step in ranked if p.is_file()]
+    return [p for *_, p in sorted(existing, key=lambda r: r[:3], reverse=True)]
+
+
 def find_resume_checkpoint(out_dir: str | Path) -> Optional[Path]:
-    """The newest of the run dir's hpc checkpoints and `checkpoints/last.ckpt` (by modification
-    time; an hpc checkpoint wins a tie), or None. Lightning's ckpt_path="last" never looks at hpc
-    checkpoints, and ckpt_path=None only at them, so the choice is made here."""
-    candidates = [Path(out_dir) / "checkpoints" / "last.ckpt", *hpc_checkpoints(out_dir)]
-    existing = [p for p in candidates if p.is_file()]
-    if not existing:
-        return None
-    return max(existing, key=lambda p: (p.stat().st_mtime_ns, p.name.startswith("hpc_ckpt_")))
+    """The newest resume candidate that loads, or None. Candidates that do not load (truncated,
+    empty, needing code) are named in one warning line and left on disk."""
+    skipped = []
+    for path in resume_candidates(out_dir):
+        try:
+            load_checkpoint(path, mmap=True)
+        except WeightsError as e:
+            skipped.append(str(e))
+            continue
+        if skipped:
+            rank_zero_warn(f"resume: skipped {len(skipped)} unreadable checkpoint(s), resuming from {path}: "
+                           + "; ".join(skipped))
+        return path
+    if skipped:
+        rank_zero_warn(f"resume: no checkpoint loads, starting fresh; skipped {len(skipped)}: " + "; ".join(skipped))
+    return None
 
 
 def resume_path(resume: str, out_dir: str | Path) -> Optional[Path]:
-    """`resume` config value → the checkpoint to start from (None: a fresh run)."""
+    """`resume` config value → the checkpoint to start from (None: a fresh run). A given path
+    must load as data (`load_checkpoint`); the check reads the very bytes the strategy will
+    unpickle, which keeps FSDP's own full-pickle loader safe too."""
     if resume == "never":
         return None
     if resume == "auto":
@@ -78,6 +266,7 @@ def resume_path(resume: str, out_dir: str | Path) -> Optional[Path]:
     path = Path(resume)
     if not path.exists():
         raise ConfigError(f"resume: {resume} does not exist; use auto, never or a checkpoint path")
+    load_checkpoint(path, mmap=True)
     return path
 
 
@@ -112,47 +301,69 @@ class StepCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, candidates)
 
 
+class RunTerminated(Exception):
+    """fit stopped on SIGTERM; the CLI exits with `EXIT_CODE` so `fit && export` does not go on."""
+
+    EXIT_CODE = 143  # 128 + SIGTERM, what a shell reports for a process SIGTERM ended
+
+
 class PreemptionCheckpoint(L.Callback):
     """SLURM preemption: on SIGUSR1 (sent `--signal=SIGUSR1@90` before the time limit, or by
     `scancel --signal=USR1`) every rank saves `hpc_ckpt_N.ckpt` at the next step boundary, rank 0
-    requeues the job with `scontrol requeue`, and training stops.
+    requeues the job with `scontrol requeue`, and training stops. SIGTERM (`kill`, `scancel`, a
+    scheduler's shutdown) does the same without the requeue and records `terminated`, which
+    `fit` turns into `RunTerminated`.
 
     Lightning's own SLURM handler saves inside the signal handler, which can run in the middle of
-    a backward pass or an optimizer step (and, with collectives, deadlock). Here the handler only
-    sets a flag; ranks agree on it after each batch, so they all save the same step."""
+    a backward pass or an optimizer step (and, with collectives, deadlock); its SIGTERM handler
+    ends `fit` after the step without a checkpoint and with exit code 0. Here the handlers only
+    set flags; ranks agree on them after each batch, so they all save the same step."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
     def __init__(self, out_dir: str | Path, keep_hpc: int, requeue: bool = True) -> None:
         self.out_dir = Path(out_dir)
         self.keep_hpc = keep_hpc
         self.requeue = requeue
-        self._signalled = False
-        self._previous_handler: Any = None
+        self.terminated: Optional[str] = None  # what SIGTERM stopped: step and checkpoint
+        self._received: set[int] = set()
+        self._previous_handlers: dict[int, Any] = {}
 
     def _handler(self, signum: int, frame: Any) -> None:
-        self._signalled = True
+        self._received.add(signum)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
-            self._previous_handler = signal.signal(signal.SIGUSR1, self._handler)
+            self._previous_handlers = {s: signal.getsignal(s) for s in self.SIGNALS}
+            signal.signal(signal.SIGUSR1, self._handler)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning installs its SIGTERM handler after `setup`: replace it here.
+        signal.signal(signal.SIGTERM, self._handler)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit" and self._previous_handler is not None:
-            signal.signal(signal.SIGUSR1, self._previous_handler)
-            self._previous_handler = None
+        if stage == "fit":
+            for signum, handler in self._previous_handlers.items():
+                signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+            self._previous_handlers = {}
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if not trainer.strategy.reduce_boolean_decision(self._signalled, all=False):
+        if not trainer.strategy.reduce_boolean_decision(bool(self._received), all=False):
             return
+        terminate = trainer.strategy.reduce_boolean_decision(signal.SIGTERM in self._received, all=False)
         path = trainer._checkpoint_connector.hpc_save_path(self.out_dir)
         trainer.save_checkpoint(path)  # every rank takes part; rank 0 writes
-        rank_zero_info(f"preemption: saved {path} at step {trainer.global_step}")
+        why = "SIGTERM" if terminate else "preemption"
+        rank_zero_info(f"{why}: saved {path} at step {trainer.global_step}")
         if trainer.is_global_zero:
             prune_hpc(self.out_dir, self.keep_hpc)
-            if self.requeue:
+            if self.requeue and not terminate:
                 requeue_slurm_job()
+        if terminate:
+            self.terminated = f"stopped by SIGTERM at step {trainer.global_step}; saved {path}, the same command resumes"
         trainer.should_stop = True
-        self._signalled = False
+        self._received.clear()
 
 
 def requeue_slurm_job() -> None:

@@ -6,6 +6,7 @@ No logic lives here. Heavy imports happen inside each command so `--help` stays 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -43,9 +44,11 @@ def _fit(a: argparse.Namespace) -> int:
     if a.check:
         from lit_restore.fit import build_on_meta, parameter_table
 
+        stage = build_on_meta(cfg)
         print(f"stage {cfg.stage}: networks built on the meta device, no weights read")
-        print(parameter_table(build_on_meta(cfg)))
+        print(parameter_table(stage))
         return 0
+    from lit_restore.checkpointing import RunTerminated
     from lit_restore.fit import fit
     from lit_restore.guards import NonFiniteLossError
 
@@ -54,6 +57,9 @@ def _fit(a: argparse.Namespace) -> int:
     except NonFiniteLossError as e:
         print(f"lit-restore: {e}", file=sys.stderr)
         return 3
+    except RunTerminated as e:
+        print(f"lit-restore: {e}", file=sys.stderr)
+        return RunTerminated.EXIT_CODE
     return 0
 
 
@@ -98,7 +104,9 @@ def _sbatch(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lit-restore", description="All-in-one image restoration training on Lightning.")
+    p = argparse.ArgumentParser(prog="lit-restore", description="All-in-one image restoration training on Lightning.",
+                                epilog="A problem with what was given (config, data, weights, arguments) is one line "
+                                       "on stderr and exit code 2; --debug adds its traceback.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("prep-shards", help="image folders → WebDataset tar shards",
@@ -146,8 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("fit", help="train a stage from a config",
                        description="Train one stage. Overrides are key=value pairs, e.g. data.batch_size=16.",
-                       epilog="exit codes: 0 finished, 2 config error, 3 stopped on a non-finite loss "
-                              "(checkpoint.on_nan=stop; a checkpoint was saved)")
+                       epilog="exit codes: 0 finished, 2 config error, missing data or weights (nothing was built), "
+                              "3 stopped on a non-finite loss (checkpoint.on_nan=stop; a checkpoint was saved), "
+                              "143 stopped by SIGTERM (a checkpoint was saved at the step boundary; the same "
+                              "command resumes)")
     s.add_argument("config", help="stage YAML, e.g. configs/tiny/biqa.yaml")
     s.add_argument("overrides", nargs="*", help="key=value overrides")
     s.add_argument("--print-config", action="store_true", help="print the merged config and exit")
@@ -227,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="where to write the script (default: <out_dir>/job.sbatch)")
     s.add_argument("--submit", action="store_true", help="submit with sbatch after rendering")
     s.set_defaults(func=_sbatch)
+    for command in sub.choices.values():
+        command.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
     return p
 
 
@@ -240,13 +252,23 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = list(args.overrides) + extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    from lit_restore.config import ConfigError
+    from lit_restore.config import ConfigError, UserError
 
     try:
-        return int(args.func(args) or 0)
-    except ConfigError as e:
-        print(f"lit-restore: config error: {e}", file=sys.stderr)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows up here, inside the handler, not at interpreter exit
+        return code
+    except UserError as e:
+        if args.debug:
+            raise
+        kind = "config error: " if isinstance(e, ConfigError) else ""
+        print(f"lit-restore: {kind}{e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly; stdout is pointed at devnull so the
+        # interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports
 
 
 if __name__ == "__main__":

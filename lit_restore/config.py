@@ -8,9 +8,14 @@ load time with one line naming the full key path and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import inspect
+import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
@@ -19,7 +24,13 @@ STAGES = ("autoencoder", "biqa", "constyle", "restorer", "ldm", "scm")
 SAMPLE_DIR = "data/sample"
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """A problem with what the user gave (config, data, weights, arguments), phrased as one line:
+    the CLI prints it and exits 2, without a traceback unless `--debug`. Mixed into the concrete
+    error types (ConfigError is a ValueError, missing shards a FileNotFoundError, ...)."""
+
+
+class ConfigError(UserError, ValueError):
     """A config problem, phrased as one line that names the key path."""
 
 
@@ -511,6 +522,31 @@ def _normalize_sources(raw: DictConfig) -> None:
             data[split] = [{"url": v, "weight": 1.0} if isinstance(v, str) else v for v in value]
 
 
+# Environment variables a config may read with ${oc.env:NAME}: the resolved config is written to
+# the run dir, checkpoints, W&B and exports, so a secret read this way would leak.
+ENV_ALLOWED = ("HOME", "USER", "TMPDIR", "SCRATCH", "WORK", "PWD")
+ENV_ALLOWED_PREFIXES = ("SLURM_", "LIT_RESTORE_")
+_ENV_READ = re.compile(r"\$\{\s*oc\.env\s*:\s*([^,}]*)")
+
+
+def _check_env_reads(node: Any, path: str = "") -> None:
+    """Refuse `${oc.env:NAME}` outside ENV_ALLOWED / ENV_ALLOWED_PREFIXES (checked unresolved)."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _check_env_reads(v, f"{path}{k}.")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            _check_env_reads(v, f"{path[:-1]}[{i}].")
+    elif isinstance(node, str):
+        for name in _ENV_READ.findall(node):
+            name = name.strip()
+            if name not in ENV_ALLOWED and not name.startswith(ENV_ALLOWED_PREFIXES):
+                raise ConfigError(
+                    f"{path[:-1]}: ${{oc.env:{name}}} is not allowed: the resolved config is written to the run dir, "
+                    f"checkpoints, W&B and exports; oc.env may read {', '.join(ENV_ALLOWED)} and "
+                    f"{'/'.join(p + '*' for p in ENV_ALLOWED_PREFIXES)} (secrets such as W&B keys stay in the environment)")
+
+
 def _check_choices(obj: Any, path: str = "") -> None:
     if not dataclasses.is_dataclass(obj):
         return
@@ -567,6 +603,69 @@ def _check_values(cfg: RunConfig) -> None:
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas: {list(cfg.optim.betas)} must hold two numbers")
     check_degrade(cfg.degrade)
+    check_trainer(cfg.trainer)
+
+
+# Trainer arguments `fit` sets itself, and the config key that controls each.
+TRAINER_RESERVED = {"default_root_dir": "out_dir", "logger": "logger", "callbacks": "checkpoint.*",
+                    "plugins": "checkpoint.*"}
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a config value can be an argument annotated `hint`. Types a config cannot hold
+    (a Strategy, a Logger) never match; hints this does not understand let the value through."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (Union, types.UnionType):
+        return any(_fits(value, h) for h in typing.get_args(hint))
+    if origin is Literal:
+        return any(value == v and type(value) is type(v) for v in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(origin, type):
+        return isinstance(value, origin)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def check_trainer(trainer: dict[str, Any]) -> None:
+    """`trainer.*` keys and value types against `lightning.Trainer`'s signature."""
+    import lightning as L
+
+    hints = typing.get_type_hints(L.Trainer.__init__)
+    params = [p for p in inspect.signature(L.Trainer.__init__).parameters if p != "self"]
+    for key, value in trainer.items():
+        if key in TRAINER_RESERVED:
+            raise ConfigError(f"trainer.{key}: set by lit_restore fit; use {TRAINER_RESERVED[key]} instead")
+        if key not in params:
+            close = difflib.get_close_matches(key, [p for p in params if p not in TRAINER_RESERVED], n=1)
+            hint = f"; did you mean {close[0]}?" if close else "; see lightning.Trainer's arguments"
+            raise ConfigError(f"trainer.{key}: not an argument of lightning.Trainer{hint}")
+        if key == "precision" and value == "auto":
+            continue  # lit_restore's own value: fit picks bf16-mixed on GPU, 32-true on CPU
+        if key in hints and not _fits(value, hints[key]):
+            raise ConfigError(f"trainer.{key}: {value!r} is not a valid value (lightning.Trainer expects "
+                              f"one of: {_hint_text(hints[key])})")
+
+
+def _hint_text(hint: Any) -> str:
+    """`Union[Literal[16, 32], int, NoneType]` → `16, 32, int, None`."""
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return ", ".join(_hint_text(h) for h in typing.get_args(hint))
+    if origin is Literal:
+        return ", ".join(repr(v) for v in typing.get_args(hint))
+    if hint is type(None):
+        return "None"
+    if isinstance(hint, type):
+        return hint.__name__
+    return re.sub(r"\b(typing|lightning\.\w+(\.\w+)*|datetime|pathlib)\.", "", str(hint))
 
 
 def schema_for(stage: str) -> DictConfig:
@@ -580,11 +679,17 @@ def schema_for(stage: str) -> DictConfig:
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """YAML file (optional) + `key=value` overrides → validated RunConfig."""
+    import yaml
+
     try:
         raw = OmegaConf.load(path) if path is not None else OmegaConf.create({})
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
-    except Exception as e:  # YAML syntax errors
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: cannot parse YAML: {' '.join(filter(None, (e.context, e.problem)))}") from None
+    except Exception as e:  # other YAML and OmegaConf errors
         raise ConfigError(f"{path}: cannot parse YAML: {e}".splitlines()[0]) from None
     if not isinstance(raw, DictConfig):
         raise ConfigError(f"{path}: the top level must be a mapping")
@@ -595,6 +700,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         raw = OmegaConf.merge(raw, OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as e:
         raise ConfigError(f"overrides: {str(e).splitlines()[0]}") from None
+    _check_env_reads(OmegaConf.to_container(raw, resolve=False))
     stage = raw.get("stage", "biqa")
     _normalize_sources(raw)
     schema = schema_for(str(stage))
@@ -609,6 +715,9 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"
         raise ConfigError(f"{key}: {str(e).splitlines()[0]}") from None
+    if not isinstance(cfg.model, MODEL_CONFIGS[cfg.stage]):
+        raise ConfigError(f"model: {cfg.model!r} is not allowed; give the {cfg.stage} model's keys, or leave model "
+                          "out for its defaults")
     _check_choices(cfg)
     _check_values(cfg)
     return cfg

@@ -24,9 +24,11 @@ from typing import Any
 
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import load_file, save_file
+from omegaconf.errors import OmegaConfBaseException
+from safetensors.torch import save_file
 from torch import nn
 
+from lit_restore.checkpointing import WeightsError, load_checkpoint, load_sharded_checkpoint, read_weights
 from lit_restore.config import ConfigError, RunConfig, load_config, schema_for, to_yaml
 
 # Stages whose exported modules are convolutional image-to-image nets: also written as ONNX.
@@ -37,25 +39,28 @@ ONNX_STAGES = ("restorer", "scm")
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A Lightning checkpoint file, or a sharded checkpoint folder consolidated in memory."""
+    """A Lightning checkpoint file (read as data only, `load_checkpoint`), or a sharded checkpoint
+    folder consolidated in memory."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise WeightsError(f"{path}: checkpoint not found (a run's checkpoints/last.ckpt, or a sharded checkpoint folder)")
     if path.is_dir():
-        from lightning.fabric.utilities.load import _load_distributed_checkpoint
-
-        ckpt = _load_distributed_checkpoint(path)
+        ckpt = load_sharded_checkpoint(path)
         if "state_dict" not in ckpt and "model" in ckpt:  # Lightning's sharded layout names it "model"
             ckpt["state_dict"] = ckpt.pop("model")
         return ckpt
-    # Our own training checkpoints: they hold plain config dicts next to the tensors.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return load_checkpoint(path)
 
 
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
     """The RunConfig a checkpoint was trained with (its `hyper_parameters["config"]`)."""
-    merged = OmegaConf.merge(schema_for(str(data.get("stage", "biqa"))), data)
-    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    if not isinstance(data, dict):
+        raise ConfigError(f"the checkpoint's config is a {type(data).__name__}, not a mapping")
+    try:
+        merged = OmegaConf.merge(schema_for(str(data.get("stage", "biqa"))), data)
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"the checkpoint's config: {str(e).splitlines()[0]}") from None
 
 
 def without_downloads(cfg: RunConfig) -> RunConfig:
@@ -95,7 +100,7 @@ def stage_state_dict(ckpt: dict[str, Any], stage: nn.Module, ema: bool) -> dict[
     wanted = stage.state_dict().keys()
     missing = [k for k in wanted if k not in state]
     if missing:
-        raise ValueError(f"checkpoint lacks {len(missing)} weights of the rebuilt stage, e.g. {missing[:3]}")
+        raise WeightsError(f"checkpoint lacks {len(missing)} weights of the rebuilt stage, e.g. {missing[:3]}")
     return {k: state[k] for k in wanted}
 
 
@@ -176,13 +181,17 @@ def checkpoint_metrics(ckpt: dict[str, Any]) -> dict[str, float]:
 
 def export_command(ckpt: str, out: str, ema: bool = True, onnx: bool = True) -> int:
     checkpoint = read_checkpoint(ckpt)
-    saved = checkpoint.get("hyper_parameters", {}).get("config")
+    hparams = checkpoint.get("hyper_parameters")
+    saved = hparams.get("config") if isinstance(hparams, dict) else None
     if saved is None:
         raise ConfigError(f"{ckpt}: no config in the checkpoint's hyper_parameters; not a lit_restore checkpoint")
     cfg = config_from_dict(saved)
     use_ema = ema and cfg.optim.ema_decay > 0
     stage, modules = build_modules(without_downloads(cfg), use_ema)
-    stage.load_state_dict(stage_state_dict(checkpoint, stage, use_ema))
+    try:
+        stage.load_state_dict(stage_state_dict(checkpoint, stage, use_ema))
+    except RuntimeError as e:  # shapes that differ from the checkpoint's own config
+        raise WeightsError(f"{ckpt}: weights do not fit its config: {str(e).splitlines()[-1].strip()[:200]}") from None
     stage.prepare_export()
     step = int(checkpoint.get("global_step", 0))
     final = Path(out) / cfg.stage
@@ -201,6 +210,7 @@ def export_command(ckpt: str, out: str, ema: bool = True, onnx: bool = True) -> 
                 onnx_diffs[file] = export_onnx(module, work / file)
                 files.append(file)
         (work / "README.md").write_text(model_card(cfg, step, use_ema, files, checkpoint_metrics(checkpoint), onnx_diffs))
+        follow_umask(work)
         # Swap the finished folder in: a failed export never leaves a half-written one behind.
         if final.exists():
             shutil.rmtree(final)
@@ -211,6 +221,16 @@ def export_command(ckpt: str, out: str, ema: bool = True, onnx: bool = True) -> 
     for name, diff in onnx_diffs.items():
         print(f"  {name}: max abs difference to PyTorch (onnxruntime) {diff:.2e}")
     return 0
+
+
+def follow_umask(folder: Path) -> None:
+    """Give `folder` and everything in it the modes a plain mkdir/open gets under the user's
+    umask: mkdtemp makes the folder owner-only, and an export is meant to be shared."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in [folder, *folder.rglob("*")]:
+        if not p.is_symlink():
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def write_tool_formats(stage: nn.Module, modules: dict[str, nn.Module], folder: Path) -> list[str]:
@@ -264,9 +284,13 @@ def load_exported(weights_dir: str | Path, stage: str) -> nn.Module:
     if cfg.stage != stage:
         raise ValueError(f"{folder}/config.yaml is for stage {cfg.stage}, not {stage}")
     _, modules = build_modules(without_downloads(cfg), ema=False)
-    state = load_file(str(folder / "model.safetensors"))
+    state = read_weights(folder / "model.safetensors")
     for name, module in modules.items():
         part = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
-        module.load_state_dict(part)
+        try:
+            module.load_state_dict(part)
+        except RuntimeError as e:
+            raise WeightsError(f"{folder}/model.safetensors does not fit its config.yaml ({name}): "
+                               f"{str(e).splitlines()[-1].strip()[:200]}") from None
         module.eval().requires_grad_(False)
     return next(iter(modules.values())) if len(modules) == 1 else nn.ModuleDict(modules)

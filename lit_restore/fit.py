@@ -18,17 +18,20 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import EMAWeightAveraging, LearningRateMonitor
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 
 from lit_restore.checkpointing import (
     AtomicCheckpointIO,
     PreemptionCheckpoint,
     RunState,
+    RunTerminated,
     StepCheckpoint,
     prune_hpc,
+    remove_stale_temporaries,
     resume_path,
 )
-from lit_restore.config import ConfigError, RunConfig, to_yaml
+from lit_restore.config import ConfigError, RunConfig, UserError, to_yaml
 from lit_restore.guards import NonFiniteGuard, NonFiniteLossError
 from lit_restore.stages.base import Stage
 
@@ -272,9 +275,38 @@ def write_run_config(cfg: RunConfig) -> None:
     os.replace(tmp, out / "config.yaml")
 
 
+def check_hardware(cfg: RunConfig) -> None:
+    """A config asking for GPUs this machine does not have fails here, in one line that says what
+    it needs and what runs instead, before Lightning's own (later, longer) error."""
+    accelerator = cfg.trainer.get("accelerator", "auto")
+    devices = cfg.trainer.get("devices", "auto")
+    if accelerator not in ("gpu", "cuda"):
+        return
+    if isinstance(devices, (list, tuple)):
+        wanted = len(devices)
+    elif isinstance(devices, int):
+        wanted = max(devices, 1)  # -1: all of them, at least one
+    else:
+        return  # device strings such as "0,1": Lightning parses them
+    have = torch.cuda.device_count()
+    if wanted > have:
+        raise UserError(f"trainer.accelerator={accelerator} trainer.devices={devices}: this config needs {wanted} CUDA "
+                        f"GPU(s) per node, this machine has {have}; on a CPU try the tiny config: "
+                        f"lit-restore fit configs/tiny/{cfg.stage}.yaml")
+
+
 def fit(cfg: RunConfig, stage: Optional[L.LightningModule] = None, datamodule: Optional[L.LightningDataModule] = None
         ) -> L.Trainer:
-    """Train `cfg`'s stage (or the given module and datamodule) into `cfg.out_dir`."""
+    """Train `cfg`'s stage (or the given module and datamodule) into `cfg.out_dir`. What the user
+    gave (hardware, shards, the resume checkpoint) is checked before any network is built.
+    Raises `RunTerminated` when SIGTERM stopped the run (after saving a checkpoint)."""
+    check_hardware(cfg)
+    if datamodule is None:
+        datamodule = build_datamodule(cfg)
+        datamodule.check_sources()
+    if rank_zero_only.rank == 0:
+        for path in remove_stale_temporaries(cfg.out_dir):
+            rank_zero_info(f"removed {path}, left by a killed checkpoint write")
     ckpt = resume_path(cfg.resume, cfg.out_dir)
     if on_cpu(cfg):
         from lit_restore.threads import use_cpu_threads
@@ -297,9 +329,14 @@ def fit(cfg: RunConfig, stage: Optional[L.LightningModule] = None, datamodule: O
         rank_zero_info(f"resuming from {ckpt}")
         if trainer.is_global_zero:
             prune_hpc(cfg.out_dir, cfg.checkpoint.keep_hpc, protect=ckpt)
-    trainer.fit(stage, datamodule=datamodule if datamodule is not None else build_datamodule(cfg),
-                ckpt_path=str(ckpt) if ckpt is not None else None)
+    try:
+        trainer.fit(stage, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt is not None else None, weights_only=True)
+    except SIGTERMException:  # Lightning's handler, before PreemptionCheckpoint took SIGTERM over
+        raise RunTerminated("stopped by SIGTERM before training started; no checkpoint saved") from None
     guard = next(c for c in callbacks if isinstance(c, NonFiniteGuard))
     if guard.stopped_message is not None:
         raise NonFiniteLossError(guard.stopped_message)
+    preemption = next(c for c in callbacks if isinstance(c, PreemptionCheckpoint))
+    if preemption.terminated is not None:
+        raise RunTerminated(preemption.terminated)
     return trainer

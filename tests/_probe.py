@@ -60,13 +60,14 @@ class Probe(L.LightningModule):
     manages_own_ema = False
 
     def __init__(self, cfg: RunConfig, nan_steps: tuple[int, ...] = (), sleep: float = 0.0,
-                 signal_at: int | None = None) -> None:
+                 signal_at: int | None = None, signum: int = signal.SIGUSR1) -> None:
         super().__init__()
         self.cfg = cfg
         self.save_hyperparameters({"config": to_dict(cfg)})
         self.nan_steps = set(nan_steps)
         self.sleep = sleep
-        self.signal_at = signal_at  # send ourselves SIGUSR1 (a local "preemption") after this step
+        self.signal_at = signal_at  # send ourselves `signum` (SIGUSR1: a local "preemption") after this step
+        self.signum = signum
         self.net: nn.Module | None = None
         # A MoCo-like queue and pointer: buffers that must come back on resume.
         self.register_buffer("queue", torch.zeros(4, 8))
@@ -96,7 +97,7 @@ class Probe(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self.signal_at is not None and self.global_step == self.signal_at:
-            os.kill(os.getpid(), signal.SIGUSR1)
+            os.kill(os.getpid(), self.signum)
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=1e-2)

@@ -3,6 +3,8 @@ import open_clip
 import pytest
 import torch
 
+from _untrusted import code_running_checkpoint
+from lit_restore.checkpointing import WeightsError
 from lit_restore.config import load_config
 from lit_restore.data.degrade.types import DEGRADATION_TYPES, prompt_for
 from lit_restore.models.clip import PromptCLIP, create_clip, pad_with_eot, tokenize
@@ -82,10 +84,17 @@ def test_weights_from_a_prefixed_lightning_checkpoint(tiny_cfg, tmp_path):
     loaded = create_clip("", str(path), tiny_cfg)
     for (k, a), b in zip(source.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), k
+    # The same reached from a stranger's file (model.pretrained, an LDM export's clip.pretrained):
+    # a pickle that would run code is refused unrun.
+    marker = tmp_path / "ran"
+    evil = code_running_checkpoint(tmp_path / "evil.ckpt", marker, {f"clip.model.{k}": v for k, v in source.state_dict().items()})
+    with pytest.raises(WeightsError, match="refused"):
+        create_clip("", str(evil), tiny_cfg)
+    assert not marker.exists()
 
 
 def test_unknown_tag_and_offline_weights_give_one_line_errors(monkeypatch, tmp_path):
-    with pytest.raises(ValueError, match="neither a file nor an open_clip tag") as e:
+    with pytest.raises(WeightsError, match="neither a file nor an open_clip tag") as e:
         create_clip("ViT-B-32", "no-such-tag")
     assert "\n" not in str(e.value)
     # No network and an empty cache: what a compute node without the weights sees.

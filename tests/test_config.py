@@ -1,10 +1,13 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from lit_restore.cli import build_parser
 from lit_restore.config import BIQAModelConfig, ConfigError, RestorerModelConfig, load_config, to_yaml
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -81,3 +84,71 @@ def test_every_subcommand_has_help(command, capsys):
         build_parser().parse_args([command, "--help"])
     assert info.value.code == 0
     assert "usage: lit-restore " + command in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("trainer.bogus_key=1", "trainer.bogus_key: not an argument of lightning.Trainer"),
+        ("trainer.max_step=3", "trainer.max_step: not an argument of lightning.Trainer; did you mean max_steps?"),
+        ("trainer.max_steps=abc", "trainer.max_steps: 'abc' is not a valid value (lightning.Trainer expects one of: int)"),
+        ("trainer.precision=17", "trainer.precision: 17 is not a valid value"),
+        ("trainer.logger=true", "trainer.logger: set by lit_restore fit; use logger instead"),
+        ("model=null", "model: None is not allowed"),
+        ("wandb.name=${oc.env:LIT_RESTORE_TEST_SECRET_}", None),
+        ("wandb.name=${oc.env:SECRET_TOKEN}", "wandb.name: ${oc.env:SECRET_TOKEN} is not allowed"),
+        ("out_dir=runs/${oc.env:AWS_SECRET_ACCESS_KEY,x}", "out_dir: ${oc.env:AWS_SECRET_ACCESS_KEY} is not allowed"),
+    ],
+)
+def test_trainer_model_and_env_errors(yaml_file, monkeypatch, override, expected):
+    monkeypatch.setenv("SECRET_TOKEN", "hunter2")
+    monkeypatch.setenv("LIT_RESTORE_TEST_SECRET_", "run-7")
+    if expected is None:  # an allowed name resolves as usual
+        assert load_config(yaml_file, [override]).wandb.name == "run-7"
+        return
+    with pytest.raises(ConfigError) as info:
+        load_config(yaml_file, [override])
+    assert expected in str(info.value) and "\n" not in str(info.value) and "hunter2" not in str(info.value)
+
+
+def test_trainer_values_lightning_accepts(yaml_file):
+    cfg = load_config(yaml_file, ["trainer.devices=0,1", "trainer.precision=bf16-mixed", "trainer.max_time=00:01:00:00",
+                                  "trainer.gradient_clip_val=1", "trainer.enable_progress_bar=false"])
+    assert cfg.trainer["devices"] == "0,1" and cfg.trainer["gradient_clip_val"] == 1
+
+
+def test_yaml_errors_keep_line_and_column(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("stage: restorer\ndata:\n  batch_size: [1, 2\nmodel: {}\n")
+    with pytest.raises(ConfigError, match=rf"^{p}:4:6: cannot parse YAML: .*expected ',' or ']'"):
+        load_config(p)
+
+
+def test_user_errors_are_one_line_exit_2_before_any_model(tmp_path, capsys):
+    """Each was a traceback (the missing shards only after the model was built)."""
+    from lit_restore.checkpointing import WeightsError
+    from lit_restore.cli import main
+
+    out = tmp_path / "run"
+    base = [str(REPO / "configs/tiny/restorer.yaml"), f"out_dir={out}"]
+    for args, expected in [
+        (["fit", *base, "trainer.bogus_key=1"], "lit-restore: config error: trainer.bogus_key: not an argument"),
+        (["fit", *base, f"data.train={tmp_path}/train-{{000000..000009}}.tar"], "10 of 10 shard files not found"),
+        (["fit", str(REPO / "configs/biqa.yaml"), f"out_dir={out}", "trainer.devices=999"],
+         "needs 999 CUDA GPU(s) per node, this machine has"),
+        (["export", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "x")], "missing.ckpt: checkpoint not found"),
+    ]:
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and expected in err, err
+        assert not out.exists()  # nothing was started
+    with pytest.raises(WeightsError):
+        main(["export", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "x"), "--debug"])
+
+
+def test_closed_pipe_is_quiet():
+    proc = subprocess.Popen([sys.executable, "-m", "lit_restore.cli", "degrade", "--list-tasks"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # `| head` that has read enough
+    assert proc.wait(timeout=120) == 141
+    assert proc.stderr.read() == b""

@@ -11,16 +11,19 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from lit_restore.config import DataConfig, Source
+from lit_restore.config import DataConfig, Source, UserError
 from lit_restore.data.datamodule import ShardDataModule
 from lit_restore.data.degrade.types import type_index
 from lit_restore.data.shards import (
     SAMPLE_FILES,
     CorruptCounter,
     CorruptDataError,
+    MissingShardsError,
     TrainStream,
     ValStream,
+    check_local_shards,
     dihedral,
+    expand_urls,
     iter_samples,
     make_loader,
     read_shard,
@@ -295,8 +298,26 @@ def test_val_counts_come_from_manifest_when_present(tmp_path):
 
 def test_missing_shards_give_a_clear_error(tmp_path):
     dm = ShardDataModule(cfg_for([(str(tmp_path / "nope-{000..002}.tar"), 1.0)]), seed=0)
-    with pytest.raises(FileNotFoundError, match=r"data\.train\[0\]\.url=.*3 of 3 shard files not found"):
+    with pytest.raises(MissingShardsError, match=r"data\.train\[0\]\.url=.*3 of 3 shard files not found"):
         dm.train_dataloader()
+    # A range naming more shards than exist, caught by the check fit runs before building anything.
+    for i in range(2):
+        write_shard(tmp_path / f"s-{i:03d}.tar", clean_samples(f"k{i}", 2))
+    dm = ShardDataModule(cfg_for([(str(tmp_path / "s-{000..003}.tar"), 1.0)]), seed=0)
+    with pytest.raises(MissingShardsError, match=r"2 of 4 shard files not found.*use a glob") as e:
+        dm.check_sources()
+    assert isinstance(e.value, UserError) and "\n" not in str(e.value)
+
+
+def test_local_glob_patterns(tmp_path):
+    for i in (2, 0, 1):
+        write_shard(tmp_path / f"s-{i:03d}.tar", clean_samples(f"k{i}", 2))
+    assert expand_urls(str(tmp_path / "s-*.tar")) == [str(tmp_path / f"s-{i:03d}.tar") for i in range(3)]
+    dm = ShardDataModule(cfg_for([(str(tmp_path / "*.tar"), 1.0)], val_batch_size=1), seed=0)
+    dm.check_sources()
+    assert sum(int(b["valid"].sum()) for b in dm.val_dataloader()) == 6
+    with pytest.raises(MissingShardsError, match="matches no shard file"):
+        check_local_shards(expand_urls(str(tmp_path / "none-*.tar")), "data.val[0].url")
 
 
 def test_resumed_fit_reseeds_from_the_restored_step(tmp_path):

@@ -3,6 +3,8 @@ onnxruntime, open_clip state dict), EMA vs raw selection, sharded checkpoints, l
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from _untrusted import RunsCode, code_running_checkpoint
+from lit_restore.checkpointing import WeightsError
 from lit_restore.config import load_config, to_dict
 from lit_restore.export import export_command, load_exported
 from lit_restore.fit import build_stage
@@ -124,6 +128,61 @@ def test_biqa_export_loads_in_open_clip(tmp_path):
 def test_load_exported_missing_folder_says_how(tmp_path):
     with pytest.raises(FileNotFoundError, match="lit-restore export"):
         load_exported(tmp_path, "restorer")
+
+
+def test_untrusted_checkpoints_and_weights_are_refused_in_one_line(restorer_ckpt, tmp_path):
+    path, stage = restorer_ckpt
+    marker = tmp_path / "ran"
+    evil = code_running_checkpoint(tmp_path / "evil.ckpt", marker, stage.state_dict())
+    with pytest.raises(WeightsError, match=r"evil\.ckpt: refused: loading it would call .*open") as e:
+        export_command(str(evil), str(tmp_path / "out"), onnx=False)
+    assert not marker.exists() and "\n" not in str(e.value)
+    assert not (tmp_path / "out" / "restorer").exists()
+    for name, data in [("empty.ckpt", b""), ("half.ckpt", path.read_bytes()[: path.stat().st_size // 2])]:
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(WeightsError, match=rf"{name}: (empty file|not a checkpoint)"):
+            export_command(str(tmp_path / name), str(tmp_path / "out"), onnx=False)
+    # A truncated model.safetensors in a weights folder restore would read.
+    assert export_command(str(path), str(tmp_path / "w"), onnx=False) == 0
+    weights = tmp_path / "w" / "restorer" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(WeightsError, match="model.safetensors: not a readable safetensors file") as e:
+        load_exported(tmp_path / "w", "restorer")
+    assert "\n" not in str(e.value)
+
+
+def test_sharded_checkpoint_that_would_run_code_is_refused(restorer_ckpt, tmp_path):
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    path, stage = restorer_ckpt
+    marker = tmp_path / "ran"
+    # A non-tensor value of a DCP folder is stored as a torch.save pickle of its own.
+    folder = tmp_path / "values.ckpt"
+    dcp.save({"model": stage.state_dict(), "hyper_parameters": {"config": RunsCode(marker)}}, checkpoint_id=str(folder))
+    with pytest.raises(WeightsError, match=r"values\.ckpt: refused: loading it would call .*open"):
+        export_command(str(folder), str(tmp_path / "out"), onnx=False)
+    # The folder's .metadata is a plain pickle.
+    folder = tmp_path / "metadata.ckpt"
+    dcp.save({"model": stage.state_dict()}, checkpoint_id=str(folder))
+    (folder / ".metadata").write_bytes(pickle.dumps(RunsCode(marker)))
+    with pytest.raises(WeightsError, match=r"metadata\.ckpt: refused: loading it would call .*open"):
+        export_command(str(folder), str(tmp_path / "out"), onnx=False)
+    assert not marker.exists()
+
+
+def test_export_follows_the_umask(restorer_ckpt, tmp_path):
+    """A shared filesystem: with umask 022 colleagues can read the export (it was 0700/0600)."""
+    path, _ = restorer_ckpt
+    old = os.umask(0o022)
+    try:
+        assert export_command(str(path), str(tmp_path), onnx=False) == 0
+    finally:
+        os.umask(old)
+    folder = tmp_path / "restorer"
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()} == {0o644}
 
 
 def test_ldm_export_loads_in_diffusers_and_scm_exports_onnx(tmp_path):

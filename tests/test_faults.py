@@ -20,6 +20,7 @@ from lit_restore.fit import fit
 from lit_restore.guards import NonFiniteLossError
 
 PROBE = Path(__file__).resolve().parent / "_probe.py"
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_kill9_then_resume_auto_continues(tmp_path):
@@ -46,6 +47,25 @@ def test_kill9_then_resume_auto_continues(tmp_path):
     # The counter of samples trained on continues from the checkpoint: no step was trained twice
     # into the final weights and none was lost.
     assert int(final["state_dict"]["seen"]) == 40
+
+
+def test_sigterm_during_cli_fit_exits_143_with_a_checkpoint(sample_shards, tmp_path):
+    """`fit && export` must not export a run SIGTERM stopped half-way (it exited 0)."""
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "lit_restore.cli", "fit", str(REPO / "configs/tiny/restorer.yaml"), f"out_dir={run}",
+            f"data.train={sample_shards}/train-*.tar", f"data.val={sample_shards}/val-000000.tar", "data.num_workers=0",
+            "data.batch_size=2", "trainer.max_steps=100000", "trainer.limit_val_batches=0", "checkpoint.every_n_steps=2",
+            "trainer.enable_progress_bar=false"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not (run / "checkpoints" / "step0000002.ckpt").exists():  # training is under way
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143
+    last = proc.stderr.read().strip().splitlines()[-1]
+    assert last.startswith("lit-restore: stopped by SIGTERM at step ") and "hpc_ckpt_1.ckpt" in last
+    assert torch.load(run / "hpc_ckpt_1.ckpt", weights_only=True)["global_step"] >= 2
 
 
 def test_checkpoint_write_killed_halfway_keeps_previous(tmp_path):

@@ -184,6 +184,17 @@ def test_check_prints_parameter_counts_without_weights(sd15, capsys):
     assert rows["ldm.vae"] == [f"{SD15_VAE:,}", "0"]
 
 
+def test_check_offline_is_one_line_exit_2(monkeypatch, tmp_path, capsys):
+    """`fit configs/ldm.yaml --check` on a machine without internet or the SD folder."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    assert main(["fit", str(REPO / "configs/ldm.yaml"), "--check"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "(offline?)" in err and "model.pretrained=/path/to/folder" in err
+
+
 def test_check_names_the_key_of_a_folder_without_a_vae(sd15, tmp_path):
     (tmp_path / "unet").mkdir()
     (tmp_path / "unet" / "config.json").write_bytes((sd15 / "unet" / "config.json").read_bytes())

@@ -10,6 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from _batches import device_batch, tiny_stage
+from _untrusted import code_running_checkpoint
+from lit_restore.checkpointing import WeightsError
 from lit_restore.config import ConfigError, load_config
 from lit_restore.models.constyle import ConStyleEncoder, ConStyleNAFNet
 from lit_restore.models.nafnet import NAFBlock
@@ -130,11 +132,23 @@ def test_load_encoder_weights(tmp_path, kind):
 def test_load_encoder_weights_errors(tmp_path):
     from lit_restore.stages.restorer import load_encoder_weights
 
-    with pytest.raises(FileNotFoundError, match="ConStyle weights not found"):
+    with pytest.raises(WeightsError, match="ConStyle weights: .*not found"):
         load_encoder_weights(ConStyleEncoder(base=4, dim=16), str(tmp_path / "missing.ckpt"))
     path, _ = _encoder_file(tmp_path, "ckpt")
-    with pytest.raises(ValueError, match="shapes differ"):
+    with pytest.raises(WeightsError, match="shapes differ"):
         load_encoder_weights(ConStyleEncoder(base=4, dim=32), path)
+    # model.constyle_weights from a stranger: a pickle that would run code is refused unrun.
+    marker = tmp_path / "ran"
+    evil = code_running_checkpoint(tmp_path / "evil.ckpt", marker, ConStyleEncoder(base=4, dim=16).state_dict())
+    with pytest.raises(WeightsError, match="refused"):
+        load_encoder_weights(ConStyleEncoder(base=4, dim=16), str(evil))
+    assert not marker.exists()
+    truncated = tmp_path / "short.safetensors"
+    save_file(ConStyleEncoder(base=4, dim=16).state_dict(), str(truncated))
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    with pytest.raises(WeightsError, match="not a readable safetensors file") as e:
+        load_encoder_weights(ConStyleEncoder(base=4, dim=16), str(truncated))
+    assert "\n" not in str(e.value)
 
 
 def test_frozen_mode_needs_weights():

@@ -5,20 +5,27 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
 import time
 
 import pytest
 import torch
 
 from _probe import Probe, ProbeData, probe_config
-from lit_restore.checkpointing import find_resume_checkpoint, prune_hpc, resume_path
+from _untrusted import code_running_checkpoint
+from lit_restore.checkpointing import (AtomicCheckpointIO, RunTerminated, WeightsError, find_resume_checkpoint,
+                                      prune_hpc, remove_stale_temporaries, resume_path)
 from lit_restore.config import ConfigError
 from lit_restore.fit import fit
 
 
-def touch(path, mtime_ns: int) -> None:
+def touch(path, mtime_ns: int, data: bytes | None = None) -> None:
+    """A small loadable checkpoint (or `data` as the file's bytes) with the given mtime."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"x")
+    if data is None:
+        torch.save({"global_step": 1}, path)
+    else:
+        path.write_bytes(data)
     os.utime(path, ns=(mtime_ns, mtime_ns))
 
 
@@ -27,7 +34,7 @@ def test_auto_picks_newest_of_hpc_and_last(tmp_path):
     t = time.time_ns()
     last = tmp_path / "checkpoints" / "last.ckpt"
     touch(last, t)
-    touch(tmp_path / "checkpoints" / "step0000100.ckpt", t + 10**9)  # step files are not candidates
+    touch(tmp_path / "checkpoints" / "step0000100.ckpt", t - 10**9)
     assert find_resume_checkpoint(tmp_path) == last
     touch(tmp_path / "hpc_ckpt_1.ckpt", t - 10**9)
     touch(tmp_path / "hpc_ckpt_2.ckpt", t + 5 * 10**9)
@@ -41,6 +48,35 @@ def test_auto_picks_newest_of_hpc_and_last(tmp_path):
     assert resume_path(str(last), tmp_path) == last
     with pytest.raises(ConfigError, match="resume: .*does not exist"):
         resume_path(str(tmp_path / "nope.ckpt"), tmp_path)
+
+
+def test_unreadable_checkpoints_are_skipped_named_and_kept(tmp_path):
+    """A zero-byte or truncated last.ckpt and hpc checkpoint beside good step checkpoints: resume
+    takes the newest step checkpoint that loads, names the others in one line, deletes nothing."""
+    t = time.time_ns()
+    ckpts = tmp_path / "checkpoints"
+    touch(ckpts / "step0000004.ckpt", t)
+    touch(ckpts / "step0000008.ckpt", t)  # same mtime: the higher step wins
+    good = (ckpts / "step0000008.ckpt").read_bytes()
+    touch(ckpts / "last.ckpt", t + 10**9, data=b"")
+    touch(tmp_path / "hpc_ckpt_1.ckpt", t + 2 * 10**9, data=good[: len(good) // 2])
+    with pytest.warns(UserWarning) as warned:
+        assert find_resume_checkpoint(tmp_path) == ckpts / "step0000008.ckpt"
+    (line,) = [str(w.message) for w in warned]
+    assert "\n" not in line and "skipped 2" in line and "last.ckpt: empty file" in line and "hpc_ckpt_1.ckpt" in line
+    assert sorted(p.name for p in tmp_path.rglob("*.ckpt")) == ["hpc_ckpt_1.ckpt", "last.ckpt", "step0000004.ckpt",
+                                                                "step0000008.ckpt"]
+    # A checkpoint whose pickle would run code is never loaded, only skipped.
+    marker = tmp_path / "ran"
+    code_running_checkpoint(ckpts / "step0000012.ckpt", marker)
+    with pytest.warns(UserWarning, match="step0000012.ckpt: refused"):
+        assert find_resume_checkpoint(tmp_path) == ckpts / "step0000008.ckpt"
+    assert not marker.exists()
+    with pytest.raises(WeightsError, match="refused"):
+        resume_path(str(ckpts / "step0000012.ckpt"), tmp_path)
+    with pytest.raises(WeightsError, match="refused"):  # what Lightning's resume reads through
+        AtomicCheckpointIO().load_checkpoint(ckpts / "step0000012.ckpt", weights_only=False)
+    assert not marker.exists()
 
 
 def test_prune_hpc_keeps_newest_versions(tmp_path):
@@ -92,6 +128,25 @@ def test_interrupted_run_equals_uninterrupted(tmp_path):
     assert a["lr_schedulers"][0]["last_epoch"] == b["lr_schedulers"][0]["last_epoch"]
     # Every step logged once before and once after the restart: no gap, no repeat.
     assert logged_steps(tmp_path / "b") == list(range(12))
+
+
+def test_sigterm_saves_at_step_boundary_and_fails(tmp_path):
+    """SIGTERM: a checkpoint at the next step boundary, no requeue, and fit raises (the CLI exits
+    143) instead of returning as if the run had finished."""
+    cfg = probe_config(tmp_path)
+    with pytest.raises(RunTerminated, match=r"stopped by SIGTERM at step 6; saved .*hpc_ckpt_1\.ckpt"):
+        fit(cfg, stage=Probe(cfg, signal_at=5, signum=signal.SIGTERM), datamodule=ProbeData())
+    assert torch.load(tmp_path / "hpc_ckpt_1.ckpt", weights_only=True)["global_step"] == 6
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers handed back
+
+
+def test_stale_temporaries_of_killed_writes_are_removed(tmp_path):
+    stale = [tmp_path / ".hpc_ckpt_2.ckpt.tmp999", tmp_path / "checkpoints" / ".last.ckpt.tmp12345"]
+    for p in stale:
+        touch(p, time.time_ns(), data=b"partial")
+    touch(tmp_path / "checkpoints" / "last.ckpt", time.time_ns())
+    assert sorted(remove_stale_temporaries(tmp_path)) == sorted(stale)
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == ["last.ckpt"]
 
 
 def test_resume_never_starts_fresh(tmp_path):

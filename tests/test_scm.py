@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from _batches import device_batch, tiny_stage
+from _untrusted import code_running_checkpoint
+from lit_restore.checkpointing import WeightsError
 from lit_restore.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,8 +79,13 @@ def test_loads_the_ldm_from_an_ldm_checkpoint(tmp_path):
     for k, v in ldm_stage.ldm.vae.state_dict().items():
         assert torch.equal(stage.frozen.ldm.vae.state_dict()[k], v), k
     assert torch.equal(stage.frozen.context_bank, ldm_stage.context_bank)
-    with pytest.raises(FileNotFoundError, match="model.ldm_checkpoint"):
+    with pytest.raises(WeightsError, match="model.ldm_checkpoint: .*not found"):
         make_stage(f"model.ldm_checkpoint={tmp_path / 'missing.ckpt'}")
+    marker = tmp_path / "ran"  # an ldm checkpoint from a stranger whose pickle would run code
+    evil = code_running_checkpoint(tmp_path / "evil.ckpt", marker, ldm_stage.state_dict())
+    with pytest.raises(WeightsError, match="model.ldm_checkpoint: .*refused"):
+        make_stage(f"model.ldm_checkpoint={evil}")
+    assert not marker.exists()
 
 
 def test_bad_timestep_settings():

@@ -45,6 +45,12 @@ class ShardDataModule(L.LightningDataModule):
         self._train_builds = 0  # a rebuilt loader (reload_dataloaders_every_n_epochs) must not replay
         self._val_shards: Optional[list[tuple[str, int]]] = None
 
+    def check_sources(self) -> None:
+        """Every local shard the train and val patterns name exists (one-line error otherwise):
+        checked before the networks are built, not when the first loader starts."""
+        _expand(self.cfg.train, "train")
+        _expand(self.cfg.val, "val")
+
     def set_restart(self, n: int) -> None:
         """Reseed the training stream for the n-th (re)start; call before the loaders are built."""
         self.restart = int(n)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -67,6 +67,8 @@ def decode_image(data: bytes, name: str = "<bytes>") -> tuple[np.ndarray, dict[s
         raw_modes = [str(t.args[0] if isinstance(t.args, tuple) else t.args) for t in im.tile]
         orientation = im.getexif().get(0x0112, 1)
         im.load()
+    except UnidentifiedImageError:  # its message holds the repr of our BytesIO, not a reason
+        raise ImageReadError(f"{name}: cannot decode (not an image format Pillow recognises)") from None
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, struct.error, ...
         raise ImageReadError(f"{name}: cannot decode ({type(e).__name__}: {e})") from None
     mode = im.mode

@@ -48,6 +48,7 @@ unreadable, or all of them (a stream that can never fill a batch would otherwise
 
 from __future__ import annotations
 
+import glob
 import gzip
 import io
 import json
@@ -70,7 +71,7 @@ from PIL import Image
 from webdataset.gopen import gopen
 from torch.utils.data import IterableDataset, get_worker_info
 
-from lit_restore.config import DataConfig
+from lit_restore.config import DataConfig, UserError
 from lit_restore.data.degrade.types import type_index
 
 # The clean image: the project's `gt.png`, else the first of webdataset's usual image names.
@@ -138,9 +139,17 @@ class CorruptCounter:
 # --------------------------------------------------------------------------------------
 
 
+class MissingShardsError(UserError, FileNotFoundError):
+    """Local shard files a pattern names that do not exist."""
+
+
 def expand_urls(pattern: str) -> list[str]:
-    """Brace-expand a shard URL pattern (`train-{000000..000099}.tar`)."""
-    return list(wds.shardlists.expand_urls(pattern))
+    """Brace-expand a shard URL pattern (`train-{000000..000099}.tar`); a local pattern may also
+    be a glob (`shards/*.tar`), its matches taken in sorted order."""
+    urls = []
+    for url in wds.shardlists.expand_urls(pattern):
+        urls += sorted(glob.glob(url)) if is_local(url) and any(c in url for c in "*?[") else [url]
+    return urls
 
 
 def is_local(url: str) -> bool:
@@ -148,12 +157,13 @@ def is_local(url: str) -> bool:
 
 
 def check_local_shards(urls: list[str], what: str) -> None:
-    """A clear error for local shard files that do not exist (remote URLs are not checked)."""
+    """A one-line error for local shard files that do not exist (remote URLs are not checked)."""
     if not urls:
-        raise FileNotFoundError(f"{what}: the pattern expands to no shard")
+        raise MissingShardsError(f"{what}: the pattern matches no shard file")
     missing = [u for u in urls if is_local(u) and not os.path.isfile(u)]
     if missing:
-        raise FileNotFoundError(f"{what}: {len(missing)} of {len(urls)} shard files not found, e.g. {missing[0]}")
+        raise MissingShardsError(f"{what}: {len(missing)} of {len(urls)} shard files not found, e.g. {missing[0]}; "
+                                 "fix the {first..last} range or use a glob such as dir/*.tar")
 
 
 _BLOCK = 512

@@ -14,10 +14,11 @@ from typing import Any, Optional, Sequence
 import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.factory import load_state_dict
 from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 from torch import Tensor, nn
 
+from lit_restore.checkpointing import WeightsError, read_weights
+from lit_restore.config import ConfigError
 from lit_restore.data.degrade.types import prompt_for
 
 # Attributes of open_clip.CLIP that make up its text tower.
@@ -27,11 +28,10 @@ TEXT_PARTS = ("token_embedding", "positional_embedding", "transformer", "ln_fina
 def _checkpoint_state_dict(path: str) -> dict[str, Tensor]:
     """The open_clip weights in a file: an open_clip checkpoint, or any state dict that holds a
     CLIP under a prefix (a BIQA Lightning checkpoint `clip.model.*`, an exported `clip.*`)."""
-    # Lightning checkpoints hold plain-Python hyper-parameters: only our own .ckpt files are unpickled fully.
-    state = load_state_dict(path, weights_only=not path.endswith(".ckpt"))
+    state = read_weights(path)
     prefix = next((k[: -len("logit_scale")] for k in state if k.endswith("logit_scale")), None)
     if prefix is None:
-        raise ValueError(f"{path}: holds no CLIP weights (no 'logit_scale' key)")
+        raise WeightsError(f"{path}: holds no CLIP weights (no 'logit_scale' key)")
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
@@ -52,11 +52,11 @@ def create_clip(
         open_clip.set_model_preprocess_cfg(model, merge_preprocess_dict(PreprocessCfg(), {"size": model.visual.image_size}))
     else:
         if open_clip.get_model_config(arch) is None:
-            raise ValueError(f"unknown open_clip architecture {arch!r}; see open_clip.list_models()")
+            raise ConfigError(f"unknown open_clip architecture {arch!r}; see open_clip.list_models()")
         tag_cfg = open_clip.get_pretrained_cfg(arch, pretrained) if pretrained else {}
         if pretrained and not tag_cfg and not Path(pretrained).is_file():
             tags = ", ".join(open_clip.list_pretrained_tags_by_model(arch)) or "none"
-            raise ValueError(f"{key}: {pretrained!r} is neither a file nor an open_clip tag of {arch} (tags: {tags})")
+            raise WeightsError(f"{key}: {pretrained!r} is neither a file nor an open_clip tag of {arch} (tags: {tags})")
         try:
             # OpenAI weights were trained with QuickGELU; the tag says so, the bare arch name does not.
             model = open_clip.create_model(
@@ -66,7 +66,7 @@ def create_clip(
         except RuntimeError:
             if not tag_cfg:
                 raise
-            raise OSError(
+            raise WeightsError(
                 f"cannot load open_clip weights '{arch}/{pretrained}' (offline?): download them on a machine with "
                 f"internet and set {key}=/path/to/open_clip_pytorch_model.bin"
             ) from None

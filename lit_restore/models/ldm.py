@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, EulerAncestralDiscreteScheduler, UNet2DConditionModel
 from torch import Tensor, nn
 
+from lit_restore.checkpointing import WeightsError
+
 SAMPLERS = ("euler_a", "ddim")
 
 
@@ -35,10 +37,11 @@ def _from_pretrained(cls: Any, pretrained: str, subfolder: str, key: str) -> Any
         return cls.from_pretrained(pretrained, subfolder=subfolder)
     except OSError:
         if Path(pretrained).is_dir():
-            raise OSError(f"{key}: {pretrained} has no diffusers {subfolder}/ folder (config.json + weights)") from None
-        raise OSError(
+            raise WeightsError(f"{key}: {pretrained} has no diffusers {subfolder}/ folder (config.json + weights)") from None
+        raise WeightsError(
             f"cannot load '{pretrained}' {subfolder} (offline?): download the Stable Diffusion folder on a machine "
-            f"with internet and set {key}=/path/to/folder (with unet/ and vae/ subfolders)"
+            f"with internet and set {key}=/path/to/folder (with unet/ and vae/ subfolders); HF_HUB_OFFLINE=1 "
+            "skips the download retries"
         ) from None
 
 

@@ -12,12 +12,12 @@ ConStyle modes (`model.constyle_mode`):
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lit_restore.checkpointing import WeightsError, read_weights
 from lit_restore.config import ConfigError, RunConfig
 from lit_restore.models.constyle import ConStyleNAFNet, MoCo, check_queue_divisible
 from lit_restore.models.nafnet import NAFNet, pad_to_multiple
@@ -29,24 +29,13 @@ from lit_restore.stages.constyle import build_encoder, build_moco, constyle_loss
 _ENCODER_PREFIXES = ("ema.module.", "moco.encoder_q.", "encoder.", "")
 
 
-def read_state_dict(path: str) -> dict[str, Tensor]:
-    """State dict of a Lightning checkpoint, an exported weights folder or a .safetensors file."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / "model.safetensors"
-    if not p.is_file():
-        raise FileNotFoundError(f"ConStyle weights not found: {p} (give a constyle .ckpt, exported folder or model.safetensors)")
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(p))
-    # Our own Lightning checkpoints: they hold the config dict next to the tensors.
-    return torch.load(p, map_location="cpu", weights_only=False)["state_dict"]
-
-
 def load_encoder_weights(encoder: nn.Module, path: str) -> None:
-    """Load a ConStyle encoder from `path`; the classifier head, if the file has one, is ignored."""
-    state = read_state_dict(path)
+    """Load a ConStyle encoder from `path` (a constyle .ckpt, exported folder or model.safetensors);
+    the classifier head, if the file has one, is ignored."""
+    try:
+        state = read_weights(path)
+    except WeightsError as e:
+        raise WeightsError(f"ConStyle weights: {e} (give a constyle .ckpt, exported folder or model.safetensors)") from None
     wanted = {k for k in encoder.state_dict() if not k.startswith("classifier.")}
     for prefix in _ENCODER_PREFIXES:
         found = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
@@ -55,10 +44,10 @@ def load_encoder_weights(encoder: nn.Module, path: str) -> None:
             try:
                 encoder.load_state_dict(sub, strict=not any(k.startswith("classifier.") for k in encoder.state_dict()))
             except RuntimeError as e:
-                raise ValueError(f"{path}: ConStyle encoder shapes differ from model.constyle "
+                raise WeightsError(f"{path}: ConStyle encoder shapes differ from model.constyle "
                                  f"(base_channels/dim): {str(e).splitlines()[-1].strip()}") from None
             return
-    raise ValueError(f"{path}: no ConStyle encoder weights found (looked for keys under {', '.join(repr(p) for p in _ENCODER_PREFIXES)})")
+    raise WeightsError(f"{path}: no ConStyle encoder weights found (looked for keys under {', '.join(repr(p) for p in _ENCODER_PREFIXES)})")
 
 
 # psnr_mse: the PSNR at which an image's MSE term pulls as hard as its PSNR term. Above it

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.image import PeakSignalNoiseRatio
 
+from lit_restore.checkpointing import WeightsError, read_weights
 from lit_restore.config import ConfigError, RunConfig
 from lit_restore.models.ldm import LatentDiffusion, predict_x0
 from lit_restore.models.nafnet import NAFNet
@@ -47,18 +48,18 @@ class FrozenLDM:
 def load_ldm_checkpoint(ldm: LatentDiffusion, path: str) -> Tensor:
     """Load an ldm stage checkpoint's UNet (its EMA when it has one) and VAE; return its prompt contexts."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
-    except FileNotFoundError:
-        raise FileNotFoundError(f"model.ldm_checkpoint: {path} not found (give an ldm stage .ckpt)") from None
+        state = read_weights(path)
+    except WeightsError as e:
+        raise WeightsError(f"model.ldm_checkpoint: {e} (give an ldm stage .ckpt)") from None
     if "context_bank" not in state:
-        raise ValueError(f"model.ldm_checkpoint: {path} is not an ldm stage checkpoint (no context_bank)")
+        raise WeightsError(f"model.ldm_checkpoint: {path} is not an ldm stage checkpoint (no context_bank)")
     unet_prefix = "ema.module." if any(k.startswith("ema.module.") for k in state) else "ldm.unet."
     for module, prefix in ((ldm.unet, unet_prefix), (ldm.vae, "ldm.vae.")):
         sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         try:
             module.load_state_dict(sub)
         except RuntimeError as e:
-            raise ValueError(f"model.ldm_checkpoint: {path} does not match model.ldm "
+            raise WeightsError(f"model.ldm_checkpoint: {path} does not match model.ldm "
                              f"({str(e).splitlines()[0]})") from None
     return state["context_bank"].float()
 
