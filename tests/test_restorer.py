@@ -170,6 +170,21 @@ def test_joint_mode_freezes_encoder_after_constyle_iters():
     assert not stage.net.encoder.training
 
 
+def test_joint_mode_with_weights_starts_key_and_ema_encoders_from_them(tmp_path):
+    from types import SimpleNamespace
+
+    path, ref = _encoder_file(tmp_path, "export")
+    stage = tiny_stage("restorer", *SMALL, "model.constyle_mode=joint", f"model.constyle_weights={path}",
+                       "optim.ema_decay=0.5")
+    stage._trainer = SimpleNamespace(world_size=1)  # setup reads only the world size
+    stage.setup("fit")
+    # The content and InfoNCE losses compare against the key encoder: it must hold the pretrained
+    # weights too, not the random ones it was copied from in configure_model.
+    for encoder in (stage.net.encoder, stage.moco.encoder_k, stage.ema.module.encoder):
+        for k, v in encoder.state_dict().items():
+            assert torch.equal(v, ref.state_dict()[k]), k
+
+
 def test_plain_nafnet_baseline_trains():
     stage = make_stage("model.arch=nafnet", "model.enc_blocks=[1,1]", "model.dec_blocks=[1,1]", "model.loss=psnr")
     assert stage.moco is None and not hasattr(stage.net, "encoder")

@@ -146,9 +146,17 @@ class RestorerStage(Stage):
             # Here rather than in configure_model: export rebuilds the stage without these files,
             # and a resumed run's checkpoint overwrites what is loaded here.
             self.configure_model()
-            load_encoder_weights(self.net.encoder, m.constyle_weights)
-            if self.ema is not None:
-                self.ema.module.encoder.load_state_dict(self.net.encoder.state_dict())
+            self.load_pretrained_encoder(m.constyle_weights)
+
+    def load_pretrained_encoder(self, path: str) -> None:
+        """Load ConStyle weights into the encoder and every copy of it made in configure_model
+        (the EMA's, and in joint mode MoCo's key encoder, which would otherwise stay random)."""
+        load_encoder_weights(self.net.encoder, path)
+        copies = [self.ema.module.encoder] if self.ema is not None else []
+        if self.moco is not None:
+            copies.append(self.moco.encoder_k)
+        for copy in copies:
+            copy.load_state_dict(self.net.encoder.state_dict())
 
     def _constyle_losses_on(self) -> bool:
         iters = self.cfg.model.constyle_iters
