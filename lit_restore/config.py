@@ -223,6 +223,9 @@ class OptimConfig:
     warmup_steps: int = 100
     min_lr_ratio: float = 0.01  # final lr = lr * min_lr_ratio
     ema_decay: float = 0.0  # 0 disables EMA; otherwise e.g. 0.999
+    # Decay min(ema_decay, (1+n)/(10+n)) after n updates, as InstructPix2Pix's EMA; BasicSR's
+    # (IRConStyle/ConStyle) uses the fixed decay from step 0 (false).
+    ema_warmup: bool = True
 
 
 @dataclass

@@ -15,7 +15,7 @@ from typing import Any, Optional, Union
 import lightning as L
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
-from lightning.pytorch.callbacks import EMAWeightAveraging, LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, WeightAveraging
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import nn
@@ -30,7 +30,7 @@ from lit_restore.checkpointing import (
 )
 from lit_restore.config import ConfigError, RunConfig, to_yaml
 from lit_restore.guards import NonFiniteGuard, NonFiniteLossError
-from lit_restore.stages.base import Stage
+from lit_restore.stages.base import Stage, ema_multi_avg_fn
 
 
 def build_stage(cfg: RunConfig) -> Stage:
@@ -133,7 +133,9 @@ def build_callbacks(cfg: RunConfig, stage: Stage) -> list[L.Callback]:
         if trainer_strategy_name(cfg) in ("fsdp", "modelparallel"):
             raise ConfigError(f"optim.ema_decay: Lightning's EMA callback does not work with sharded models "
                               f"(trainer.strategy={trainer_strategy_name(cfg)}); use ddp or optim.ema_decay=0")
-        callbacks.append(EMAWeightAveraging(decay=cfg.optim.ema_decay))
+        # WeightAveraging updates after every optimizer step; our averaging function instead of
+        # EMAWeightAveraging's, which averages integer buffers too (token ids).
+        callbacks.append(WeightAveraging(multi_avg_fn=ema_multi_avg_fn(cfg.optim.ema_decay, cfg.optim.ema_warmup)))
     return callbacks
 
 

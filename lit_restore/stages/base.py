@@ -8,14 +8,15 @@ import os
 import time
 import zlib
 from functools import partial
+from typing import Callable
 from pathlib import Path
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import WandbLogger
-from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 from torchvision.utils import make_grid, save_image
 
@@ -34,9 +35,28 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: 
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def make_ema(module: nn.Module, decay: float) -> AveragedModel:
+def ema_multi_avg_fn(decay: float, warmup: bool) -> Callable[[list[Tensor], list[Tensor], Tensor], None]:
+    """`AveragedModel(multi_avg_fn=...)`: an EMA of the floating-point tensors; integer buffers
+    (token ids, counters, BN's num_batches_tracked) are copied, since averaging and truncating them
+    back corrupts them. With `warmup` the decay after n updates is min(decay, (1 + n)/(10 + n)),
+    InstructPix2Pix's (CompVis LitEma) ramp, so early averages are not dominated by the initial weights."""
+
+    @torch.no_grad()
+    def update(averaged: list[Tensor], current: list[Tensor], n_averaged: Tensor) -> None:
+        # AveragedModel groups tensors by dtype: one call sees floats only or integers only.
+        if not (averaged[0].is_floating_point() or averaged[0].is_complex()):
+            torch._foreach_copy_(averaged, current)
+            return
+        n = int(n_averaged)  # AveragedModel has already synced on it (its n_averaged == 0 test)
+        d = min(decay, (1 + n) / (10 + n)) if warmup else decay
+        torch._foreach_lerp_(averaged, current, 1.0 - d)
+
+    return update
+
+
+def make_ema(module: nn.Module, decay: float, warmup: bool = False) -> AveragedModel:
     """EMA of one sub-network, buffers included (BN running statistics follow the weights)."""
-    ema = AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    ema = AveragedModel(module, multi_avg_fn=ema_multi_avg_fn(decay, warmup), use_buffers=True)
     ema.requires_grad_(False)
     return ema
 
@@ -123,7 +143,7 @@ class Stage(L.LightningModule):
     def track_ema(self, module: nn.Module) -> None:
         """Start an EMA copy of `module` when optim.ema_decay > 0."""
         if self.cfg.optim.ema_decay > 0:
-            self.ema = make_ema(module, self.cfg.optim.ema_decay)
+            self.ema = make_ema(module, self.cfg.optim.ema_decay, self.cfg.optim.ema_warmup)
 
     def averaged(self, module: nn.Module) -> nn.Module:
         """The EMA copy of `module` when there is one, else `module` itself."""
