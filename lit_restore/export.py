@@ -20,14 +20,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lit_restore.config import ConfigError, RunConfig, load_config, schema_for, to_yaml
+from lit_restore.config import CLIPTextConfig, ConfigError, RunConfig, load_config, schema_for, to_yaml
 
 # Stages whose exported modules are convolutional image-to-image nets: also written as ONNX.
 ONNX_STAGES = ("restorer", "scm")
@@ -58,14 +58,26 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
 
-def without_downloads(cfg: RunConfig) -> RunConfig:
+def without_downloads(cfg: RunConfig, folder: Optional[Path] = None) -> RunConfig:
     """The same architecture built with random weights: every weight comes from the checkpoint or
-    the export, so nothing pretrained needs to be fetched."""
+    the export, so nothing pretrained needs to be fetched. The LDM's UNet and VAE architectures
+    come from the exported `folder`'s diffusers configs, else from `model.pretrained`'s
+    config.json files (read, not their weights)."""
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model))
     m = cfg.model
     if cfg.stage == "biqa":
         m.pretrained = ""
     if cfg.stage == "ldm":
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+
+        from lit_restore.models.ldm import architecture_config
+
+        source = str(folder) if folder is not None else m.pretrained
+        if m.unet_cfg is None:
+            m.unet_cfg = architecture_config(UNet2DConditionModel, source, "unet", "model.pretrained")
+        if m.vae_cfg is None:
+            m.vae_cfg = architecture_config(AutoencoderKL, source, "vae", "model.pretrained")
+        m.pretrained = ""
         m.clip = dataclasses.replace(m.clip, pretrained="")
     if cfg.stage == "scm":
         m.ldm = dataclasses.replace(m.ldm, clip=dataclasses.replace(m.ldm.clip, pretrained=""))
@@ -194,6 +206,8 @@ def export_command(ckpt: str, out: str, ema: bool = True, onnx: bool = True) -> 
         save_file(flat_state(modules), str(work / "model.safetensors"), metadata=meta)
         (work / "config.yaml").write_text(to_yaml(cfg))
         files += write_tool_formats(stage, modules, work)
+        if cfg.stage == "ldm":
+            files += write_ldm_pipeline(stage, modules, cfg.model.clip, work)
         if onnx and cfg.stage in ONNX_STAGES:
             for name, module in modules.items():
                 file = "model.onnx" if len(modules) == 1 else f"{name}.onnx"
@@ -233,14 +247,51 @@ def write_tool_formats(stage: nn.Module, modules: dict[str, nn.Module], folder: 
                           str(folder / f"{prefix}_model.safetensors"))
                 (folder / f"{prefix}_config.json").write_text(json.dumps(open_clip_config(stage), indent=2))
                 written += [f"{prefix}_model.safetensors", f"{prefix}_config.json"]
-    from lit_restore.models.ldm import LatentDiffusion
-
-    for module in stage.modules():
-        if isinstance(module, LatentDiffusion):
-            module.scheduler.save_pretrained(str(folder / "scheduler"))
-            written.append("scheduler/")
-            break
     return written
+
+
+def ldm_text_tower(clip: CLIPTextConfig, context_bank: torch.Tensor) -> Optional[nn.Module]:
+    """The LDM's frozen text tower (`model.clip` of its training config) as a transformers
+    CLIPTextModel, checked against the prompt contexts the checkpoint holds; None when the LDM
+    trained with a random tower (nothing to rebuild it from)."""
+    from lit_restore.models.clip import PromptCLIP, create_clip, transformers_text_model
+    from lit_restore.stages.ldm import bank_prompts
+
+    if not clip.pretrained:
+        return None
+    tower = PromptCLIP(create_clip(clip.arch, clip.pretrained, clip.model_cfg, key="model.clip.pretrained"), ["no"])
+    states = tower.eval().token_states(bank_prompts())
+    if not torch.allclose(states, context_bank.float(), atol=1e-3, rtol=1e-3):
+        raise ValueError(f"model.clip.pretrained={clip.pretrained}: its text tower does not give the prompt "
+                         "contexts this LDM trained with (max difference "
+                         f"{float((states - context_bank).abs().max()):.3g})")
+    return transformers_text_model(tower.model)
+
+
+def write_ldm_pipeline(stage: nn.Module, modules: dict[str, nn.Module], clip: CLIPTextConfig,
+                       folder: Path) -> list[str]:
+    """The LDM as a diffusers StableDiffusionInstructPix2PixPipeline folder: unet/, vae/,
+    scheduler/ (the Euler-ancestral sampler `restore` uses, with its timestep spacing),
+    text_encoder/ + tokenizer/ (transformers CLIP, converted from the open_clip text tower) and
+    model_index.json. Without a pretrained text tower only unet/, vae/ and scheduler/ are written."""
+    from lit_restore.models.clip import transformers_tokenizer
+    from lit_restore.models.ldm import make_sampler
+
+    sampler = make_sampler("euler_a", stage.ldm.scheduler)
+    text = ldm_text_tower(clip, stage.context_bank)
+    if text is None:
+        sampler.save_pretrained(str(folder / "scheduler"))
+        print("  no pretrained text tower (model.clip.pretrained is empty): the ldm folder is not a complete "
+              "diffusers pipeline, and `restore` cannot use it")
+        return ["scheduler/"]
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    tokenizer = transformers_tokenizer(folder / "tokenizer", context_length=text.config.max_position_embeddings)
+    pipe = StableDiffusionInstructPix2PixPipeline(
+        vae=modules["vae"], text_encoder=text, tokenizer=tokenizer, unet=modules["unet"], scheduler=sampler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    return ["scheduler/", "text_encoder/", "tokenizer/", "model_index.json"]
 
 
 def open_clip_config(stage: nn.Module) -> dict[str, Any]:
@@ -262,7 +313,7 @@ def load_exported(weights_dir: str | Path, stage: str) -> nn.Module:
     cfg = load_config(folder / "config.yaml")
     if cfg.stage != stage:
         raise ValueError(f"{folder}/config.yaml is for stage {cfg.stage}, not {stage}")
-    _, modules = build_modules(without_downloads(cfg), ema=False)
+    _, modules = build_modules(without_downloads(cfg, folder), ema=False)
     state = load_file(str(folder / "model.safetensors"))
     for name, module in modules.items():
         part = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}

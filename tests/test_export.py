@@ -153,3 +153,71 @@ def test_ldm_export_loads_in_diffusers_and_scm_exports_onnx(tmp_path):
         ref = stage.export_modules()["scm"].eval()(lq, out).numpy()
     (got,) = session.run(None, {"lq": lq.numpy(), "ldm_out": out.numpy()})
     assert abs(got - ref).max() < 1e-4
+
+
+def test_ldm_export_is_an_instruct_pix2pix_pipeline_that_reproduces_restore_prompt(tmp_path):
+    """The stock diffusers pipeline loads the export (converted transformers text encoder and
+    tokenizer, the Euler-ancestral scheduler restore samples with) and gives `restore --prompt`'s
+    image for the same seed; restore reads nothing outside the weights folder."""
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+    from PIL import Image
+
+    from _tiny_weights import export_tiny
+    from lit_restore.export import read_checkpoint
+    from lit_restore.models.ldm import ddpm_scheduler, make_sampler
+    from lit_restore.restore import restore_command
+
+    weights = tmp_path / "weights"
+    export_tiny("biqa", weights, tmp_path)
+    export_tiny("ldm", weights, tmp_path, [f"model.clip.pretrained={tmp_path / 'biqa.ckpt'}"])
+    pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(str(weights / "ldm"))
+    pipe.set_progress_bar_config(disable=True)
+    # The exported scheduler is the sampler restore builds, timestep spacing included.
+    ours = make_sampler("euler_a", ddpm_scheduler())
+    for s in (ours, pipe.scheduler):
+        s.set_timesteps(7)
+    assert type(pipe.scheduler) is type(ours) and pipe.scheduler.config.timestep_spacing == "linspace"
+    assert torch.equal(pipe.scheduler.timesteps, ours.timesteps)
+    assert torch.equal(pipe.scheduler.sigmas, ours.sigmas)
+    # The converted text encoder gives the prompt contexts the LDM trained with.
+    bank = read_checkpoint(tmp_path / "ldm.ckpt")["state_dict"]["context_bank"]
+    prompt = "A photo needs noise artifact reduction"
+    ids = pipe.tokenizer([prompt], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         return_tensors="pt").input_ids
+    with torch.no_grad():
+        states = pipe.text_encoder(ids).last_hidden_state
+    assert torch.allclose(states[0], bank[1], atol=1e-5)  # row 1: the "noise" prompt
+
+    (tmp_path / "biqa.ckpt").unlink()  # the training config's text tower source is gone
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "in.png")
+    assert restore_command(str(weights), [str(tmp_path / "in.png")], str(tmp_path / "out"), prompt=prompt, steps=3,
+                           device="cpu", seed=0) == 0
+    restored = np.asarray(Image.open(tmp_path / "out" / "in.png"))
+    image = torch.from_numpy(np.asarray(Image.open(tmp_path / "in.png"))).permute(2, 0, 1)[None].float() / 255
+    out = pipe(prompt=prompt, image=image, num_inference_steps=3, guidance_scale=1.0, image_guidance_scale=1.0,
+               generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    assert np.abs((out * 255).round().astype(np.int16) - restored).max() <= 1
+
+
+def test_exported_ldm_loads_without_its_pretrained_source(tmp_path):
+    """An LDM trained from a diffusers folder (model.pretrained) is rebuilt from the export alone."""
+    import shutil
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    tiny = load_config(REPO / "configs/tiny/ldm.yaml").model
+    source = tmp_path / "sd"
+    UNet2DConditionModel(**tiny.unet_cfg).save_pretrained(source / "unet")
+    AutoencoderKL(**tiny.vae_cfg).save_pretrained(source / "vae")
+    torch.manual_seed(0)
+    cfg = load_config(REPO / "configs/tiny/ldm.yaml", [f"model.pretrained={source}", "model.unet_cfg=null",
+                                                       "model.vae_cfg=null"])
+    stage = build_stage(cfg)
+    stage.configure_model()
+    torch.save(fake_checkpoint(stage, 3), tmp_path / "ldm.ckpt")
+    assert export_command(str(tmp_path / "ldm.ckpt"), str(tmp_path / "out"), ema=True, onnx=False) == 0
+    shutil.rmtree(source)
+    loaded = load_exported(tmp_path / "out", "ldm")
+    ref = stage.inference_unet.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in loaded["unet"].state_dict().items())

@@ -35,11 +35,16 @@ def text_shape(c: CLIPTextConfig) -> tuple[int, int]:
     return int(text.get("context_length", 77)), int(text.get("width", 512))
 
 
+def bank_prompts() -> list[str]:
+    """The prompts of `prompt_bank`'s rows: each type's prompt, then the empty prompt."""
+    return [prompt_for(t) for t in DEGRADATION_TYPES] + [""]
+
+
 @torch.no_grad()
 def prompt_bank(c: CLIPTextConfig, key: str = "model.clip.pretrained") -> Tensor:
-    """(len(DEGRADATION_TYPES) + 1, L, D) token states: each type's prompt, then the empty prompt."""
+    """(len(DEGRADATION_TYPES) + 1, L, D) token states of `bank_prompts()`."""
     clip = PromptCLIP(create_clip(c.arch, c.pretrained, c.model_cfg, key=key), DEGRADATION_TYPES).eval()
-    return clip.token_states([prompt_for(t) for t in DEGRADATION_TYPES] + [""]).float()
+    return clip.token_states(bank_prompts()).float()
 
 
 def build_latent_diffusion(m: LDMModelConfig, key: str = "model") -> LatentDiffusion:
