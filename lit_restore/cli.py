@@ -95,7 +95,10 @@ def _sbatch(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lit_restore import __version__
+
     p = argparse.ArgumentParser(prog="lit-restore", description="All-in-one image restoration training on Lightning.")
+    p.add_argument("--version", action="version", version=f"lit-restore {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("prep-shards", help="image folders → WebDataset tar shards",
