@@ -17,12 +17,14 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
-from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+from torchmetrics import MeanMetric
+from torchmetrics.image import PeakSignalNoiseRatio
 from torchvision.utils import make_grid, save_image
 
 from lit_restore.config import RunConfig, to_dict
 from lit_restore.data.degrade import Degrader
 from lit_restore.data.degrade.types import DEGRADATION_TYPES
+from lit_restore.metrics import ssim
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -76,7 +78,9 @@ class Stage(L.LightningModule):
         self.degrader = Degrader(cfg.degrade)
         # Per-image PSNR averaged over images (dim=(1,2,3)), the convention of restoration papers.
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0, reduction="elementwise_mean", dim=(1, 2, 3))
-        self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
+        # Mean of per-image SSIM from lit_restore.metrics: the values `evaluate` reports (MATLAB's
+        # definition; torchmetrics' SSIM averages a padded border in and differs on small crops).
+        self.val_ssim = MeanMetric()
         self._train_generator: torch.Generator | None = None
         self._last_batch_end: float | None = None
         self._corrupt_seen = 0
@@ -189,7 +193,7 @@ class Stage(L.LightningModule):
         if pred.shape[0] == 0:
             return
         self.val_psnr.update(pred, gt)
-        self.val_ssim.update(pred, gt)
+        self.val_ssim.update(ssim(pred, gt).float())
 
     def on_validation_epoch_end(self) -> None:
         if self.val_psnr.update_called:
