@@ -154,10 +154,46 @@ def export_onnx(module: nn.Module, path: Path, channels: int = 3) -> float:
     return worst
 
 
+# Per stage: the library that loads the folder, the Hugging Face pipeline tag, extra tags, and
+# what the stage's validation measures.
+CARD_META: dict[str, tuple[str, str, list[str], list[str]]] = {
+    "biqa": ("open_clip", "zero-shot-image-classification", ["clip", "image-quality-assessment"], ["accuracy"]),
+    "constyle": ("pytorch", "image-feature-extraction", ["constyle", "contrastive-learning"], []),
+    "restorer": ("pytorch", "image-to-image", ["constyle", "nafnet", "onnx"], ["psnr", "ssim"]),
+    "ldm": ("diffusers", "image-to-image", ["instruct-pix2pix", "stable-diffusion", "autodir"], ["psnr", "ssim"]),
+    "scm": ("pytorch", "image-to-image", ["autodir", "nafnet", "onnx"], ["psnr", "ssim"]),
+}
+
+
+def base_model(cfg: RunConfig) -> Optional[str]:
+    """The Hugging Face model the stage was fine-tuned from, when it came from the Hub."""
+    m = cfg.model
+    if cfg.stage == "ldm" and m.pretrained and not Path(m.pretrained).exists():
+        return m.pretrained
+    if cfg.stage == "biqa" and m.pretrained and m.model_cfg is None:
+        import open_clip
+
+        hub = open_clip.get_pretrained_cfg(m.arch, m.pretrained).get("hf_hub", "")
+        return hub.rstrip("/") or None
+    return None
+
+
+def card_front_matter(cfg: RunConfig) -> str:
+    """The model card's YAML metadata block (what the Hub and `huggingface_hub.ModelCard` read)."""
+    from huggingface_hub import ModelCardData
+
+    library, pipeline_tag, tags, metrics = CARD_META[cfg.stage]
+    data = ModelCardData(library_name=library, pipeline_tag=pipeline_tag, base_model=base_model(cfg),
+                         tags=["lit_restore", "image-restoration", cfg.stage, *tags], metrics=metrics or None,
+                         datasets=[s.url for s in cfg.data.train])
+    return f"---\n{data.to_yaml()}\n---\n"
+
+
 def model_card(cfg: RunConfig, step: int, ema: bool, files: list[str], metrics: dict[str, float],
                onnx_diffs: dict[str, float]) -> str:
     data = ", ".join(s.url for s in cfg.data.train)
     lines = [
+        card_front_matter(cfg),
         f"# lit_restore {cfg.stage} weights",
         "",
         f"- stage: `{cfg.stage}`",
@@ -245,7 +281,7 @@ def write_tool_formats(stage: nn.Module, modules: dict[str, nn.Module], folder: 
                 prefix = "open_clip" if len(modules) == 1 else f"{name}_open_clip"
                 save_file({k: v.contiguous().clone() for k, v in module.state_dict().items()},
                           str(folder / f"{prefix}_model.safetensors"))
-                (folder / f"{prefix}_config.json").write_text(json.dumps(open_clip_config(stage), indent=2))
+                (folder / f"{prefix}_config.json").write_text(json.dumps(open_clip_config(stage.cfg, module), indent=2))
                 written += [f"{prefix}_model.safetensors", f"{prefix}_config.json"]
     return written
 
@@ -294,11 +330,22 @@ def write_ldm_pipeline(stage: nn.Module, modules: dict[str, nn.Module], clip: CL
     return ["scheduler/", "text_encoder/", "tokenizer/", "model_index.json"]
 
 
-def open_clip_config(stage: nn.Module) -> dict[str, Any]:
-    """What `open_clip.create_model` needs to rebuild the tower: the architecture name, or the
-    explicit model config used for it."""
-    m = stage.cfg.model
-    return {"arch": m.arch, "model_cfg": OmegaConf.to_container(OmegaConf.create(m.model_cfg)) if m.model_cfg else None}
+def open_clip_config(cfg: RunConfig, model: nn.Module) -> dict[str, Any]:
+    """What `open_clip.create_model_and_transforms("local-dir:FOLDER")` reads: the full model config
+    (`model_cfg`, whether the run named an architecture or gave one) and the image preprocessing
+    (`preprocess_cfg`); plus, for lit_restore and other users, the BIQA classes in logit order and
+    their prompts. BIQA crops at native scale unless `resize` was set: open_clip's transform
+    resizes first, so with `native_scale_crop` true centre-crop `preprocess_cfg.size` pixels yourself."""
+    import open_clip
+
+    from lit_restore.data.degrade.types import prompt_for
+
+    m = cfg.model
+    model_cfg = OmegaConf.to_container(OmegaConf.create(m.model_cfg)) if m.model_cfg else open_clip.get_model_config(m.arch)
+    out = {"arch": m.arch, "model_cfg": model_cfg, "preprocess_cfg": dict(model.visual.preprocess_cfg)}
+    if cfg.stage == "biqa":
+        out.update(classes=list(m.classes), prompts=[prompt_for(c) for c in m.classes], native_scale_crop=not m.resize)
+    return out
 
 
 # ------------------------------------------------------------------ loading

@@ -9,6 +9,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from safetensors import safe_open
 
 from lit_restore.config import load_config, to_dict
@@ -56,6 +57,10 @@ def test_restorer_export_ema_safetensors_card_onnx(restorer_ckpt, tmp_path, caps
             assert torch.equal(f.get_tensor(k), ema_state[k.removeprefix("restorer.")]), k
     card = (folder / "README.md").read_text()
     assert "training step: 42" in card and "EMA" in card and "model.onnx: max abs difference" in card
+    meta = ModelCard.load(folder / "README.md").data
+    assert meta.library_name == "pytorch" and meta.pipeline_tag == "image-to-image"
+    assert {"lit_restore", "image-restoration", "restorer", "onnx"} <= set(meta.tags)
+    assert meta.metrics == ["psnr", "ssim"] and meta.datasets == [s.url for s in stage.cfg.data.train]
     assert load_config(folder / "config.yaml").optim.ema_decay == 0.9
     diff = float(capsys.readouterr().out.split("max abs difference to PyTorch (onnxruntime) ")[1].split()[0])
     assert diff < 1e-4
@@ -108,17 +113,46 @@ def test_biqa_export_loads_in_open_clip(tmp_path):
     folder = tmp_path / "out" / "biqa"
     assert not list(folder.glob("*.onnx"))  # BIQA is not an ONNX stage
     spec = json.loads((folder / "open_clip_config.json").read_text())
-    model = open_clip.CLIP(**spec["model_cfg"])
-    model.load_state_dict(load_file(str(folder / "open_clip_model.safetensors")))
+    assert spec["classes"] == list(cfg.model.classes)
+    assert spec["prompts"][spec["classes"].index("noise")] == "A photo needs noise artifact reduction"
+    # open_clip's own loader: weights, architecture and preprocessing from the folder alone.
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+    crop, normalize = preprocess.transforms[1], preprocess.transforms[-1]
+    assert tuple(crop.size) == stage.clip.image_size
+    assert torch.allclose(torch.tensor(normalize.mean), stage.clip.mean.flatten())
     model.eval()
     x = torch.rand(2, 3, *stage.clip.image_size)
-    text = open_clip.tokenize(["A photo needs noise artifact reduction"])
+    text = open_clip.get_tokenizer(f"local-dir:{folder}")(spec["prompts"][:1])
     with torch.no_grad():
         ref = stage.clip.model.eval()
         assert torch.allclose(model.encode_image(x), ref.encode_image(x))
         assert torch.allclose(model.encode_text(text), ref.encode_text(text))
         loaded = load_exported(tmp_path / "out", "biqa")
         assert torch.equal(loaded.encode_image(x), ref.encode_image(x))
+    meta = ModelCard.load(folder / "README.md").data
+    assert meta.library_name == "open_clip" and "clip" in meta.tags and meta.metrics == ["accuracy"]
+
+
+def test_full_biqa_open_clip_config_loads_in_open_clip(tmp_path):
+    """The full config's export (ViT-L/14 QuickGELU, OpenAI weights): open_clip rebuilds the same
+    architecture from the written config alone (on the meta device: no weights, no download)."""
+    import json
+
+    import open_clip
+
+    from lit_restore.export import base_model, open_clip_config
+    from lit_restore.fit import build_on_meta
+
+    cfg = load_config(REPO / "configs/biqa.yaml")
+    stage = build_on_meta(cfg)
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(open_clip_config(cfg, stage.clip.model)))
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{tmp_path}", device="meta")
+    ours = stage.clip.model
+    assert type(model.transformer.resblocks[0].mlp.gelu) is type(ours.transformer.resblocks[0].mlp.gelu)
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in ours.state_dict().items()}
+    # Through JSON, so the tuples of one and the lists of the other compare equal.
+    assert json.loads(json.dumps(model.visual.preprocess_cfg)) == json.loads(json.dumps(ours.visual.preprocess_cfg))
+    assert base_model(cfg) == "timm/vit_large_patch14_clip_224.openai"
 
 
 def test_load_exported_missing_folder_says_how(tmp_path):
@@ -172,6 +206,8 @@ def test_ldm_export_is_an_instruct_pix2pix_pipeline_that_reproduces_restore_prom
     export_tiny("ldm", weights, tmp_path, [f"model.clip.pretrained={tmp_path / 'biqa.ckpt'}"])
     pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(str(weights / "ldm"))
     pipe.set_progress_bar_config(disable=True)
+    meta = ModelCard.load(weights / "ldm" / "README.md").data
+    assert meta.library_name == "diffusers" and "instruct-pix2pix" in meta.tags
     # The exported scheduler is the sampler restore builds, timestep spacing included.
     ours = make_sampler("euler_a", ddpm_scheduler())
     for s in (ours, pipe.scheduler):
