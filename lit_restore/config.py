@@ -290,7 +290,10 @@ class BIQAModelConfig:
     # False: centre crop at native scale (AutoDIR; keeps the degradation's pixel statistics),
     # resizing only images smaller than the tower's input; True: resize the shorter side first.
     resize: bool = False
-    train_logit_scale: bool = False  # let the CLIP temperature train with the image tower
+    # AutoDIR freezes the parameters named `text_model*` only, so CLIP's temperature and text
+    # projection train with the image tower; the per-token states the LDM reads stay fixed either way.
+    train_logit_scale: bool = True
+    train_text_projection: bool = True
     grad_checkpointing: bool = False  # activation checkpointing in the image tower
 
 

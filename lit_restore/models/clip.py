@@ -16,11 +16,13 @@ import torch
 import torch.nn.functional as F
 from open_clip.factory import load_state_dict
 from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+from open_clip.transformer import text_global_pool
 from torch import Tensor, nn
 
 from lit_restore.data.degrade.types import prompt_for
 
-# Attributes of open_clip.CLIP that make up its text tower.
+# Attributes of open_clip.CLIP that make up its text tower (the per-token states the LDM reads
+# come out of ln_final; text_projection only maps the pooled state into the joint space).
 TEXT_PARTS = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
 
 
@@ -102,13 +104,14 @@ class PromptCLIP(nn.Module):
     """
 
     def __init__(self, model: open_clip.CLIP, class_names: Sequence[str], resize: bool = False,
-                 train_logit_scale: bool = False) -> None:
+                 train_logit_scale: bool = False, train_text_projection: bool = False) -> None:
         super().__init__()
         if not isinstance(model, open_clip.CLIP):
             raise TypeError(f"PromptCLIP needs an open_clip.CLIP with a built-in text tower, got {type(model).__name__}")
         self.model = model
         self.class_names = list(class_names)
         self.resize = resize
+        self.frozen_parts = tuple(n for n in TEXT_PARTS if n != "text_projection" or not train_text_projection)
         for p in self.text_parameters():
             p.requires_grad_(False)
         model.logit_scale.requires_grad_(train_logit_scale)
@@ -123,8 +126,9 @@ class PromptCLIP(nn.Module):
         return [m for m in (getattr(self.model, n) for n in TEXT_PARTS) if isinstance(m, nn.Module)]
 
     def text_parameters(self) -> list[nn.Parameter]:
+        """The frozen text tower's parameters (text_projection among them unless it trains)."""
         params: list[nn.Parameter] = []
-        for name in TEXT_PARTS:
+        for name in self.frozen_parts:
             part = getattr(self.model, name)
             if isinstance(part, nn.Parameter):
                 params.append(part)
@@ -153,20 +157,31 @@ class PromptCLIP(nn.Module):
         images = images[..., top : top + th, left : left + tw]
         return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
 
-    @torch.no_grad()
     def prompt_features(self) -> Tensor:
-        """(K, D) L2-normalised pooled text features of the class prompts."""
-        return self.model.encode_text(self.prompt_tokens, normalize=True)
-
-    @torch.no_grad()
-    def token_states(self, texts: Sequence[str]) -> Tensor:
-        """(N, context_length, width) last hidden states of the text tower (after the final norm)."""
+        """(K, D) L2-normalised pooled text features of the class prompts. The frozen tower runs
+        without gradients; a trainable text_projection (AutoDIR) gets them."""
         m = self.model
-        tokens = pad_with_eot(tokenize(m, texts).to(self.prompt_tokens.device))
+        with torch.no_grad():
+            pooled = text_global_pool(self._hidden_states(self.prompt_tokens), self.prompt_tokens, m.text_pool_type,
+                                      eos_token_id=getattr(m, "text_eos_id", None))
+        proj = m.text_projection
+        if isinstance(proj, nn.Linear):
+            pooled = proj(pooled)
+        elif proj is not None:
+            pooled = pooled @ proj
+        return F.normalize(pooled, dim=-1)
+
+    def _hidden_states(self, tokens: Tensor) -> Tensor:
+        m = self.model
         cast = m.transformer.get_cast_dtype()
         x = m.token_embedding(tokens).to(cast) + m.positional_embedding.to(cast)
         x = m.transformer(x, attn_mask=m.attn_mask)
         return m.ln_final(x)
+
+    @torch.no_grad()
+    def token_states(self, texts: Sequence[str]) -> Tensor:
+        """(N, context_length, width) last hidden states of the text tower (after the final norm)."""
+        return self._hidden_states(pad_with_eot(tokenize(self.model, texts).to(self.prompt_tokens.device)))
 
     def logits(self, images: Tensor) -> Tensor:
         """(B, K) class logits for [0,1] images; gradients reach the image tower only."""

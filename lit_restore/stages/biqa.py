@@ -91,7 +91,8 @@ class BIQAStage(Stage):
         model = create_clip(m.arch, m.pretrained, m.model_cfg)
         if m.grad_checkpointing:
             model.visual.set_grad_checkpointing(True)
-        self.clip = PromptCLIP(model, self.classes, resize=m.resize, train_logit_scale=m.train_logit_scale)
+        self.clip = PromptCLIP(model, self.classes, resize=m.resize, train_logit_scale=m.train_logit_scale,
+                               train_text_projection=m.train_text_projection)
 
     def logits(self, images: Tensor) -> Tensor:
         """(N, K) class logits of [0,1] images."""
