@@ -355,6 +355,9 @@ class RestorerModelConfig:
     # joint: optimizer steps with the ConStyle losses on, after which the encoder is frozen (IRConStyle
     # v1: 250000); -1 keeps them on for the whole run.
     constyle_iters: int = -1
+    # A frozen encoder's BatchNorm: "train" uses batch statistics (ConStyle v2 and IRConStyle only
+    # stop its gradients), "eval" keeps the pretrained running statistics fixed.
+    frozen_encoder_bn: str = choice("train", ("train", "eval"), "BatchNorm mode of the frozen ConStyle encoder")
     constyle: ConStyleNetConfig = field(default_factory=ConStyleNetConfig)
 
     def __post_init__(self) -> None:
