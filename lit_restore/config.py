@@ -215,12 +215,13 @@ def check_degrade(cfg: DegradeConfig, path: str = "degrade") -> None:
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warmup then cosine decay, stepped per optimizer step."""
+    """AdamW with linear warmup, an optional constant stretch, then cosine decay, stepped per optimizer step."""
 
     lr: float = 3e-4
     weight_decay: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_steps: int = 100
+    hold_steps: int = 0  # steps at the full lr after warmup before the cosine starts
     min_lr_ratio: float = 0.01  # final lr = lr * min_lr_ratio
     ema_decay: float = 0.0  # 0 disables EMA; otherwise e.g. 0.999
     # Decay min(ema_decay, (1+n)/(10+n)) after n updates, as InstructPix2Pix's EMA; BasicSR's
@@ -534,6 +535,8 @@ def _check_values(cfg: RunConfig) -> None:
         raise ConfigError(f"data.max_corrupt_fraction: {data.max_corrupt_fraction} must be in [0, 1]")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr: {cfg.optim.lr} must be > 0")
+    if cfg.optim.warmup_steps < 0 or cfg.optim.hold_steps < 0:
+        raise ConfigError(f"optim.warmup_steps/hold_steps: {cfg.optim.warmup_steps}/{cfg.optim.hold_steps} must be >= 0")
     if not 0.0 <= cfg.optim.ema_decay < 1.0:
         raise ConfigError(f"optim.ema_decay: {cfg.optim.ema_decay} must be in [0, 1)")
     if cfg.checkpoint.every_n_steps <= 0:

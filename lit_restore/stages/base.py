@@ -27,13 +27,15 @@ from lit_restore.data.degrade.types import DEGRADATION_TYPES
 from lit_restore.metrics import ssim
 
 
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
-    """LR multiplier: linear warmup from 0, then cosine from 1 down to `min_lr_ratio` at `total_steps`."""
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float, hold_steps: int = 0) -> float:
+    """LR multiplier: linear warmup from 0, `hold_steps` at 1, then cosine from 1 down to
+    `min_lr_ratio` at `total_steps`."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    if total_steps <= warmup_steps:
+    start = warmup_steps + hold_steps
+    if step < start or total_steps <= start:
         return 1.0
-    progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+    progress = min(1.0, (step - start) / (total_steps - start))
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -164,7 +166,8 @@ class Stage(L.LightningModule):
             self.trainable_parameters(), lr=o.lr, betas=(o.betas[0], o.betas[1]), weight_decay=o.weight_decay
         )
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches)
-        schedule = partial(warmup_cosine, warmup_steps=o.warmup_steps, total_steps=total, min_lr_ratio=o.min_lr_ratio)
+        schedule = partial(warmup_cosine, warmup_steps=o.warmup_steps, total_steps=total, min_lr_ratio=o.min_lr_ratio,
+                           hold_steps=o.hold_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -1,5 +1,5 @@
-"""EMA of the stages and of Lightning's callback: floats averaged (with IP2P's warmup), integer
-buffers copied."""
+"""Optimisation shared by the stages: the EMA (floats averaged with IP2P's warmup, integer buffers
+copied; the stages' own and Lightning's callback) and the learning-rate schedule."""
 
 import torch
 from torch import nn
@@ -7,7 +7,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from lit_restore.config import load_config
 from lit_restore.fit import build_callbacks, build_stage
-from lit_restore.stages.base import make_ema
+from lit_restore.stages.base import make_ema, warmup_cosine
 from _batches import ROOT
 
 
@@ -57,3 +57,16 @@ def test_ema_warmup_follows_instructpix2pix():
     # At the first averaging update the decay is (1 + 1) / (10 + 1).
     assert torch.allclose(warm.module.linear.weight, start + (1 - 2 / 11), atol=1e-6)
     assert torch.allclose(fixed.module.linear.weight, start + 1e-4, atol=1e-6)
+
+
+def test_schedule_holds_then_decays_as_irconstyle():
+    """IRConStyle: 3e-4 for 243312 iterations, then a cosine to 1e-6 over 460320 (no warmup)."""
+    cfg = load_config(ROOT / "configs/restorer.yaml").optim
+
+    def lr(step: int) -> float:
+        return cfg.lr * warmup_cosine(step, cfg.warmup_steps, 703632, cfg.min_lr_ratio, cfg.hold_steps)
+
+    assert lr(0) == lr(243312) == 3e-4
+    assert abs(lr(243312 + 460320 // 2) - (1e-6 + 3e-4) / 2) < 2e-7
+    assert abs(lr(703632) - 1e-6) < 1e-10
+    assert warmup_cosine(4, 10, 100, 0.0, hold_steps=20) == 0.5  # warmup first, as before
