@@ -123,6 +123,10 @@ class RainOpConfig:
     length: list[float] = field(default_factory=lambda: [20.0, 40.0])  # streak length in pixels
     angle: list[float] = field(default_factory=lambda: [-45.0, 45.0])  # degrees from vertical
     width: list[float] = field(default_factory=lambda: [3.0, 11.0])  # Gaussian kernel size across the streak
+    # MiOIR's add_rain geometry: a 3×3 smear of the seeds and a streak that is the length×length
+    # window's diagonal scaled by 1 − length/100 and rotated (clipped by the window); false: a
+    # plain line of `length` pixels.
+    mioir_geometry: bool = True
 
 
 @dataclass
