@@ -425,6 +425,11 @@ class SCMModelConfig:
     middle_blocks: int = 12
     dec_blocks: list[int] = field(default_factory=lambda: [2, 2, 2, 2])
     w: float = 1.0  # residual scale (AutoDIR's w)
+    # AutoDIR's NAFNet sees and corrects [-1,1] images (the residual is in those units); false: [0,1].
+    signed_range: bool = True
+    # AutoDIR trains the SCM through the frozen LDM with stage 2's classifier-free dropout
+    # (model.ldm.drop_*: text 10 %, image 10 %); one_step input only.
+    cond_dropout: bool = True
     loss: str = choice("mse", ("mse", "l1"), "pixel loss against the GT")
     # The frozen LDM: architecture and source as in the ldm stage. Real use needs the trained LDM:
     # point ldm.pretrained at an ldm export folder, or set ldm_checkpoint.

@@ -66,6 +66,18 @@ def build_latent_diffusion(m: LDMModelConfig, key: str = "model") -> LatentDiffu
     return LatentDiffusion(unet, vae, m.prediction_type).train()
 
 
+def cfg_dropout(cond: Tensor, context: Tensor, null_context: Tensor, drop_text: float, drop_both: float,
+                drop_image: float, generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
+    """Classifier-free dropout per sample: the text context → the empty prompt's (`null_context`,
+    (L, D)), the condition latent → zeros, in bands of u ~ U(0,1) as InstructPix2Pix/AutoDIR:
+    [text][text+image][image]."""
+    u = torch.rand(cond.shape[0], device=cond.device, generator=generator)
+    no_text = u < drop_text + drop_both
+    no_image = (u >= drop_text) & (u < drop_text + drop_both + drop_image)
+    context = torch.where(no_text[:, None, None], null_context, context)
+    return cond * (~no_image).to(cond.dtype)[:, None, None, None], context
+
+
 def masked_mean(per_sample: Tensor, valid: Tensor) -> Tensor:
     """Mean over the valid samples (padding samples of the last val batch carry no weight)."""
     w = valid.to(per_sample.dtype)
@@ -122,12 +134,8 @@ class LDMStage(Stage):
         context = self.context_bank[batch["label"]]
         if drop:
             m = self.cfg.model
-            u = torch.rand(cond.shape[0], device=cond.device, generator=generator)
-            # Bands of u as in InstructPix2Pix/AutoDIR: [text][text+image][image].
-            no_text = u < m.drop_text + m.drop_both
-            no_image = (u >= m.drop_text) & (u < m.drop_text + m.drop_both + m.drop_image)
-            context = torch.where(no_text[:, None, None], self.context_bank[NULL_PROMPT], context)
-            cond = cond * (~no_image).to(cond.dtype)[:, None, None, None]
+            cond, context = cfg_dropout(cond, context, self.context_bank[NULL_PROMPT], m.drop_text, m.drop_both,
+                                        m.drop_image, generator)
         return cond, context
 
     def diffusion_loss(self, unet: nn.Module, batch: dict, drop: bool,
