@@ -251,7 +251,7 @@ class SamplerSettings:
     """How the LDM samples. AutoDIR: Euler ancestral; guidance scales of 1 are the plain
     conditional prediction (one UNet pass per step)."""
 
-    steps: int = 50
+    steps: int = 100
     sampler: str = "euler_a"
     guidance_text: float = 1.0
     guidance_image: float = 1.0
@@ -438,7 +438,7 @@ def progress_bar(label: str):
 
 
 def restore_command(weights: str, inputs: Sequence[str], out: str, prompt: Optional[str] = None, fast: bool = False,
-                    max_passes: int = 7, steps: int = 50, sampler: str = "euler_a", guidance_text: float = 1.0,
+                    max_passes: int = 7, steps: int = 100, sampler: str = "euler_a", guidance_text: float = 1.0,
                     guidance_image: float = 1.0, tile: int = 512, overlap: int = 64, device: str = "auto",
                     seed: int = 0) -> int:
     """Restore every image of `inputs` into `out`; exit code as in the module docstring."""
