@@ -3,10 +3,11 @@
 `export_command` rebuilds the stage from the config saved in the checkpoint, loads its weights
 (EMA by default) and writes `OUT/<stage>/`: `model.safetensors` (the stage's `export_modules()`,
 keys prefixed by module name; metadata stage, step, ema), `config.yaml`, a model card
-`README.md`, plus per kind of module: diffusers models as `save_pretrained` folders (and the
-noise schedule as `scheduler/`), open_clip models as `open_clip_model.safetensors` +
-`open_clip_config.json`, and for the restorer and SCM `model.onnx` with dynamic batch, height
-and width, checked against onnxruntime. Optimizer state is never written. A sharded (FSDP/DCP)
+`README.md` with Hugging Face front matter, plus per kind of module: diffusers models as
+`save_pretrained` folders (the LDM as a whole InstructPix2Pix pipeline folder with its text
+encoder, tokenizer and sampler), open_clip models as `open_clip_model.safetensors` +
+`open_clip_config.json` (what open_clip's `local-dir:` loader reads), and for the restorer and
+SCM `model.onnx` with dynamic batch, height and width, checked against onnxruntime. Optimizer state is never written. A sharded (FSDP/DCP)
 checkpoint folder is consolidated in memory first.
 
 `load_exported(weights_dir, stage)` rebuilds a stage's inference modules from such a folder.
