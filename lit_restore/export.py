@@ -322,7 +322,9 @@ def write_ldm_pipeline(stage: nn.Module, modules: dict[str, nn.Module], clip: CL
               "diffusers pipeline, and `restore` cannot use it")
         return ["scheduler/"]
     from diffusers import StableDiffusionInstructPix2PixPipeline
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()  # export prints its own summary
     tokenizer = transformers_tokenizer(folder / "tokenizer", context_length=text.config.max_position_embeddings)
     pipe = StableDiffusionInstructPix2PixPipeline(
         vae=modules["vae"], text_encoder=text, tokenizer=tokenizer, unet=modules["unet"], scheduler=sampler,

@@ -276,7 +276,9 @@ class TransformersTextTower(nn.Module):
     @classmethod
     def from_folder(cls, folder: Path) -> "TransformersTextTower":
         from transformers import CLIPTextModel, CLIPTokenizer
+        from transformers.utils import logging as transformers_logging
 
+        transformers_logging.disable_progress_bar()  # restore draws its own progress bar
         return cls(CLIPTextModel.from_pretrained(str(folder / "text_encoder")),
                    CLIPTokenizer.from_pretrained(str(folder / "tokenizer")))
 
