@@ -166,6 +166,32 @@ CARD_META: dict[str, tuple[str, str, list[str], list[str]]] = {
 }
 
 
+# Per stage: the files a snippet needs (any of them) and the snippet loading them in their own tool.
+CARD_USAGE: dict[str, tuple[tuple[str, ...], list[str]]] = {
+    "ldm": (("model_index.json",), [
+        "from diffusers import StableDiffusionInstructPix2PixPipeline",
+        'pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained("ldm")',
+        'out = pipe(prompt="A photo needs noise artifact reduction", image=image, num_inference_steps=100,',
+        "           guidance_scale=1.0, image_guidance_scale=1.0).images[0]",
+    ]),
+    "biqa": (("open_clip_config.json",), [
+        "import open_clip, json",
+        'model, _, preprocess = open_clip.create_model_and_transforms("local-dir:biqa")',
+        'prompts = json.load(open("biqa/open_clip_config.json"))["prompts"]  # logit order',
+    ]),
+    "restorer": (("model.onnx",), [
+        "import onnxruntime",
+        'session = onnxruntime.InferenceSession("restorer/model.onnx")',
+        'restored, = session.run(None, {"image": image})  # float32 (N, 3, H, W) in [0, 1]',
+    ]),
+    "scm": (("model.onnx",), [
+        "import onnxruntime",
+        'session = onnxruntime.InferenceSession("scm/model.onnx")',
+        'corrected, = session.run(None, {"lq": degraded, "ldm_out": ldm_output})  # [0, 1] images',
+    ]),
+}
+
+
 def base_model(cfg: RunConfig) -> Optional[str]:
     """The Hugging Face model the stage was fine-tuned from, when it came from the Hub."""
     m = cfg.model
@@ -209,6 +235,8 @@ def model_card(cfg: RunConfig, step: int, ema: bool, files: list[str], metrics: 
     if onnx_diffs:
         lines += ["", "## ONNX", ""] + [f"- {k}: max abs difference to PyTorch (onnxruntime) {v:.2e}"
                                         for k, v in onnx_diffs.items()]
+    if cfg.stage in CARD_USAGE and any(f in files for f in CARD_USAGE[cfg.stage][0]):
+        lines += ["", "## Use", "", "```python", *CARD_USAGE[cfg.stage][1], "```"]
     lines += ["", "## Files", ""] + [f"- `{f}`" for f in files]
     lines += ["", "`config.yaml` is the resolved training config. Load with `lit_restore.export.load_exported`.", ""]
     return "\n".join(lines)

@@ -57,6 +57,7 @@ def test_restorer_export_ema_safetensors_card_onnx(restorer_ckpt, tmp_path, caps
             assert torch.equal(f.get_tensor(k), ema_state[k.removeprefix("restorer.")]), k
     card = (folder / "README.md").read_text()
     assert "training step: 42" in card and "EMA" in card and "model.onnx: max abs difference" in card
+    assert 'InferenceSession("restorer/model.onnx")' in card  # how to load it, in its own tool
     meta = ModelCard.load(folder / "README.md").data
     assert meta.library_name == "pytorch" and meta.pipeline_tag == "image-to-image"
     assert {"lit_restore", "image-restoration", "restorer", "onnx"} <= set(meta.tags)
@@ -231,9 +232,10 @@ def test_ldm_export_is_an_instruct_pix2pix_pipeline_that_reproduces_restore_prom
                            device="cpu", seed=0) == 0
     restored = np.asarray(Image.open(tmp_path / "out" / "in.png"))
     image = torch.from_numpy(np.asarray(Image.open(tmp_path / "in.png"))).permute(2, 0, 1)[None].float() / 255
-    out = pipe(prompt=prompt, image=image, num_inference_steps=3, guidance_scale=1.0, image_guidance_scale=1.0,
-               generator=torch.Generator().manual_seed(0), output_type="np").images[0]
-    assert np.abs((out * 255).round().astype(np.int16) - restored).max() <= 1
+    for text in ({"prompt": prompt}, {"prompt_embeds": bank[1:2]}):  # its text encoder, or our contexts
+        out = pipe(**text, image=image, num_inference_steps=3, guidance_scale=1.0, image_guidance_scale=1.0,
+                   generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+        assert np.abs((out * 255).round().astype(np.int16) - restored).max() <= 1
 
 
 def test_exported_ldm_loads_without_its_pretrained_source(tmp_path):
