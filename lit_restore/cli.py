@@ -104,9 +104,12 @@ def _sbatch(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lit_restore import __version__
+
     p = argparse.ArgumentParser(prog="lit-restore", description="All-in-one image restoration training on Lightning.",
                                 epilog="A problem with what was given (config, data, weights, arguments) is one line "
                                        "on stderr and exit code 2; --debug adds its traceback.")
+    p.add_argument("--version", action="version", version=f"lit-restore {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("prep-shards", help="image folders → WebDataset tar shards",
@@ -184,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", default=None, help="one pass with this instruction instead of the automatic loop")
     s.add_argument("--fast", action="store_true", help="feed-forward ConStyle restorer only")
     s.add_argument("--max-passes", type=int, default=7, help="automatic loop: passes at most")
-    s.add_argument("--steps", type=int, default=50, help="diffusion sampling steps")
+    s.add_argument("--steps", type=int, default=100, help="diffusion sampling steps (AutoDIR: 100)")
     s.add_argument("--sampler", default="euler_a", help="diffusion sampler: euler_a (Euler ancestral) or ddim")
     s.add_argument("--guidance-text", type=float, default=1.0, help="text guidance scale (1: plain conditional)")
     s.add_argument("--guidance-image", type=float, default=1.0, help="image guidance scale (1: plain conditional)")
@@ -215,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fast", action="store_true", help="evaluate the feed-forward restorer instead of the loop")
     s.add_argument("--compare-fast", action="store_true",
                    help="also run the feed-forward restorer on the same images: a column in the table and contact sheets")
-    s.add_argument("--steps", type=int, default=20, help="diffusion sampling steps")
+    s.add_argument("--steps", type=int, default=100, help="diffusion sampling steps (AutoDIR: 100)")
     s.add_argument("--sampler", default="euler_a", help="diffusion sampler: euler_a (Euler ancestral) or ddim")
     s.add_argument("--max-passes", type=int, default=7, help="automatic loop: passes at most")
     s.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, ...")

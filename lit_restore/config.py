@@ -138,6 +138,10 @@ class RainOpConfig:
     length: list[float] = field(default_factory=lambda: [20.0, 40.0])  # streak length in pixels
     angle: list[float] = field(default_factory=lambda: [-45.0, 45.0])  # degrees from vertical
     width: list[float] = field(default_factory=lambda: [3.0, 11.0])  # Gaussian kernel size across the streak
+    # MiOIR's add_rain geometry: a 3×3 smear of the seeds and a streak that is the length×length
+    # window's diagonal scaled by 1 − length/100 and rotated (clipped by the window); false: a
+    # plain line of `length` pixels.
+    mioir_geometry: bool = True
 
 
 @dataclass
@@ -230,14 +234,18 @@ def check_degrade(cfg: DegradeConfig, path: str = "degrade") -> None:
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warmup then cosine decay, stepped per optimizer step."""
+    """AdamW with linear warmup, an optional constant stretch, then cosine decay, stepped per optimizer step."""
 
     lr: float = 3e-4
     weight_decay: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_steps: int = 100
+    hold_steps: int = 0  # steps at the full lr after warmup before the cosine starts
     min_lr_ratio: float = 0.01  # final lr = lr * min_lr_ratio
     ema_decay: float = 0.0  # 0 disables EMA; otherwise e.g. 0.999
+    # Decay min(ema_decay, (1+n)/(10+n)) after n updates, as InstructPix2Pix's EMA; BasicSR's
+    # (IRConStyle/ConStyle) uses the fixed decay from step 0 (false).
+    ema_warmup: bool = True
 
 
 @dataclass
@@ -302,7 +310,10 @@ class BIQAModelConfig:
     # False: centre crop at native scale (AutoDIR; keeps the degradation's pixel statistics),
     # resizing only images smaller than the tower's input; True: resize the shorter side first.
     resize: bool = False
-    train_logit_scale: bool = False  # let the CLIP temperature train with the image tower
+    # AutoDIR freezes the parameters named `text_model*` only, so CLIP's temperature and text
+    # projection train with the image tower; the per-token states the LDM reads stay fixed either way.
+    train_logit_scale: bool = True
+    train_text_projection: bool = True
     # True trains the text tower too. Only for making a CLIP where no pretrained one exists (the
     # tiny foundation, configs/foundations/clip.yaml): AutoDIR fine-tunes a pretrained CLIP with
     # the text tower frozen, and the LDM's context comes from that same frozen tower.
@@ -368,6 +379,9 @@ class RestorerModelConfig:
     # joint: optimizer steps with the ConStyle losses on, after which the encoder is frozen (IRConStyle
     # v1: 250000); -1 keeps them on for the whole run.
     constyle_iters: int = -1
+    # A frozen encoder's BatchNorm: "train" uses batch statistics (ConStyle v2 and IRConStyle only
+    # stop its gradients), "eval" keeps the pretrained running statistics fixed.
+    frozen_encoder_bn: str = choice("train", ("train", "eval"), "BatchNorm mode of the frozen ConStyle encoder")
     constyle: ConStyleNetConfig = field(default_factory=ConStyleNetConfig)
 
     def __post_init__(self) -> None:
@@ -434,6 +448,11 @@ class SCMModelConfig:
     middle_blocks: int = 12
     dec_blocks: list[int] = field(default_factory=lambda: [2, 2, 2, 2])
     w: float = 1.0  # residual scale (AutoDIR's w)
+    # AutoDIR's NAFNet sees and corrects [-1,1] images (the residual is in those units); false: [0,1].
+    signed_range: bool = True
+    # AutoDIR trains the SCM through the frozen LDM with stage 2's classifier-free dropout
+    # (model.ldm.drop_*: text 10 %, image 10 %); one_step input only.
+    cond_dropout: bool = True
     loss: str = choice("mse", ("mse", "l1"), "pixel loss against the GT")
     # The frozen LDM: architecture and source as in the ldm stage. Real use needs the trained LDM:
     # point ldm.pretrained at an ldm export folder, or set ldm_checkpoint.
@@ -592,6 +611,8 @@ def _check_values(cfg: RunConfig) -> None:
         raise ConfigError(f"threads: {cfg.threads} must be >= 0 (0 = from the cores)")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr: {cfg.optim.lr} must be > 0")
+    if cfg.optim.warmup_steps < 0 or cfg.optim.hold_steps < 0:
+        raise ConfigError(f"optim.warmup_steps/hold_steps: {cfg.optim.warmup_steps}/{cfg.optim.hold_steps} must be >= 0")
     if not 0.0 <= cfg.optim.ema_decay < 1.0:
         raise ConfigError(f"optim.ema_decay: {cfg.optim.ema_decay} must be in [0, 1)")
     if cfg.checkpoint.every_n_steps <= 0:

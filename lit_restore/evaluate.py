@@ -94,7 +94,7 @@ def _error(message: str) -> int:
 def evaluate_command(weights: str, suite: str, data: str, out: str, lines: Optional[str] = None,
                      save_lines_path: Optional[str] = None, line_role: str = "acceptance", tasks: Optional[str] = None,
                      max_images: int = 0, crop_border: int = 4, y_channel: bool = False,
-                     lpips_weights: Optional[str] = None, fast: bool = False, steps: int = 20, sampler: str = "euler_a",
+                     lpips_weights: Optional[str] = None, fast: bool = False, steps: int = 100, sampler: str = "euler_a",
                      max_passes: int = 7, device: str = "auto", seed: int = 0, threads: int = 0,
                      compare_fast: bool = False) -> int:
     """Evaluate `weights` on the suite and write metrics.json + report.md/html into `out`.

@@ -3,10 +3,11 @@
 `export_command` rebuilds the stage from the config saved in the checkpoint, loads its weights
 (EMA by default) and writes `OUT/<stage>/`: `model.safetensors` (the stage's `export_modules()`,
 keys prefixed by module name; metadata stage, step, ema), `config.yaml`, a model card
-`README.md`, plus per kind of module: diffusers models as `save_pretrained` folders (and the
-noise schedule as `scheduler/`), open_clip models as `open_clip_model.safetensors` +
-`open_clip_config.json`, and for the restorer and SCM `model.onnx` with dynamic batch, height
-and width, checked against onnxruntime. Optimizer state is never written. A sharded (FSDP/DCP)
+`README.md` with Hugging Face front matter, plus per kind of module: diffusers models as
+`save_pretrained` folders (the LDM as a whole InstructPix2Pix pipeline folder with its text
+encoder, tokenizer and sampler), open_clip models as `open_clip_model.safetensors` +
+`open_clip_config.json` (what open_clip's `local-dir:` loader reads), and for the restorer and
+SCM `model.onnx` with dynamic batch, height and width, checked against onnxruntime. Optimizer state is never written. A sharded (FSDP/DCP)
 checkpoint folder is consolidated in memory first.
 
 `load_exported(weights_dir, stage)` rebuilds a stage's inference modules from such a folder.
@@ -20,7 +21,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from omegaconf import OmegaConf
@@ -29,7 +30,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lit_restore.checkpointing import WeightsError, load_checkpoint, load_sharded_checkpoint, read_weights
-from lit_restore.config import ConfigError, RunConfig, load_config, schema_for, to_yaml
+from lit_restore.config import CLIPTextConfig, ConfigError, RunConfig, load_config, schema_for, to_yaml
 
 # Stages whose exported modules are convolutional image-to-image nets: also written as ONNX.
 ONNX_STAGES = ("restorer", "scm")
@@ -63,14 +64,26 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
         raise ConfigError(f"the checkpoint's config: {str(e).splitlines()[0]}") from None
 
 
-def without_downloads(cfg: RunConfig) -> RunConfig:
+def without_downloads(cfg: RunConfig, folder: Optional[Path] = None) -> RunConfig:
     """The same architecture built with random weights: every weight comes from the checkpoint or
-    the export, so nothing pretrained needs to be fetched."""
+    the export, so nothing pretrained needs to be fetched. The LDM's UNet and VAE architectures
+    come from the exported `folder`'s diffusers configs, else from `model.pretrained`'s
+    config.json files (read, not their weights)."""
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model))
     m = cfg.model
     if cfg.stage == "biqa":
         m.pretrained = ""
     if cfg.stage == "ldm":
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+
+        from lit_restore.models.ldm import architecture_config
+
+        source = str(folder) if folder is not None else m.pretrained
+        if m.unet_cfg is None:
+            m.unet_cfg = architecture_config(UNet2DConditionModel, source, "unet", "model.pretrained")
+        if m.vae_cfg is None:
+            m.vae_cfg = architecture_config(AutoencoderKL, source, "vae", "model.pretrained")
+        m.pretrained = ""
         m.clip = dataclasses.replace(m.clip, pretrained="")
     if cfg.stage == "scm":
         m.ldm = dataclasses.replace(m.ldm, clip=dataclasses.replace(m.ldm.clip, pretrained=""))
@@ -147,10 +160,72 @@ def export_onnx(module: nn.Module, path: Path, channels: int = 3) -> float:
     return worst
 
 
+# Per stage: the library that loads the folder, the Hugging Face pipeline tag, extra tags, and
+# what the stage's validation measures.
+CARD_META: dict[str, tuple[str, str, list[str], list[str]]] = {
+    "biqa": ("open_clip", "zero-shot-image-classification", ["clip", "image-quality-assessment"], ["accuracy"]),
+    "constyle": ("pytorch", "image-feature-extraction", ["constyle", "contrastive-learning"], []),
+    "restorer": ("pytorch", "image-to-image", ["constyle", "nafnet", "onnx"], ["psnr", "ssim"]),
+    "ldm": ("diffusers", "image-to-image", ["instruct-pix2pix", "stable-diffusion", "autodir"], ["psnr", "ssim"]),
+    "scm": ("pytorch", "image-to-image", ["autodir", "nafnet", "onnx"], ["psnr", "ssim"]),
+}
+
+
+# Per stage: the files a snippet needs (any of them) and the snippet loading them in their own tool.
+CARD_USAGE: dict[str, tuple[tuple[str, ...], list[str]]] = {
+    "ldm": (("model_index.json",), [
+        "from diffusers import StableDiffusionInstructPix2PixPipeline",
+        'pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained("ldm")',
+        'out = pipe(prompt="A photo needs noise artifact reduction", image=image, num_inference_steps=100,',
+        "           guidance_scale=1.0, image_guidance_scale=1.0).images[0]",
+    ]),
+    "biqa": (("open_clip_config.json",), [
+        "import open_clip, json",
+        'model, _, preprocess = open_clip.create_model_and_transforms("local-dir:biqa")',
+        'prompts = json.load(open("biqa/open_clip_config.json"))["prompts"]  # logit order',
+    ]),
+    "restorer": (("model.onnx",), [
+        "import onnxruntime",
+        'session = onnxruntime.InferenceSession("restorer/model.onnx")',
+        'restored, = session.run(None, {"image": image})  # float32 (N, 3, H, W) in [0, 1]',
+    ]),
+    "scm": (("model.onnx",), [
+        "import onnxruntime",
+        'session = onnxruntime.InferenceSession("scm/model.onnx")',
+        'corrected, = session.run(None, {"lq": degraded, "ldm_out": ldm_output})  # [0, 1] images',
+    ]),
+}
+
+
+def base_model(cfg: RunConfig) -> Optional[str]:
+    """The Hugging Face model the stage was fine-tuned from, when it came from the Hub."""
+    m = cfg.model
+    if cfg.stage == "ldm" and m.pretrained and not Path(m.pretrained).exists():
+        return m.pretrained
+    if cfg.stage == "biqa" and m.pretrained and m.model_cfg is None:
+        import open_clip
+
+        hub = open_clip.get_pretrained_cfg(m.arch, m.pretrained).get("hf_hub", "")
+        return hub.rstrip("/") or None
+    return None
+
+
+def card_front_matter(cfg: RunConfig) -> str:
+    """The model card's YAML metadata block (what the Hub and `huggingface_hub.ModelCard` read)."""
+    from huggingface_hub import ModelCardData
+
+    library, pipeline_tag, tags, metrics = CARD_META[cfg.stage]
+    data = ModelCardData(library_name=library, pipeline_tag=pipeline_tag, base_model=base_model(cfg),
+                         tags=["lit_restore", "image-restoration", cfg.stage, *tags], metrics=metrics or None,
+                         datasets=[s.url for s in cfg.data.train])
+    return f"---\n{data.to_yaml()}\n---\n"
+
+
 def model_card(cfg: RunConfig, step: int, ema: bool, files: list[str], metrics: dict[str, float],
                onnx_diffs: dict[str, float]) -> str:
     data = ", ".join(s.url for s in cfg.data.train)
     lines = [
+        card_front_matter(cfg),
         f"# lit_restore {cfg.stage} weights",
         "",
         f"- stage: `{cfg.stage}`",
@@ -165,6 +240,8 @@ def model_card(cfg: RunConfig, step: int, ema: bool, files: list[str], metrics: 
     if onnx_diffs:
         lines += ["", "## ONNX", ""] + [f"- {k}: max abs difference to PyTorch (onnxruntime) {v:.2e}"
                                         for k, v in onnx_diffs.items()]
+    if cfg.stage in CARD_USAGE and any(f in files for f in CARD_USAGE[cfg.stage][0]):
+        lines += ["", "## Use", "", "```python", *CARD_USAGE[cfg.stage][1], "```"]
     lines += ["", "## Files", ""] + [f"- `{f}`" for f in files]
     lines += ["", "`config.yaml` is the resolved training config. Load with `lit_restore.export.load_exported`.", ""]
     return "\n".join(lines)
@@ -204,6 +281,8 @@ def export_command(ckpt: str, out: str, ema: bool = True, onnx: bool = True) -> 
         save_file(flat_state(modules), str(work / "model.safetensors"), metadata=meta)
         (work / "config.yaml").write_text(to_yaml(cfg))
         files += write_tool_formats(stage, modules, work)
+        if cfg.stage == "ldm":
+            files += write_ldm_pipeline(stage, modules, cfg.model.clip, work)
         if onnx and cfg.stage in ONNX_STAGES:
             for name, module in modules.items():
                 file = "model.onnx" if len(modules) == 1 else f"{name}.onnx"
@@ -252,23 +331,73 @@ def write_tool_formats(stage: nn.Module, modules: dict[str, nn.Module], folder: 
                 prefix = "open_clip" if len(modules) == 1 else f"{name}_open_clip"
                 save_file({k: v.contiguous().clone() for k, v in module.state_dict().items()},
                           str(folder / f"{prefix}_model.safetensors"))
-                (folder / f"{prefix}_config.json").write_text(json.dumps(open_clip_config(stage), indent=2))
+                (folder / f"{prefix}_config.json").write_text(json.dumps(open_clip_config(stage.cfg, module), indent=2))
                 written += [f"{prefix}_model.safetensors", f"{prefix}_config.json"]
-    from lit_restore.models.ldm import LatentDiffusion
-
-    for module in stage.modules():
-        if isinstance(module, LatentDiffusion):
-            module.scheduler.save_pretrained(str(folder / "scheduler"))
-            written.append("scheduler/")
-            break
     return written
 
 
-def open_clip_config(stage: nn.Module) -> dict[str, Any]:
-    """What `open_clip.create_model` needs to rebuild the tower: the architecture name, or the
-    explicit model config used for it."""
-    m = stage.cfg.model
-    return {"arch": m.arch, "model_cfg": OmegaConf.to_container(OmegaConf.create(m.model_cfg)) if m.model_cfg else None}
+def ldm_text_tower(clip: CLIPTextConfig, context_bank: torch.Tensor) -> Optional[nn.Module]:
+    """The LDM's frozen text tower (`model.clip` of its training config) as a transformers
+    CLIPTextModel, checked against the prompt contexts the checkpoint holds; None when the LDM
+    trained with a random tower (nothing to rebuild it from)."""
+    from lit_restore.models.clip import PromptCLIP, create_clip, transformers_text_model
+    from lit_restore.stages.ldm import bank_prompts
+
+    if not clip.pretrained:
+        return None
+    tower = PromptCLIP(create_clip(clip.arch, clip.pretrained, clip.model_cfg, key="model.clip.pretrained"), ["no"])
+    states = tower.eval().token_states(bank_prompts())
+    if not torch.allclose(states, context_bank.float(), atol=1e-3, rtol=1e-3):
+        raise ValueError(f"model.clip.pretrained={clip.pretrained}: its text tower does not give the prompt "
+                         "contexts this LDM trained with (max difference "
+                         f"{float((states - context_bank).abs().max()):.3g})")
+    return transformers_text_model(tower.model)
+
+
+def write_ldm_pipeline(stage: nn.Module, modules: dict[str, nn.Module], clip: CLIPTextConfig,
+                       folder: Path) -> list[str]:
+    """The LDM as a diffusers StableDiffusionInstructPix2PixPipeline folder: unet/, vae/,
+    scheduler/ (the Euler-ancestral sampler `restore` uses, with its timestep spacing),
+    text_encoder/ + tokenizer/ (transformers CLIP, converted from the open_clip text tower) and
+    model_index.json. Without a pretrained text tower only unet/, vae/ and scheduler/ are written."""
+    from lit_restore.models.clip import transformers_tokenizer
+    from lit_restore.models.ldm import make_sampler
+
+    sampler = make_sampler("euler_a", stage.ldm.scheduler)
+    text = ldm_text_tower(clip, stage.context_bank)
+    if text is None:
+        sampler.save_pretrained(str(folder / "scheduler"))
+        print("  no pretrained text tower (model.clip.pretrained is empty): the ldm folder is not a complete "
+              "diffusers pipeline, and `restore` cannot use it")
+        return ["scheduler/"]
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # export prints its own summary
+    tokenizer = transformers_tokenizer(folder / "tokenizer", context_length=text.config.max_position_embeddings)
+    pipe = StableDiffusionInstructPix2PixPipeline(
+        vae=modules["vae"], text_encoder=text, tokenizer=tokenizer, unet=modules["unet"], scheduler=sampler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    return ["scheduler/", "text_encoder/", "tokenizer/", "model_index.json"]
+
+
+def open_clip_config(cfg: RunConfig, model: nn.Module) -> dict[str, Any]:
+    """What `open_clip.create_model_and_transforms("local-dir:FOLDER")` reads: the full model config
+    (`model_cfg`, whether the run named an architecture or gave one) and the image preprocessing
+    (`preprocess_cfg`); plus, for lit_restore and other users, the BIQA classes in logit order and
+    their prompts. BIQA crops at native scale unless `resize` was set: open_clip's transform
+    resizes first, so with `native_scale_crop` true centre-crop `preprocess_cfg.size` pixels yourself."""
+    import open_clip
+
+    from lit_restore.data.degrade.types import prompt_for
+
+    m = cfg.model
+    model_cfg = OmegaConf.to_container(OmegaConf.create(m.model_cfg)) if m.model_cfg else open_clip.get_model_config(m.arch)
+    out = {"arch": m.arch, "model_cfg": model_cfg, "preprocess_cfg": dict(model.visual.preprocess_cfg)}
+    if cfg.stage == "biqa":
+        out.update(classes=list(m.classes), prompts=[prompt_for(c) for c in m.classes], native_scale_crop=not m.resize)
+    return out
 
 
 # ------------------------------------------------------------------ loading
@@ -283,7 +412,7 @@ def load_exported(weights_dir: str | Path, stage: str) -> nn.Module:
     cfg = load_config(folder / "config.yaml")
     if cfg.stage != stage:
         raise ValueError(f"{folder}/config.yaml is for stage {cfg.stage}, not {stage}")
-    _, modules = build_modules(without_downloads(cfg), ema=False)
+    _, modules = build_modules(without_downloads(cfg, folder), ema=False)
     state = read_weights(folder / "model.safetensors")
     for name, module in modules.items():
         part = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}

@@ -7,15 +7,17 @@ command all continue where the run stopped. Everything a restart needs lives in 
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import lightning as L
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
-from lightning.pytorch.callbacks import EMAWeightAveraging, LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar, WeightAveraging
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -33,7 +35,7 @@ from lit_restore.checkpointing import (
 )
 from lit_restore.config import ConfigError, RunConfig, UserError, to_yaml
 from lit_restore.guards import NonFiniteGuard, NonFiniteLossError
-from lit_restore.stages.base import Stage
+from lit_restore.stages.base import Stage, ema_multi_avg_fn
 
 
 def build_stage(cfg: RunConfig) -> Stage:
@@ -136,12 +138,57 @@ def build_callbacks(cfg: RunConfig, stage: Stage) -> list[L.Callback]:
     ]
     if cfg.logger != "none":
         callbacks.append(LearningRateMonitor(logging_interval="step"))
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(StepProgressBar())
     if cfg.optim.ema_decay > 0 and not stage.manages_own_ema:
         if trainer_strategy_name(cfg) in ("fsdp", "modelparallel"):
             raise ConfigError(f"optim.ema_decay: Lightning's EMA callback does not work with sharded models "
                               f"(trainer.strategy={trainer_strategy_name(cfg)}); use ddp or optim.ema_decay=0")
-        callbacks.append(EMAWeightAveraging(decay=cfg.optim.ema_decay))
+        # WeightAveraging updates after every optimizer step; our averaging function instead of
+        # EMAWeightAveraging's, which averages integer buffers too (token ids).
+        callbacks.append(WeightAveraging(multi_avg_fn=ema_multi_avg_fn(cfg.optim.ema_decay, cfg.optim.ema_warmup)))
     return callbacks
+
+
+class StepProgressBar(RichProgressBar):
+    """Rich progress bar counting optimizer steps of `trainer.max_steps` across the streaming
+    loader's virtual epochs (Lightning's counts batches of one epoch of `max_epochs - 1`, which
+    reads "Epoch 0/-2" with max_epochs=-1)."""
+
+    @property
+    def total_train_batches(self) -> Union[int, float]:
+        return self.trainer.max_steps if self.trainer.max_steps > 0 else super().total_train_batches
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return f"{'Step':{len(self.validation_description)}}"
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.train_progress_bar_id is None:  # one bar for the whole run, not one per loader epoch
+            super().on_train_epoch_start(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._update(self.train_progress_bar_id, trainer.global_step)
+        self.refresh()
+
+
+class _DropTips(logging.Filter):
+    """Drops Lightning's "💡 Tip" lines (litlogger, litmodels): the run's logger and checkpoints are chosen explicitly."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+def quiet_lightning_tips() -> None:
+    """Silence Lightning's advice that does not apply to this run: the package tips always, and
+    the "srun is available but not used" hint outside a SLURM job (a login node or a workstation
+    with SLURM's tools installed)."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        log = logging.getLogger(name)  # where Lightning's rank_zero_info writes
+        if not any(isinstance(f, _DropTips) for f in log.filters):
+            log.addFilter(_DropTips())
+    if "SLURM_JOB_ID" not in os.environ:
+        warnings.filterwarnings("ignore", message="The `srun` command is available on your system but is not used")
 
 
 def trainer_strategy_name(cfg: RunConfig) -> str:
@@ -308,6 +355,7 @@ def fit(cfg: RunConfig, stage: Optional[L.LightningModule] = None, datamodule: O
         for path in remove_stale_temporaries(cfg.out_dir):
             rank_zero_info(f"removed {path}, left by a killed checkpoint write")
     ckpt = resume_path(cfg.resume, cfg.out_dir)
+    quiet_lightning_tips()
     if on_cpu(cfg):
         from lit_restore.threads import use_cpu_threads
 

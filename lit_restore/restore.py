@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from lit_restore.config import RunConfig, load_config
 from lit_restore.data.degrade.types import prompt_for
 from lit_restore.data.images import IMAGE_SUFFIXES, ImageReadError, is_image_file, read_image, write_bytes_atomic, write_png
-from lit_restore.models.clip import PromptCLIP, create_clip
+from lit_restore.models.clip import PromptCLIP, TransformersTextTower
 from lit_restore.models.ldm import SAMPLERS, LatentDiffusion
 from lit_restore.tiling import restore_tiled
 
@@ -284,7 +284,7 @@ class SamplerSettings:
     """How the LDM samples. AutoDIR: Euler ancestral; guidance scales of 1 are the plain
     conditional prediction (one UNet pass per step)."""
 
-    steps: int = 50
+    steps: int = 100
     sampler: str = "euler_a"
     guidance_text: float = 1.0
     guidance_image: float = 1.0
@@ -313,8 +313,8 @@ def check_settings(sampling: SamplerSettings, tiles: TileSettings, max_passes: i
 class Diffusion:
     """The LDM with its text tower (+ the SCM): text contexts, tiled sampling, tiled correction."""
 
-    def __init__(self, ldm: LatentDiffusion, text: PromptCLIP, scm: Optional[nn.Module], device: torch.device,
-                 sampling: SamplerSettings, tiles: TileSettings) -> None:
+    def __init__(self, ldm: LatentDiffusion, text: PromptCLIP | TransformersTextTower, scm: Optional[nn.Module],
+                 device: torch.device, sampling: SamplerSettings, tiles: TileSettings) -> None:
         self.ldm, self.text, self.scm, self.device = ldm, text, scm, device
         self.sampling, self.tiles = sampling, tiles
         # The unconditional context of the three-way guidance: the empty prompt's states.
@@ -345,20 +345,16 @@ class Diffusion:
         return restore_tiled(run, (image, ldm_out), self.tiles.tile, self.tiles.overlap)
 
 
-def load_text_tower(weights: str | Path, device: torch.device) -> PromptCLIP:
-    """The text tower the exported LDM was trained with, rebuilt from its config's `model.clip`
-    (its prompt contexts are that tower's token states; the export holds only UNet and VAE)."""
+def load_text_tower(weights: str | Path, device: torch.device) -> TransformersTextTower:
+    """The text tower the exported LDM was trained with: its text_encoder/ and tokenizer/ (the
+    export converted them from the training config's open_clip tower; nothing outside the
+    weights folder is read)."""
     folder = Path(weights) / "ldm"
-    c = exported_config(weights, "ldm").model.clip
-    if not c.pretrained:
+    if not (folder / "text_encoder").is_dir() or not (folder / "tokenizer").is_dir():
         raise MissingWeightsError(
-            f"{folder}: the LDM was trained with a random text tower (model.clip.pretrained empty), so its prompt "
-            "contexts cannot be rebuilt; train it with model.clip.pretrained=<CLIP weights or a biqa checkpoint>")
-    try:
-        clip = create_clip(c.arch, c.pretrained, c.model_cfg, key=f"model.clip.pretrained in {folder}/config.yaml")
-    except (OSError, ValueError) as e:
-        raise MissingWeightsError(f"the LDM's text tower: {str(e).splitlines()[0]}") from None
-    return PromptCLIP(clip, ["no"]).eval().to(device)
+            f"{folder}: no text_encoder/ and tokenizer/; export the LDM from a run trained with a pretrained text "
+            "tower (model.clip.pretrained=<CLIP weights or a biqa checkpoint>)")
+    return TransformersTextTower.from_folder(folder).to(device)
 
 
 def load_diffusion(weights: str | Path, device: torch.device, sampling: SamplerSettings,
@@ -486,7 +482,7 @@ def progress_bar(label: str):
 
 
 def restore_command(weights: str, inputs: Sequence[str], out: str, prompt: Optional[str] = None, fast: bool = False,
-                    max_passes: int = 7, steps: int = 50, sampler: str = "euler_a", guidance_text: float = 1.0,
+                    max_passes: int = 7, steps: int = 100, sampler: str = "euler_a", guidance_text: float = 1.0,
                     guidance_image: float = 1.0, tile: int = 512, overlap: int = 64, device: str = "auto",
                     seed: int = 0, threads: int = 0) -> int:
     """Restore every image of `inputs` into `out`; exit code as in the module docstring."""

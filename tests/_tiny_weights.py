@@ -19,6 +19,8 @@ def export_tiny(stage_name: str, out: Path, tmp: Path, overrides=()) -> None:
     torch.manual_seed(0)
     stage = build_stage(load_config(REPO / f"configs/tiny/{stage_name}.yaml", list(overrides)))
     stage.configure_model()
+    if stage_name == "ldm":
+        stage.setup("fit")  # the prompt contexts of its text tower, as training computes them
     ckpt = tmp / f"{stage_name}.ckpt"
     torch.save({"state_dict": stage.state_dict(), "hyper_parameters": {"config": to_dict(stage.cfg)}, "global_step": 1}, ckpt)
     assert export_command(str(ckpt), str(out), ema=True, onnx=False) == 0

@@ -46,6 +46,19 @@ def test_training_moves_only_the_image_tower():
     assert any(not torch.equal(a, b) for a, b in zip(visual_before, clip.model.visual.parameters()))
 
 
+def test_text_projection_and_temperature_train_as_in_autodir():
+    """AutoDIR freezes only `text_model*`: CLIP's text projection and logit scale train."""
+    stage = make_stage()
+    model = stage.clip.model
+    trainable = {id(p) for p in stage.trainable_parameters()}
+    assert id(model.text_projection) in trainable and id(model.logit_scale) in trainable
+    stage.training_step(device_batch(stage, n=6, size=64), 0).backward()
+    assert model.text_projection.grad is not None and model.text_projection.grad.abs().sum() > 0
+    assert model.logit_scale.grad is not None
+    frozen = make_stage("model.train_text_projection=false", "model.train_logit_scale=false")
+    assert not frozen.clip.model.text_projection.requires_grad and not frozen.clip.model.logit_scale.requires_grad
+
+
 @pytest.mark.parametrize("loss", ["fidelity", "ce"])
 def test_gt_term_lowers_the_clean_image_probability_of_its_twin_label(loss):
     # A random CLIP: the term's pull, from a start where the twin label is not already unlikely.

@@ -145,6 +145,21 @@ def test_rain_adds_bright_streaks_growing_with_amount(photo):
     assert ((y - x) >= -1e-6).all()  # streaks only brighten
 
 
+def test_rain_streak_length_follows_mioirs_rotated_diagonal():
+    """MiOIR: diag(ones(L)) in an L×L window, scaled by 1 − L/100 and rotated, clipped by the window."""
+    length = torch.tensor([40.0, 20.0, 20.0])
+    angle = torch.tensor([0.0, 0.0, math.pi / 4])
+    got = ops.mioir_streak_length(length, angle)
+    assert torch.allclose(got, torch.tensor([40 * 0.6 * math.sqrt(2), 20.0, 20 * 0.8 * math.sqrt(2)]))
+    g = torch.Generator().manual_seed(0)
+    x = torch.zeros(1, 3, 96, 96)
+    args = (x, torch.tensor([60.0]), torch.tensor([40.0]), torch.zeros(1), torch.tensor([3.0]), 59)
+    mioir = ops.rain(*args, torch.Generator().manual_seed(0))
+    line = ops.rain(*args, g, mioir_geometry=False)
+    # Vertical streaks: MiOIR's are ~34 px long instead of 40, so they cover fewer pixels.
+    assert 0 < (mioir[0, 0] > 0.05).sum() < (line[0, 0] > 0.05).sum()
+
+
 def test_quantize_lands_on_the_8bit_grid():
     x = torch.rand(2, 3, 8, 8) * 1.4 - 0.2
     q = ops.quantize(x)

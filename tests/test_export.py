@@ -11,6 +11,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from safetensors import safe_open
 
 from _untrusted import RunsCode, code_running_checkpoint
@@ -60,6 +61,11 @@ def test_restorer_export_ema_safetensors_card_onnx(restorer_ckpt, tmp_path, caps
             assert torch.equal(f.get_tensor(k), ema_state[k.removeprefix("restorer.")]), k
     card = (folder / "README.md").read_text()
     assert "training step: 42" in card and "EMA" in card and "model.onnx: max abs difference" in card
+    assert 'InferenceSession("restorer/model.onnx")' in card  # how to load it, in its own tool
+    meta = ModelCard.load(folder / "README.md").data
+    assert meta.library_name == "pytorch" and meta.pipeline_tag == "image-to-image"
+    assert {"lit_restore", "image-restoration", "restorer", "onnx"} <= set(meta.tags)
+    assert meta.metrics == ["psnr", "ssim"] and meta.datasets == [s.url for s in stage.cfg.data.train]
     assert load_config(folder / "config.yaml").optim.ema_decay == 0.9
     diff = float(capsys.readouterr().out.split("max abs difference to PyTorch (onnxruntime) ")[1].split()[0])
     assert diff < 1e-4
@@ -112,17 +118,46 @@ def test_biqa_export_loads_in_open_clip(tmp_path):
     folder = tmp_path / "out" / "biqa"
     assert not list(folder.glob("*.onnx"))  # BIQA is not an ONNX stage
     spec = json.loads((folder / "open_clip_config.json").read_text())
-    model = open_clip.CLIP(**spec["model_cfg"])
-    model.load_state_dict(load_file(str(folder / "open_clip_model.safetensors")))
+    assert spec["classes"] == list(cfg.model.classes)
+    assert spec["prompts"][spec["classes"].index("noise")] == "A photo needs noise artifact reduction"
+    # open_clip's own loader: weights, architecture and preprocessing from the folder alone.
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+    crop, normalize = preprocess.transforms[1], preprocess.transforms[-1]
+    assert tuple(crop.size) == stage.clip.image_size
+    assert torch.allclose(torch.tensor(normalize.mean), stage.clip.mean.flatten())
     model.eval()
     x = torch.rand(2, 3, *stage.clip.image_size)
-    text = open_clip.tokenize(["A photo needs noise artifact reduction"])
+    text = open_clip.get_tokenizer(f"local-dir:{folder}")(spec["prompts"][:1])
     with torch.no_grad():
         ref = stage.clip.model.eval()
         assert torch.allclose(model.encode_image(x), ref.encode_image(x))
         assert torch.allclose(model.encode_text(text), ref.encode_text(text))
         loaded = load_exported(tmp_path / "out", "biqa")
         assert torch.equal(loaded.encode_image(x), ref.encode_image(x))
+    meta = ModelCard.load(folder / "README.md").data
+    assert meta.library_name == "open_clip" and "clip" in meta.tags and meta.metrics == ["accuracy"]
+
+
+def test_full_biqa_open_clip_config_loads_in_open_clip(tmp_path):
+    """The full config's export (ViT-L/14 QuickGELU, OpenAI weights): open_clip rebuilds the same
+    architecture from the written config alone (on the meta device: no weights, no download)."""
+    import json
+
+    import open_clip
+
+    from lit_restore.export import base_model, open_clip_config
+    from lit_restore.fit import build_on_meta
+
+    cfg = load_config(REPO / "configs/biqa.yaml")
+    stage = build_on_meta(cfg)
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(open_clip_config(cfg, stage.clip.model)))
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{tmp_path}", device="meta")
+    ours = stage.clip.model
+    assert type(model.transformer.resblocks[0].mlp.gelu) is type(ours.transformer.resblocks[0].mlp.gelu)
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in ours.state_dict().items()}
+    # Through JSON, so the tuples of one and the lists of the other compare equal.
+    assert json.loads(json.dumps(model.visual.preprocess_cfg)) == json.loads(json.dumps(ours.visual.preprocess_cfg))
+    assert base_model(cfg) == "timm/vit_large_patch14_clip_224.openai"
 
 
 def test_load_exported_missing_folder_says_how(tmp_path):
@@ -212,3 +247,74 @@ def test_ldm_export_loads_in_diffusers_and_scm_exports_onnx(tmp_path):
         ref = stage.export_modules()["scm"].eval()(lq, out).numpy()
     (got,) = session.run(None, {"lq": lq.numpy(), "ldm_out": out.numpy()})
     assert abs(got - ref).max() < 1e-4
+
+
+def test_ldm_export_is_an_instruct_pix2pix_pipeline_that_reproduces_restore_prompt(tmp_path):
+    """The stock diffusers pipeline loads the export (converted transformers text encoder and
+    tokenizer, the Euler-ancestral scheduler restore samples with) and gives `restore --prompt`'s
+    image for the same seed; restore reads nothing outside the weights folder."""
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+    from PIL import Image
+
+    from _tiny_weights import export_tiny
+    from lit_restore.export import read_checkpoint
+    from lit_restore.models.ldm import ddpm_scheduler, make_sampler
+    from lit_restore.restore import restore_command
+
+    weights = tmp_path / "weights"
+    export_tiny("biqa", weights, tmp_path)
+    export_tiny("ldm", weights, tmp_path, [f"model.clip.pretrained={tmp_path / 'biqa.ckpt'}"])
+    pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(str(weights / "ldm"))
+    pipe.set_progress_bar_config(disable=True)
+    meta = ModelCard.load(weights / "ldm" / "README.md").data
+    assert meta.library_name == "diffusers" and "instruct-pix2pix" in meta.tags
+    # The exported scheduler is the sampler restore builds, timestep spacing included.
+    ours = make_sampler("euler_a", ddpm_scheduler())
+    for s in (ours, pipe.scheduler):
+        s.set_timesteps(7)
+    assert type(pipe.scheduler) is type(ours) and pipe.scheduler.config.timestep_spacing == "linspace"
+    assert torch.equal(pipe.scheduler.timesteps, ours.timesteps)
+    assert torch.equal(pipe.scheduler.sigmas, ours.sigmas)
+    # The converted text encoder gives the prompt contexts the LDM trained with.
+    bank = read_checkpoint(tmp_path / "ldm.ckpt")["state_dict"]["context_bank"]
+    prompt = "A photo needs noise artifact reduction"
+    ids = pipe.tokenizer([prompt], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         return_tensors="pt").input_ids
+    with torch.no_grad():
+        states = pipe.text_encoder(ids).last_hidden_state
+    assert torch.allclose(states[0], bank[1], atol=1e-5)  # row 1: the "noise" prompt
+
+    (tmp_path / "biqa.ckpt").unlink()  # the training config's text tower source is gone
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "in.png")
+    assert restore_command(str(weights), [str(tmp_path / "in.png")], str(tmp_path / "out"), prompt=prompt, steps=3,
+                           device="cpu", seed=0) == 0
+    restored = np.asarray(Image.open(tmp_path / "out" / "in.png"))
+    image = torch.from_numpy(np.asarray(Image.open(tmp_path / "in.png"))).permute(2, 0, 1)[None].float() / 255
+    for text in ({"prompt": prompt}, {"prompt_embeds": bank[1:2]}):  # its text encoder, or our contexts
+        out = pipe(**text, image=image, num_inference_steps=3, guidance_scale=1.0, image_guidance_scale=1.0,
+                   generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+        assert np.abs((out * 255).round().astype(np.int16) - restored).max() <= 1
+
+
+def test_exported_ldm_loads_without_its_pretrained_source(tmp_path):
+    """An LDM trained from a diffusers folder (model.pretrained) is rebuilt from the export alone."""
+    import shutil
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    tiny = load_config(REPO / "configs/tiny/ldm.yaml").model
+    source = tmp_path / "sd"
+    UNet2DConditionModel(**tiny.unet_cfg).save_pretrained(source / "unet")
+    AutoencoderKL(**tiny.vae_cfg).save_pretrained(source / "vae")
+    torch.manual_seed(0)
+    cfg = load_config(REPO / "configs/tiny/ldm.yaml", [f"model.pretrained={source}", "model.unet_cfg=null",
+                                                       "model.vae_cfg=null"])
+    stage = build_stage(cfg)
+    stage.configure_model()
+    torch.save(fake_checkpoint(stage, 3), tmp_path / "ldm.ckpt")
+    assert export_command(str(tmp_path / "ldm.ckpt"), str(tmp_path / "out"), ema=True, onnx=False) == 0
+    shutil.rmtree(source)
+    loaded = load_exported(tmp_path / "out", "ldm")
+    ref = stage.inference_unet.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in loaded["unet"].state_dict().items())

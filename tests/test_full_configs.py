@@ -62,7 +62,7 @@ def sd15(tmp_path_factory) -> Path:
     return write_sd15(tmp_path_factory.mktemp("sd15"))
 
 
-def test_biqa_builds_openai_vit_l14_with_a_frozen_text_tower():
+def test_biqa_builds_openai_vit_l14_with_a_frozen_text_transformer():
     cfg = full("biqa")
     assert (cfg.model.arch, cfg.model.pretrained) == ("ViT-L-14-quickgelu", "openai")
     stage = build_on_meta(cfg)
@@ -70,8 +70,11 @@ def test_biqa_builds_openai_vit_l14_with_a_frozen_text_tower():
     clip = stage.clip
     model = clip.model
     assert count(model.visual) == CLIP_L14_IMAGE
-    assert count(clip.text_parameters()) == CLIP_L14_TEXT
-    assert trainable(stage) == CLIP_L14_IMAGE  # only the image tower fine-tunes
+    # AutoDIR freezes `text_model*`: the text projection (768 x 768) and logit scale train too.
+    projection = model.text_projection.numel()
+    assert projection == 768 * 768
+    assert count(clip.text_parameters()) == CLIP_L14_TEXT - projection
+    assert trainable(stage) == CLIP_L14_IMAGE + projection + 1
     assert count(model) == CLIP_L14_IMAGE + CLIP_L14_TEXT + 1  # + logit_scale
     assert model.visual.conv1.kernel_size == (14, 14) and model.visual.conv1.out_channels == 1024
     assert len(model.visual.transformer.resblocks) == 24 and len(model.transformer.resblocks) == 12
@@ -114,7 +117,8 @@ def test_ldm_context_comes_from_the_biqa_text_tower(sd15):
     # A biqa checkpoint can stand in for model.clip.pretrained: its text tower has the same tensors.
     text = {k: v for k, v in shapes(biqa_clip.model).items() if k.startswith(TEXT_PARTS)}
     assert text == {k: v for k, v in shapes(context_clip).items() if k.startswith(TEXT_PARTS)}
-    assert count(biqa_clip.text_parameters()) == CLIP_L14_TEXT
+    # The frozen part is everything up to ln_final, whose per-token states are the LDM's context.
+    assert count(biqa_clip.text_parameters()) == CLIP_L14_TEXT - biqa_clip.model.text_projection.numel()
 
 
 def test_scm_builds_autodir_nafnet_and_the_ldm_it_corrects(sd15):

@@ -134,3 +134,18 @@ def test_lpips_from_local_random_backbone(tmp_path):
     with torch.no_grad():
         again = load_lpips(tmp_path / "lpips_full.pth")(x, y, normalize=True).flatten()
     assert torch.allclose(again, diff)
+
+
+def test_training_validation_ssim_is_evaluates_ssim():
+    """The stages' val/ssim is the mean of the per-image SSIM `evaluate` reports (64 px crops,
+    where torchmetrics' padded-border SSIM differs by a few hundredths)."""
+    from _batches import tiny_stage
+    from lit_restore.metrics import ssim as eval_ssim
+
+    stage = tiny_stage("restorer")
+    g = torch.Generator().manual_seed(0)
+    gt = torch.rand(4, 3, 64, 64, generator=g)
+    pred = (gt + 0.1 * torch.randn(4, 3, 64, 64, generator=g)).clamp(0, 1)
+    stage.log_restoration_metrics(pred[:2], gt[:2])
+    stage.log_restoration_metrics(pred[2:], gt[2:])
+    assert abs(float(stage.val_ssim.compute()) - float(eval_ssim(pred, gt).mean())) < 1e-6

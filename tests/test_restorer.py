@@ -172,16 +172,33 @@ def test_joint_mode_trains_encoder_with_constyle_losses():
     assert int(stage.moco.queue_ptr) == 4
 
 
-def test_joint_mode_freezes_encoder_after_constyle_iters():
-    stage = make_stage("model.constyle_mode=joint", "model.constyle_iters=0")
+@pytest.mark.parametrize("bn", ["train", "eval"])
+def test_joint_mode_freezes_encoder_after_constyle_iters(bn):
+    stage = make_stage("model.constyle_mode=joint", "model.constyle_iters=0", f"model.frozen_encoder_bn={bn}")
     enc_params = list(stage.net.encoder.parameters())
     stage.training_step(device_batch(stage), 0).backward()
-    # IRConStyle v1's switch: ConStyle losses off, encoder frozen and in eval mode from then on.
-    assert stage.net.freeze_encoder and not stage.net.encoder.training
+    # IRConStyle v1's switch: ConStyle losses off, encoder frozen from then on; its BatchNorm keeps
+    # batch statistics (as IRConStyle/ConStyle v2) or, with bn=eval, its running statistics.
+    assert stage.net.freeze_encoder and stage.net.encoder.training == (bn == "train")
     assert all(p.grad is None and not p.requires_grad for p in enc_params)
     assert int(stage.moco.queue_ptr) == 0
     stage.train()
-    assert not stage.net.encoder.training
+    assert stage.net.encoder.training == (bn == "train")
+
+
+def test_joint_mode_with_weights_starts_key_and_ema_encoders_from_them(tmp_path):
+    from types import SimpleNamespace
+
+    path, ref = _encoder_file(tmp_path, "export")
+    stage = tiny_stage("restorer", *SMALL, "model.constyle_mode=joint", f"model.constyle_weights={path}",
+                       "optim.ema_decay=0.5")
+    stage._trainer = SimpleNamespace(world_size=1)  # setup reads only the world size
+    stage.setup("fit")
+    # The content and InfoNCE losses compare against the key encoder: it must hold the pretrained
+    # weights too, not the random ones it was copied from in configure_model.
+    for encoder in (stage.net.encoder, stage.moco.encoder_k, stage.ema.module.encoder):
+        for k, v in encoder.state_dict().items():
+            assert torch.equal(v, ref.state_dict()[k]), k
 
 
 def test_plain_nafnet_baseline_trains():
@@ -215,7 +232,8 @@ def test_fit_frozen_encoder_stays_bit_identical(sample_shards, tmp_path):
 
     path, ref = _encoder_file(tmp_path, "export")
     cfg = load_config(TINY, _fit_overrides(sample_shards, tmp_path, "model.constyle_mode=frozen",
-                                           f"model.constyle_weights={path}", "optim.ema_decay=0.5"))
+                                           f"model.constyle_weights={path}", "optim.ema_decay=0.5",
+                                           "model.frozen_encoder_bn=eval"))
     trainer = fit(cfg)
     stage = trainer.lightning_module
     assert trainer.global_step == 3

@@ -39,12 +39,30 @@ def test_only_the_correction_trains_and_the_ldm_stays_frozen():
     assert any(not torch.equal(a, b) for a, b in zip(scm_before, stage.scm.parameters()))
 
 
-def test_correction_is_a_scaled_residual_on_the_ldm_output():
-    stage = make_stage("model.w=0.5").eval()
+@pytest.mark.parametrize("signed", [True, False])
+def test_correction_is_a_scaled_residual_on_the_ldm_output(signed):
+    stage = make_stage("model.w=0.5", f"model.signed_range={signed}").eval()
     lq, ldm_out = torch.rand(2, 3, 24, 20), torch.rand(2, 3, 24, 20)
     with torch.no_grad():
-        expected = ldm_out + 0.5 * stage.scm.net(torch.cat([lq, ldm_out], 1))
+        if signed:  # AutoDIR: the NAFNet sees and corrects [-1,1] images
+            expected = ldm_out + 0.25 * stage.scm.net(torch.cat([lq * 2 - 1, ldm_out * 2 - 1], 1))
+        else:
+            expected = ldm_out + 0.5 * stage.scm.net(torch.cat([lq, ldm_out], 1))
         torch.testing.assert_close(stage.export_modules()["scm"](lq, ldm_out), expected)
+
+
+def test_training_applies_the_ldms_classifier_free_dropout():
+    """With every sample's text and image dropped, the LDM output depends on neither the degraded
+    image nor its label; without dropout it does."""
+    stage = make_stage("model.ldm.drop_text=0", "model.ldm.drop_both=1", "model.ldm.drop_image=0")
+    batch = device_batch(stage, size=36)
+    other = {**batch, "lq": batch["lq"].flip(0), "label": (batch["label"] + 1) % 8}
+
+    def run(b, drop):
+        return stage.ldm_output(b, torch.Generator().manual_seed(0), drop=drop)
+
+    torch.testing.assert_close(run(batch, True), run(other, True))
+    assert not torch.allclose(run(batch, False), run(other, False))
 
 
 @pytest.mark.parametrize("mode", ["one_step", "sample"])

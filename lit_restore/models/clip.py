@@ -15,13 +15,15 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+from open_clip.transformer import text_global_pool
 from torch import Tensor, nn
 
 from lit_restore.checkpointing import WeightsError, read_weights
 from lit_restore.config import ConfigError
 from lit_restore.data.degrade.types import prompt_for
 
-# Attributes of open_clip.CLIP that make up its text tower.
+# Attributes of open_clip.CLIP that make up its text tower (the per-token states the LDM reads
+# come out of ln_final; text_projection only maps the pooled state into the joint space).
 TEXT_PARTS = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
 
 
@@ -102,7 +104,7 @@ class PromptCLIP(nn.Module):
     """
 
     def __init__(self, model: open_clip.CLIP, class_names: Sequence[str], resize: bool = False,
-                 train_logit_scale: bool = False, train_text: bool = False) -> None:
+                 train_logit_scale: bool = False, train_text_projection: bool = False, train_text: bool = False) -> None:
         super().__init__()
         if not isinstance(model, open_clip.CLIP):
             raise TypeError(f"PromptCLIP needs an open_clip.CLIP with a built-in text tower, got {type(model).__name__}")
@@ -110,8 +112,12 @@ class PromptCLIP(nn.Module):
         self.class_names = list(class_names)
         self.resize = resize
         self.train_text = train_text
+        # Frozen: the text tower, less text_projection when it trains (AutoDIR); nothing when the
+        # whole tower trains (making a CLIP foundation).
+        self.frozen_parts = () if train_text else tuple(
+            n for n in TEXT_PARTS if n != "text_projection" or not train_text_projection)
         for p in self.text_parameters():
-            p.requires_grad_(train_text)
+            p.requires_grad_(False)
         model.logit_scale.requires_grad_(train_logit_scale)
         pp = model.visual.preprocess_cfg
         size = pp["size"]
@@ -124,8 +130,9 @@ class PromptCLIP(nn.Module):
         return [m for m in (getattr(self.model, n) for n in TEXT_PARTS) if isinstance(m, nn.Module)]
 
     def text_parameters(self) -> list[nn.Parameter]:
+        """The frozen text tower's parameters (text_projection among them unless it trains)."""
         params: list[nn.Parameter] = []
-        for name in TEXT_PARTS:
+        for name in self.frozen_parts:
             part = getattr(self.model, name)
             if isinstance(part, nn.Parameter):
                 params.append(part)
@@ -156,20 +163,31 @@ class PromptCLIP(nn.Module):
         return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
 
     def prompt_features(self) -> Tensor:
-        """(K, D) L2-normalised pooled text features of the class prompts (with gradients only
-        when the text tower trains)."""
-        with torch.set_grad_enabled(self.train_text and torch.is_grad_enabled()):
-            return self.model.encode_text(self.prompt_tokens, normalize=True)
-
-    @torch.no_grad()
-    def token_states(self, texts: Sequence[str]) -> Tensor:
-        """(N, context_length, width) last hidden states of the text tower (after the final norm)."""
+        """(K, D) L2-normalised pooled text features of the class prompts. The frozen tower runs
+        without gradients (unless the whole tower trains); a trainable text_projection (AutoDIR)
+        gets them."""
         m = self.model
-        tokens = pad_with_eot(tokenize(m, texts).to(self.prompt_tokens.device))
+        with torch.set_grad_enabled(self.train_text and torch.is_grad_enabled()):
+            pooled = text_global_pool(self._hidden_states(self.prompt_tokens), self.prompt_tokens, m.text_pool_type,
+                                      eos_token_id=getattr(m, "text_eos_id", None))
+        proj = m.text_projection
+        if isinstance(proj, nn.Linear):
+            pooled = proj(pooled)
+        elif proj is not None:
+            pooled = pooled @ proj
+        return F.normalize(pooled, dim=-1)
+
+    def _hidden_states(self, tokens: Tensor) -> Tensor:
+        m = self.model
         cast = m.transformer.get_cast_dtype()
         x = m.token_embedding(tokens).to(cast) + m.positional_embedding.to(cast)
         x = m.transformer(x, attn_mask=m.attn_mask)
         return m.ln_final(x)
+
+    @torch.no_grad()
+    def token_states(self, texts: Sequence[str]) -> Tensor:
+        """(N, context_length, width) last hidden states of the text tower (after the final norm)."""
+        return self._hidden_states(pad_with_eot(tokenize(self.model, texts).to(self.prompt_tokens.device)))
 
     def logits(self, images: Tensor) -> Tensor:
         """(B, K) class logits for [0,1] images; gradients reach the image tower (and the text
@@ -177,3 +195,104 @@ class PromptCLIP(nn.Module):
         image = F.normalize(self.model.encode_image(self.preprocess(images)), dim=-1)
         text = self.prompt_features().to(image.dtype)
         return self.model.logit_scale.exp() * image @ text.t()
+
+
+# ------------------------------------------------------------------ transformers format
+
+
+def _open_clip_merges() -> list[str]:
+    """The BPE merges of open_clip's tokenizer (the same file OpenAI's CLIP ships)."""
+    import gzip
+
+    from open_clip.tokenizer import default_bpe
+
+    lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
+    return lines[1 : 49152 - 256 - 2 + 1]  # the slice open_clip's SimpleTokenizer uses
+
+
+def transformers_tokenizer(folder: Path, context_length: int = 77):
+    """A transformers CLIPTokenizer with open_clip's vocabulary, written into `folder` (vocab.json,
+    merges.txt, then save_pretrained): the ids match `tokenize`, padded with end-of-text tokens
+    as Stable Diffusion's tokenizer (and `pad_with_eot`) pad."""
+    import json
+
+    from open_clip.tokenizer import bytes_to_unicode
+    from transformers import CLIPTokenizer
+
+    merges = _open_clip_merges()
+    byte_tokens = list(bytes_to_unicode().values())
+    vocab = byte_tokens + [t + "</w>" for t in byte_tokens] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>",
+                              model_max_length=context_length)
+    tokenizer.save_pretrained(str(folder))
+    return tokenizer
+
+
+def transformers_text_model(model: open_clip.CLIP):
+    """The text tower of an open_clip CLIP as a transformers `CLIPTextModel` with the same weights:
+    its `last_hidden_state` equals `PromptCLIP.token_states` (the mapping Stable Diffusion's
+    text_encoder/ follows for OpenAI ViT-L/14; any open_clip CLIP with a built-in text tower)."""
+    from open_clip.transformer import QuickGELU
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    blocks = model.transformer.resblocks
+    first = blocks[0]
+    if not isinstance(first.ls_1, nn.Identity):
+        raise ValueError("open_clip text towers with layer scale have no CLIPTextModel equivalent")
+    width = model.transformer.width
+    config = CLIPTextConfig(
+        vocab_size=model.vocab_size, hidden_size=width, intermediate_size=first.mlp.c_fc.out_features,
+        num_hidden_layers=len(blocks), num_attention_heads=first.attn.num_heads,
+        max_position_embeddings=model.context_length, layer_norm_eps=model.ln_final.eps,
+        hidden_act="quick_gelu" if isinstance(first.mlp.gelu, QuickGELU) else "gelu",
+        # open_clip's tokenizer: start 49406, end 49407, padded with the end token
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    )
+    state = {"embeddings.token_embedding.weight": model.token_embedding.weight,
+             "embeddings.position_embedding.weight": model.positional_embedding,
+             "final_layer_norm.weight": model.ln_final.weight, "final_layer_norm.bias": model.ln_final.bias}
+    for i, block in enumerate(blocks):
+        p = f"encoder.layers.{i}."
+        for name, w, b in zip("qkv", block.attn.in_proj_weight.chunk(3), block.attn.in_proj_bias.chunk(3)):
+            state[f"{p}self_attn.{name}_proj.weight"], state[f"{p}self_attn.{name}_proj.bias"] = w, b
+        pairs = {"self_attn.out_proj": block.attn.out_proj, "layer_norm1": block.ln_1, "layer_norm2": block.ln_2,
+                 "mlp.fc1": block.mlp.c_fc, "mlp.fc2": block.mlp.c_proj}
+        for name, module in pairs.items():
+            state[f"{p}{name}.weight"], state[f"{p}{name}.bias"] = module.weight, module.bias
+    text = CLIPTextModel(config)
+    # The keys sit under `text_model.` in some transformers versions and at the top in others.
+    prefix = next(k for k in text.state_dict() if k.endswith("embeddings.token_embedding.weight"))
+    prefix = prefix[: -len("embeddings.token_embedding.weight")]
+    text.load_state_dict({prefix + k: v.detach().float().clone() for k, v in state.items()}, strict=True)
+    return text.eval()
+
+
+class TransformersTextTower(nn.Module):
+    """A transformers CLIPTextModel + CLIPTokenizer (an LDM export's text_encoder/ and tokenizer/)
+    giving the same `token_states(texts)` as `PromptCLIP`."""
+
+    def __init__(self, encoder: nn.Module, tokenizer: Any) -> None:
+        super().__init__()
+        self.encoder = encoder.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> "TransformersTextTower":
+        from transformers import CLIPTextModel, CLIPTokenizer
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # restore draws its own progress bar
+        return cls(CLIPTextModel.from_pretrained(str(folder / "text_encoder")),
+                   CLIPTokenizer.from_pretrained(str(folder / "tokenizer")))
+
+    @torch.no_grad()
+    def token_states(self, texts: Sequence[str]) -> Tensor:
+        """(N, model_max_length, width) last hidden states."""
+        ids = self.tokenizer(list(texts), padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        device = next(self.encoder.parameters()).device
+        return self.encoder(ids.to(device)).last_hidden_state

@@ -211,6 +211,7 @@ class ConStyleNAFNet(nn.Module):
             raise ValueError(f"ConStyle-NAFNet width {dim} must be divisible by 4 (downsampling convs use width/4)")
         self.encoder = encoder
         self.freeze_encoder = False
+        self.freeze_encoder_eval = False
         self.intro = nn.Conv2d(3, dim, 3, padding=1)
         enc_widths = (dim, 2 * dim, 3 * dim)
         self.enc_levels = nn.ModuleList(nn.Sequential(*[NAFBlock(c) for _ in range(n)]) for c, n in zip(enc_widths, enc_blocks))
@@ -227,16 +228,19 @@ class ConStyleNAFNet(nn.Module):
         )
         self.ending = nn.Conv2d(2 * dim, 3, 3, padding=1)
 
-    def set_encoder_frozen(self, frozen: bool) -> None:
-        """A frozen encoder gets no gradients and stays in eval mode (BN running statistics)."""
+    def set_encoder_frozen(self, frozen: bool, eval_mode: bool = False) -> None:
+        """A frozen encoder gets no gradients. Its BatchNorm stays in train mode (batch statistics,
+        as ConStyle v2 and IRConStyle, which only stop gradients) unless `eval_mode`, which keeps
+        it in eval mode with its running statistics fixed."""
         self.freeze_encoder = frozen
+        self.freeze_encoder_eval = frozen and eval_mode
         self.encoder.requires_grad_(not frozen)
-        if frozen:
+        if self.freeze_encoder_eval:
             self.encoder.eval()
 
     def train(self, mode: bool = True) -> "ConStyleNAFNet":
         super().train(mode)
-        if self.freeze_encoder:
+        if self.freeze_encoder_eval:
             self.encoder.eval()
         return self
 

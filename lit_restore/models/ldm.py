@@ -29,8 +29,10 @@ def ddpm_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
     )
 
 
-def _from_pretrained(cls: Any, pretrained: str, subfolder: str, key: str) -> Any:
+def _from_pretrained(cls: Any, pretrained: str, subfolder: str, key: str, config_only: bool = False) -> Any:
     try:
+        if config_only:
+            return cls.load_config(pretrained, subfolder=subfolder)
         if torch.get_default_device().type == "meta":
             # Architecture only (`lit-restore fit --check`): config.json is read, the weights are not.
             return cls.from_config(cls.load_config(pretrained, subfolder=subfolder))
@@ -43,6 +45,12 @@ def _from_pretrained(cls: Any, pretrained: str, subfolder: str, key: str) -> Any
             f"with internet and set {key}=/path/to/folder (with unet/ and vae/ subfolders); HF_HUB_OFFLINE=1 "
             "skips the download retries"
         ) from None
+
+
+def architecture_config(cls: Any, pretrained: str, subfolder: str, key: str = "model.pretrained") -> dict[str, Any]:
+    """The constructor kwargs of `cls` in `pretrained`'s `subfolder`/config.json; no weights read."""
+    config = _from_pretrained(cls, pretrained, subfolder, key, config_only=True)
+    return {k: v for k, v in config.items() if not k.startswith("_")}  # diffusers' bookkeeping keys
 
 
 def load_unet(pretrained: str, config: Optional[dict[str, Any]] = None, key: str = "model.pretrained") -> UNet2DConditionModel:
@@ -101,11 +109,14 @@ def min_snr_weight(scheduler: DDPMScheduler, t: Tensor, gamma: float) -> Tensor:
 
 
 def make_sampler(name: str, scheduler: DDPMScheduler):
-    """An inference scheduler on the training schedule."""
+    """An inference scheduler on the training schedule. The timestep spacing is passed explicitly:
+    `from_config` drops config values that were left at their defaults, so the sampler would get
+    its own class default while a saved config says otherwise. Euler ancestral: "linspace", as
+    k-diffusion's `get_sigmas` (AutoDIR); DDIM: "leading", as Stable Diffusion's schedulers."""
     if name == "euler_a":
-        return EulerAncestralDiscreteScheduler.from_config(scheduler.config)
+        return EulerAncestralDiscreteScheduler.from_config(scheduler.config, timestep_spacing="linspace")
     if name == "ddim":
-        return DDIMScheduler.from_config(scheduler.config)
+        return DDIMScheduler.from_config(scheduler.config, timestep_spacing="leading")
     raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
 
 

@@ -8,35 +8,59 @@ import os
 import time
 import zlib
 from functools import partial
+from typing import Callable
 from pathlib import Path
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import WandbLogger
-from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel
+from torchmetrics import MeanMetric
+from torchmetrics.image import PeakSignalNoiseRatio
 from torchvision.utils import make_grid, save_image
 
 from lit_restore.config import RunConfig, to_dict
 from lit_restore.data.degrade import Degrader
 from lit_restore.data.degrade.types import DEGRADATION_TYPES
+from lit_restore.metrics import ssim
 
 
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
-    """LR multiplier: linear warmup from 0, then cosine from 1 down to `min_lr_ratio` at `total_steps`."""
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float, hold_steps: int = 0) -> float:
+    """LR multiplier: linear warmup from 0, `hold_steps` at 1, then cosine from 1 down to
+    `min_lr_ratio` at `total_steps`."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    if total_steps <= warmup_steps:
+    start = warmup_steps + hold_steps
+    if step < start or total_steps <= start:
         return 1.0
-    progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+    progress = min(1.0, (step - start) / (total_steps - start))
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def make_ema(module: nn.Module, decay: float) -> AveragedModel:
+def ema_multi_avg_fn(decay: float, warmup: bool) -> Callable[[list[Tensor], list[Tensor], Tensor], None]:
+    """`AveragedModel(multi_avg_fn=...)`: an EMA of the floating-point tensors; integer buffers
+    (token ids, counters, BN's num_batches_tracked) are copied, since averaging and truncating them
+    back corrupts them. With `warmup` the decay after n updates is min(decay, (1 + n)/(10 + n)),
+    InstructPix2Pix's (CompVis LitEma) ramp, so early averages are not dominated by the initial weights."""
+
+    @torch.no_grad()
+    def update(averaged: list[Tensor], current: list[Tensor], n_averaged: Tensor) -> None:
+        # AveragedModel groups tensors by dtype: one call sees floats only or integers only.
+        if not (averaged[0].is_floating_point() or averaged[0].is_complex()):
+            torch._foreach_copy_(averaged, current)
+            return
+        n = int(n_averaged)  # AveragedModel has already synced on it (its n_averaged == 0 test)
+        d = min(decay, (1 + n) / (10 + n)) if warmup else decay
+        torch._foreach_lerp_(averaged, current, 1.0 - d)
+
+    return update
+
+
+def make_ema(module: nn.Module, decay: float, warmup: bool = False) -> AveragedModel:
     """EMA of one sub-network, buffers included (BN running statistics follow the weights)."""
-    ema = AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    ema = AveragedModel(module, multi_avg_fn=ema_multi_avg_fn(decay, warmup), use_buffers=True)
     ema.requires_grad_(False)
     return ema
 
@@ -56,7 +80,9 @@ class Stage(L.LightningModule):
         self.degrader = Degrader(cfg.degrade)
         # Per-image PSNR averaged over images (dim=(1,2,3)), the convention of restoration papers.
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0, reduction="elementwise_mean", dim=(1, 2, 3))
-        self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
+        # Mean of per-image SSIM from lit_restore.metrics: the values `evaluate` reports (MATLAB's
+        # definition; torchmetrics' SSIM averages a padded border in and differs on small crops).
+        self.val_ssim = MeanMetric()
         self._train_generator: torch.Generator | None = None
         self._last_batch_end: float | None = None
         self._corrupt_seen = 0
@@ -126,7 +152,7 @@ class Stage(L.LightningModule):
     def track_ema(self, module: nn.Module) -> None:
         """Start an EMA copy of `module` when optim.ema_decay > 0."""
         if self.cfg.optim.ema_decay > 0:
-            self.ema = make_ema(module, self.cfg.optim.ema_decay)
+            self.ema = make_ema(module, self.cfg.optim.ema_decay, self.cfg.optim.ema_warmup)
 
     def averaged(self, module: nn.Module) -> nn.Module:
         """The EMA copy of `module` when there is one, else `module` itself."""
@@ -143,7 +169,8 @@ class Stage(L.LightningModule):
             self.trainable_parameters(), lr=o.lr, betas=(o.betas[0], o.betas[1]), weight_decay=o.weight_decay
         )
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches)
-        schedule = partial(warmup_cosine, warmup_steps=o.warmup_steps, total_steps=total, min_lr_ratio=o.min_lr_ratio)
+        schedule = partial(warmup_cosine, warmup_steps=o.warmup_steps, total_steps=total, min_lr_ratio=o.min_lr_ratio,
+                           hold_steps=o.hold_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -172,7 +199,7 @@ class Stage(L.LightningModule):
         if pred.shape[0] == 0:
             return
         self.val_psnr.update(pred, gt)
-        self.val_ssim.update(pred, gt)
+        self.val_ssim.update(ssim(pred, gt).float())
 
     def on_validation_epoch_end(self) -> None:
         if self.val_psnr.update_called:

@@ -92,7 +92,7 @@ class BIQAStage(Stage):
         if m.grad_checkpointing:
             model.visual.set_grad_checkpointing(True)
         self.clip = PromptCLIP(model, self.classes, resize=m.resize, train_logit_scale=m.train_logit_scale,
-                               train_text=m.train_text)
+                               train_text_projection=m.train_text_projection, train_text=m.train_text)
 
     def logits(self, images: Tensor) -> Tensor:
         """(N, K) class logits of [0,1] images."""

@@ -35,11 +35,16 @@ def text_shape(c: CLIPTextConfig) -> tuple[int, int]:
     return int(text.get("context_length", 77)), int(text.get("width", 512))
 
 
+def bank_prompts() -> list[str]:
+    """The prompts of `prompt_bank`'s rows: each type's prompt, then the empty prompt."""
+    return [prompt_for(t) for t in DEGRADATION_TYPES] + [""]
+
+
 @torch.no_grad()
 def prompt_bank(c: CLIPTextConfig, key: str = "model.clip.pretrained") -> Tensor:
-    """(len(DEGRADATION_TYPES) + 1, L, D) token states: each type's prompt, then the empty prompt."""
+    """(len(DEGRADATION_TYPES) + 1, L, D) token states of `bank_prompts()`."""
     clip = PromptCLIP(create_clip(c.arch, c.pretrained, c.model_cfg, key=key), DEGRADATION_TYPES).eval()
-    return clip.token_states([prompt_for(t) for t in DEGRADATION_TYPES] + [""]).float()
+    return clip.token_states(bank_prompts()).float()
 
 
 def build_latent_diffusion(m: LDMModelConfig, key: str = "model") -> LatentDiffusion:
@@ -60,6 +65,18 @@ def build_latent_diffusion(m: LDMModelConfig, key: str = "model") -> LatentDiffu
     if vae.dtype != DTYPES[m.frozen_dtype]:
         vae.to(DTYPES[m.frozen_dtype])
     return LatentDiffusion(unet, vae, m.prediction_type).train()
+
+
+def cfg_dropout(cond: Tensor, context: Tensor, null_context: Tensor, drop_text: float, drop_both: float,
+                drop_image: float, generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
+    """Classifier-free dropout per sample: the text context → the empty prompt's (`null_context`,
+    (L, D)), the condition latent → zeros, in bands of u ~ U(0,1) as InstructPix2Pix/AutoDIR:
+    [text][text+image][image]."""
+    u = torch.rand(cond.shape[0], device=cond.device, generator=generator)
+    no_text = u < drop_text + drop_both
+    no_image = (u >= drop_text) & (u < drop_text + drop_both + drop_image)
+    context = torch.where(no_text[:, None, None], null_context, context)
+    return cond * (~no_image).to(cond.dtype)[:, None, None, None], context
 
 
 def masked_mean(per_sample: Tensor, valid: Tensor) -> Tensor:
@@ -122,12 +139,8 @@ class LDMStage(Stage):
         context = self.context_bank[batch["label"]]
         if drop:
             m = self.cfg.model
-            u = torch.rand(cond.shape[0], device=cond.device, generator=generator)
-            # Bands of u as in InstructPix2Pix/AutoDIR: [text][text+image][image].
-            no_text = u < m.drop_text + m.drop_both
-            no_image = (u >= m.drop_text) & (u < m.drop_text + m.drop_both + m.drop_image)
-            context = torch.where(no_text[:, None, None], self.context_bank[NULL_PROMPT], context)
-            cond = cond * (~no_image).to(cond.dtype)[:, None, None, None]
+            cond, context = cfg_dropout(cond, context, self.context_bank[NULL_PROMPT], m.drop_text, m.drop_both,
+                                        m.drop_image, generator)
         return cond, context
 
     def diffusion_loss(self, unet: nn.Module, batch: dict, drop: bool,

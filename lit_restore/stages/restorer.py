@@ -2,7 +2,8 @@
 
 ConStyle modes (`model.constyle_mode`):
 - frozen: the encoder comes from a constyle-stage checkpoint or exported weights
-  (`model.constyle_weights`), gets no gradients and stays in eval mode (ConStyle v2).
+  (`model.constyle_weights`) and gets no gradients; its BatchNorm keeps training-mode batch
+  statistics as in ConStyle v2 (`model.frozen_encoder_bn=eval` fixes them instead).
 - joint: the encoder trains with the restorer under L1 + the ConStyle losses (MoCo queue and
   momentum key encoder as in the constyle stage) for `model.constyle_iters` steps, then is
   frozen (IRConStyle v1). On more than one device the freeze leaves encoder parameters without
@@ -112,7 +113,7 @@ class RestorerStage(Stage):
             net = ConStyleNAFNet(build_encoder(m.constyle), dim=m.width, enc_blocks=m.enc_blocks,
                                  middle_blocks=m.middle_blocks, dec_blocks=m.dec_blocks)
             if m.constyle_mode == "frozen":
-                net.set_encoder_frozen(True)
+                net.set_encoder_frozen(True, eval_mode=m.frozen_encoder_bn == "eval")
         # Zero output conv: with the global residual the fresh restorer is the identity, so it
         # starts at the input's PSNR instead of adding noise it must first unlearn (short runs
         # otherwise lose dB on the mild types for hundreds of steps).
@@ -135,9 +136,17 @@ class RestorerStage(Stage):
             # Here rather than in configure_model: export rebuilds the stage without these files,
             # and a resumed run's checkpoint overwrites what is loaded here.
             self.configure_model()
-            load_encoder_weights(self.net.encoder, m.constyle_weights)
-            if self.ema is not None:
-                self.ema.module.encoder.load_state_dict(self.net.encoder.state_dict())
+            self.load_pretrained_encoder(m.constyle_weights)
+
+    def load_pretrained_encoder(self, path: str) -> None:
+        """Load ConStyle weights into the encoder and every copy of it made in configure_model
+        (the EMA's, and in joint mode MoCo's key encoder, which would otherwise stay random)."""
+        load_encoder_weights(self.net.encoder, path)
+        copies = [self.ema.module.encoder] if self.ema is not None else []
+        if self.moco is not None:
+            copies.append(self.moco.encoder_k)
+        for copy in copies:
+            copy.load_state_dict(self.net.encoder.state_dict())
 
     def _constyle_losses_on(self) -> bool:
         iters = self.cfg.model.constyle_iters
@@ -156,7 +165,8 @@ class RestorerStage(Stage):
             self.log("train/contrastive_acc", acc)
         else:
             if self.joint and not self.net.freeze_encoder:
-                self.net.set_encoder_frozen(True)  # IRConStyle v1's switch after constyle_iters
+                # IRConStyle v1's switch after constyle_iters
+                self.net.set_encoder_frozen(True, eval_mode=m.frozen_encoder_bn == "eval")
             pred = self.net(lq)
         rec = reconstruction_loss(m.loss, pred, gt)
         loss = rec + weighted_total(losses, m.constyle) if losses else rec

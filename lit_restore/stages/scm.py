@@ -22,19 +22,25 @@ from lit_restore.config import ConfigError, RunConfig
 from lit_restore.models.ldm import LatentDiffusion, predict_x0
 from lit_restore.models.nafnet import NAFNet
 from lit_restore.stages.base import Stage
-from lit_restore.stages.ldm import DTYPES, NULL_PROMPT, build_latent_diffusion, masked_mean, prompt_bank
+from lit_restore.stages.ldm import DTYPES, NULL_PROMPT, build_latent_diffusion, cfg_dropout, masked_mean, prompt_bank
 
 
 class StructureCorrection(nn.Module):
-    """out = ldm_out + w · N([lq ‖ ldm_out]): the NAFNet sees both images and adds a scaled residual."""
+    """out = ldm_out + w · N([lq ‖ ldm_out]): the NAFNet sees both images and adds a scaled residual.
+    Inputs and output are [0,1]; with `signed` the NAFNet works on [-1,1] images (AutoDIR), so its
+    residual is in those units."""
 
-    def __init__(self, net: NAFNet, w: float = 1.0) -> None:
+    def __init__(self, net: NAFNet, w: float = 1.0, signed: bool = True) -> None:
         super().__init__()
         self.net = net
         self.w = w
+        self.signed = signed
 
     def forward(self, lq: Tensor, ldm_out: Tensor) -> Tensor:
-        return ldm_out + self.w * self.net(torch.cat([lq, ldm_out], dim=1))
+        if not self.signed:
+            return ldm_out + self.w * self.net(torch.cat([lq, ldm_out], dim=1))
+        lq, ldm_out = lq * 2 - 1, ldm_out * 2 - 1
+        return (ldm_out + self.w * self.net(torch.cat([lq, ldm_out], dim=1)) + 1) / 2
 
 
 @dataclass
@@ -86,7 +92,7 @@ class SCMStage(Stage):
         m = self.cfg.model
         net = NAFNet(in_channels=6, out_channels=3, width=m.width, enc_blocks=m.enc_blocks,
                      middle_blocks=m.middle_blocks, dec_blocks=m.dec_blocks, global_residual=False)
-        self.scm = StructureCorrection(net, m.w)
+        self.scm = StructureCorrection(net, m.w, signed=m.signed_range)
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
@@ -115,8 +121,9 @@ class SCMStage(Stage):
         return f
 
     @torch.no_grad()
-    def ldm_output(self, batch: dict, generator: Optional[torch.Generator] = None) -> Tensor:
-        """What the frozen LDM makes of the batch, [0,1] (B,3,H,W)."""
+    def ldm_output(self, batch: dict, generator: Optional[torch.Generator] = None, drop: bool = False) -> Tensor:
+        """What the frozen LDM makes of the batch, [0,1] (B,3,H,W). `drop` applies the LDM's
+        classifier-free dropout to its conditions (one_step), as AutoDIR's SCM training does."""
         m = self.cfg.model
         f = self.frozen_ldm()
         ldm, bank = f.ldm, f.context_bank
@@ -128,6 +135,10 @@ class SCMStage(Stage):
                               generator=generator)
         z0 = ldm.encode_target(ldm.pad(gt), generator)
         cond = ldm.encode_condition(ldm.pad(lq))
+        if drop:
+            d = m.ldm
+            cond, context = cfg_dropout(cond, context, bank[NULL_PROMPT], d.drop_text, d.drop_both, d.drop_image,
+                                        generator)
         u = torch.rand(z0.shape[0], device=z0.device, generator=generator)
         t = (m.t_max * u.pow(m.t_power)).long().clamp(max=ldm.scheduler.config.num_train_timesteps - 1)
         noise = torch.randn(z0.shape, device=z0.device, generator=generator)
@@ -141,7 +152,7 @@ class SCMStage(Stage):
         return masked_mean(per_sample, valid)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        ldm_out = self.ldm_output(batch)
+        ldm_out = self.ldm_output(batch, drop=self.cfg.model.cond_dropout)
         out = self.scm(batch["lq"], ldm_out)
         loss = self._loss(out, batch["gt"], batch["valid"])
         self.log("train/loss", loss, prog_bar=True)

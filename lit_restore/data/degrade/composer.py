@@ -166,8 +166,9 @@ class Degrader(nn.Module):
             r = c.rain
             amount, length = draw.uniform(r.amount), draw.uniform(r.length)
             angle, width = draw.uniform(r.angle), draw.uniform(r.width)
-            size = _odd_ceil(r.length[1]) + 2
-            y = ops.rain(x, amount, length, angle * DEG, width, size, draw.generator)
+            # MiOIR's rotated diagonal can be up to √2 times `length`.
+            size = _odd_ceil(r.length[1] * (math.sqrt(2) if r.mioir_geometry else 1)) + 2
+            y = ops.rain(x, amount, length, angle * DEG, width, size, draw.generator, r.mioir_geometry)
             return y, {"amount": amount, "length": length, "angle": angle, "width": width}, amount / 99
         if name == "lowlight":
             l = c.lowlight

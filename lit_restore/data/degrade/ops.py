@@ -236,15 +236,32 @@ def haze(x: Tensor, depth: Tensor, beta: Tensor, airlight: Tensor) -> Tensor:
     return (x - a).mul_(t).add_(a)  # J·t + A(1 − t), in two passes over the image
 
 
+# MiOIR's 3×3 smear of the rain seeds before the streak kernel (cv2.filter2D in add_rain).
+_RAIN_SEED_SMEAR = ((0.0, 0.1, 0.0), (0.1, 8.0, 0.1), (0.0, 0.1, 0.0))
+
+
+def mioir_streak_length(length: Tensor, angle: Tensor) -> Tensor:
+    """The streak MiOIR draws for `length`: the diagonal of a length×length window, scaled by
+    1 − length/100 and rotated to `angle` (radians from the vertical), clipped by the window."""
+    full = math.sqrt(2) * length * (1 - length / 100)
+    window = length / torch.maximum(torch.cos(angle).abs(), torch.sin(angle).abs())
+    return torch.minimum(full, window)
+
+
 def rain(x: Tensor, amount: Tensor, length: Tensor, angle: Tensor, width: Tensor, size: int,
-         generator: Optional[torch.Generator] = None) -> Tensor:
+         generator: Optional[torch.Generator] = None, mioir_geometry: bool = True) -> Tensor:
     """Rain streaks, MiOIR's recipe on the device: seeds at `amount`/25600 of the pixels (its
-    "value" threshold on U(0, 256)), smeared by a line of `length` pixels at `angle` from the
-    vertical whose Gaussian cross-section has kernel size `width` (σ by OpenCV's rule), scaled
-    so the brightest streak is 1, added to every channel and clipped. `size` is the odd kernel
-    side, ≥ the longest length."""
+    "value" threshold on U(0, 256)), with `mioir_geometry` smeared by MiOIR's 3×3 filter and
+    drawn at its rotated-diagonal length (`mioir_streak_length`), else a line of `length`
+    pixels; at `angle` from the vertical, with a Gaussian cross-section of kernel size `width`
+    (σ by OpenCV's rule), scaled so the brightest streak is 1, added to every channel and
+    clipped. `size` is the odd kernel side, ≥ the longest streak."""
     b, _, h, w = x.shape
     seeds = (torch.rand(b, 1, h, w, generator=generator, device=x.device) < _b(amount) / 25600).float()
+    if mioir_geometry:
+        smear = torch.tensor(_RAIN_SEED_SMEAR, device=x.device, dtype=seeds.dtype).view(1, 1, 3, 3)
+        seeds = F.conv2d(seeds, smear, padding=1)
+        length = mioir_streak_length(length, angle)
     sigma = 0.3 * ((width - 1) / 2 - 1) + 0.8
     streaks = fft_filter(seeds, line_kernels(length, angle, sigma, size))
     streaks = streaks / streaks.amax(dim=(2, 3), keepdim=True).clamp_min(1e-12)

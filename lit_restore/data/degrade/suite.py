@@ -107,7 +107,10 @@ def _parse_task(i: int, raw: Any, defaults: dict[str, dict[str, Any]], where: st
         if op not in ops:
             continue
         params = {**defaults.get(op, {}), **(ops[op] or {})}
-        allowed = [f.name for f in dataclasses.fields(OP_CONFIGS[op]) if f.name != "prob"]
+        # Task parameters are the numbers and modes; on/off switches of an op's method (bool
+        # fields such as rain.mioir_geometry) keep their defaults.
+        allowed = [f.name for f in dataclasses.fields(OP_CONFIGS[op])
+                   if f.name != "prob" and not isinstance(getattr(OP_CONFIGS[op](), f.name), bool)]
         for p in params:
             if p not in allowed:
                 raise ConfigError(f"{key}.ops.{op}.{p}: unknown key; allowed here: {', '.join(allowed)}")
