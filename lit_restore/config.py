@@ -397,7 +397,8 @@ class LDMModelConfig:
     drop_both: float = 0.05
     drop_image: float = 0.05
     frozen_dtype: str = choice("bfloat16", ("float32", "bfloat16", "float16"), "dtype of the frozen VAE")
-    grad_checkpointing: bool = True  # UNet activation checkpointing
+    # UNet activation checkpointing: less memory for one more UNet forward per step; opt-in.
+    grad_checkpointing: bool = False
     val_steps: int = 20  # sampler steps for validation images and PSNR/SSIM
     val_sampler: str = choice("euler_a", ("euler_a", "ddim"), "validation sampler")
 

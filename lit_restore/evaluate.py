@@ -142,7 +142,7 @@ def evaluate_command(weights: str, suite: str, data: str, out: str, lines: Optio
             target = true_class(task, classes) if biqa is not None else None
             for key, gt8, lq8 in build_task_set(task, data, max_images=max_images):
                 gt, lq = gt8[None].float() / 255, lq8[None].float() / 255
-                restored, log = restorer.restore(lq, image_generator(seed))
+                restored, log = restorer.restore(lq, image_generator(seed, dev))
                 restored = quantize_8bit(restored)
                 s.psnr.append(float(psnr(restored, gt, crop_border, y_channel)))
                 s.ssim.append(float(ssim(restored, gt, crop_border, y_channel)))

@@ -194,11 +194,13 @@ def build_strategy(cfg: RunConfig) -> Union[str, Strategy]:
             raise ConfigError(f"trainer.strategy: fsdp wraps diffusers UNet blocks, only for stage ldm "
                               f"(stage is {cfg.stage}); use ddp or modelparallel")
         from diffusers.models.attention import BasicTransformerBlock
-        from diffusers.models.resnets import ResnetBlock2D
+        from diffusers.models.resnet import ResnetBlock2D
 
         blocks = {BasicTransformerBlock, ResnetBlock2D}
+        # No activation checkpointing here: model.grad_checkpointing turns on the UNet's own
+        # (opt-in, it costs one more UNet forward per step).
         # Full state dict: one checkpoint file, resumable at any world size and exportable as is.
-        return FSDPStrategy(auto_wrap_policy=blocks, activation_checkpointing_policy=blocks, state_dict_type="full")
+        return FSDPStrategy(auto_wrap_policy=blocks, state_dict_type="full")
     if name == "modelparallel":
         return FSDP2Strategy(backend="gloo" if on_cpu(cfg) else None)
     if cfg.stage in QUEUE_STAGES and (name == "ddp" or (name == "auto" and is_multiprocess(cfg))):

@@ -423,9 +423,10 @@ def build_restorer(weights: str, device: torch.device, prompt: Optional[str], fa
     return AutoRestorer(biqa, load_diffusion(weights, device, sampling, tiles), device, max_passes)
 
 
-def image_generator(seed: int) -> torch.Generator:
-    """A fresh CPU generator per image: an image's result does not depend on the images before it."""
-    return torch.Generator().manual_seed(seed)
+def image_generator(seed: int, device: torch.device) -> torch.Generator:
+    """A fresh generator per image, on the device the models run on (CUDA's random functions
+    refuse a CPU generator): an image's result does not depend on the images before it."""
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def _error(message: str) -> None:
@@ -486,7 +487,7 @@ def restore_command(weights: str, inputs: Sequence[str], out: str, prompt: Optio
                 bar.advance(job)
                 continue
             start = time.perf_counter()
-            restored, log = restorer.restore(image, image_generator(seed))
+            restored, log = restorer.restore(image, image_generator(seed, dev))
             stem = output_stem(path, taken)
             log = {"input": str(path), "output": f"{stem}.png", "size": list(info["size"]), "input_mode": info["mode"],
                    "bit_depth": info["bit_depth"], **log, "seconds": round(time.perf_counter() - start, 3)}
