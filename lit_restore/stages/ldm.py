@@ -111,10 +111,11 @@ class LDMStage(Stage):
     def inference_unet(self) -> nn.Module:
         return self.averaged(self.ldm.unet)
 
-    def conditions(self, batch: dict, drop: bool, generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
-        """(condition latent, text context) per sample, with classifier-free dropout when `drop`."""
-        cond = self.ldm.encode_condition(batch["lq"])
-        context = self.context_bank[batch["label"]]
+    def conditions(self, cond: Tensor, label: Tensor, drop: bool,
+                   generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
+        """(condition latent, text context) per sample from the degraded images' latents and
+        labels, with classifier-free dropout when `drop`."""
+        context = self.context_bank[label]
         if drop:
             m = self.cfg.model
             u = torch.rand(cond.shape[0], device=cond.device, generator=generator)
@@ -130,8 +131,8 @@ class LDMStage(Stage):
         """Per-sample denoising loss (ε or v target, optional Min-SNR weights) at random timesteps."""
         sched = self.ldm.scheduler
         with torch.no_grad():
-            z0 = self.ldm.encode_target(self.ldm.pad(batch["gt"]), generator)
-            cond, context = self.conditions({**batch, "lq": self.ldm.pad(batch["lq"])}, drop, generator)
+            z0, cond = self.ldm.encode_pair(self.ldm.pad(batch["gt"]), self.ldm.pad(batch["lq"]), generator)
+            cond, context = self.conditions(cond, batch["label"], drop, generator)
         noise = torch.randn(z0.shape, device=z0.device, generator=generator)
         t = torch.randint(0, sched.config.num_train_timesteps, (z0.shape[0],), device=z0.device, generator=generator)
         z_t = sched.add_noise(z0, noise, t)

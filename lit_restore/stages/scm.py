@@ -125,8 +125,7 @@ class SCMStage(Stage):
         if m.ldm_input == "sample":
             return ldm.sample(lq, context, bank[NULL_PROMPT:], steps=m.sample_steps, sampler="euler_a",
                               generator=generator)
-        z0 = ldm.encode_target(ldm.pad(gt), generator)
-        cond = ldm.encode_condition(ldm.pad(lq))
+        z0, cond = ldm.encode_pair(ldm.pad(gt), ldm.pad(lq), generator)
         u = torch.rand(z0.shape[0], device=z0.device, generator=generator)
         t = (m.t_max * u.pow(m.t_power)).long().clamp(max=ldm.scheduler.config.num_train_timesteps - 1)
         noise = torch.randn(z0.shape, device=z0.device, generator=generator)
