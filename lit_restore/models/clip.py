@@ -118,6 +118,13 @@ class PromptCLIP(nn.Module):
         self.register_buffer("mean", torch.tensor(pp["mean"]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(pp["std"]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("prompt_tokens", tokenize(model, [prompt_for(c) for c in self.class_names]), persistent=False)
+        # The text tower is frozen, so the prompt features are computed once per device and
+        # forgotten when weights are loaded into it (a bound method: deepcopy rebinds it).
+        self._prompt_cache: Tensor | None = None
+        model.register_load_state_dict_post_hook(self._forget_prompt_features)
+
+    def _forget_prompt_features(self, module: nn.Module, incompatible_keys: Any) -> None:
+        self._prompt_cache = None
 
     def text_modules(self) -> list[nn.Module]:
         return [m for m in (getattr(self.model, n) for n in TEXT_PARTS) if isinstance(m, nn.Module)]
@@ -155,8 +162,13 @@ class PromptCLIP(nn.Module):
 
     @torch.no_grad()
     def prompt_features(self) -> Tensor:
-        """(K, D) L2-normalised pooled text features of the class prompts."""
-        return self.model.encode_text(self.prompt_tokens, normalize=True)
+        """(K, D) L2-normalised pooled text features of the class prompts, in fp32 (cached)."""
+        cache = self._prompt_cache
+        if cache is None or cache.device != self.prompt_tokens.device:
+            with torch.autocast(device_type=self.prompt_tokens.device.type, enabled=False):
+                cache = self.model.encode_text(self.prompt_tokens, normalize=True).float()
+            self._prompt_cache = cache
+        return cache
 
     @torch.no_grad()
     def token_states(self, texts: Sequence[str]) -> Tensor:
