@@ -60,13 +60,14 @@ class Probe(L.LightningModule):
     manages_own_ema = False
 
     def __init__(self, cfg: RunConfig, nan_steps: tuple[int, ...] = (), sleep: float = 0.0,
-                 signal_at: int | None = None) -> None:
+                 signal_at: int | None = None, fused: bool = False) -> None:
         super().__init__()
         self.cfg = cfg
         self.save_hyperparameters({"config": to_dict(cfg)})
         self.nan_steps = set(nan_steps)
         self.sleep = sleep
         self.signal_at = signal_at  # send ourselves SIGUSR1 (a local "preemption") after this step
+        self.fused = fused  # fused AdamW: the NaN guard skips steps on the device
         self.net: nn.Module | None = None
         # A MoCo-like queue and pointer: buffers that must come back on resume.
         self.register_buffer("queue", torch.zeros(4, 8))
@@ -99,7 +100,7 @@ class Probe(L.LightningModule):
             os.kill(os.getpid(), signal.SIGUSR1)
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.parameters(), lr=1e-2)
+        opt = torch.optim.AdamW(self.parameters(), lr=1e-2, fused=self.fused)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(_decay, total=self.trainer.max_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

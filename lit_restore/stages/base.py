@@ -136,8 +136,11 @@ class Stage(L.LightningModule):
 
     def configure_optimizers(self):
         o = self.cfg.optim
+        # Fused: one kernel for the whole update, and it takes the NaN guard's verdict on the
+        # device (NonFiniteGuard), so a skipped step needs no host read.
         optimizer = torch.optim.AdamW(
-            self.trainable_parameters(), lr=o.lr, betas=(o.betas[0], o.betas[1]), weight_decay=o.weight_decay
+            self.trainable_parameters(), lr=o.lr, betas=(o.betas[0], o.betas[1]), weight_decay=o.weight_decay,
+            fused=True,
         )
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches)
         schedule = partial(warmup_cosine, warmup_steps=o.warmup_steps, total_steps=total, min_lr_ratio=o.min_lr_ratio)
