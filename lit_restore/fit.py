@@ -16,6 +16,7 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import EMAWeightAveraging, LearningRateMonitor
+from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import nn
@@ -124,7 +125,7 @@ def build_callbacks(cfg: RunConfig, stage: Stage) -> list[L.Callback]:
     callbacks: list[L.Callback] = [
         RunState(),
         NonFiniteGuard(c.on_nan, c.max_skipped_in_row, out / "checkpoints"),
-        PreemptionCheckpoint(out, keep_hpc=c.keep_hpc, requeue=SLURMEnvironment.detect()),
+        PreemptionCheckpoint(out, keep_hpc=c.keep_hpc, requeue=SLURMEnvironment.detect(), poll_steps=c.preempt_poll_steps),
         StepCheckpoint(out / "checkpoints", every_n_steps=c.every_n_steps, keep=c.keep),
     ]
     if cfg.logger != "none":
@@ -234,8 +235,8 @@ def trainer_kwargs(cfg: RunConfig) -> dict[str, Any]:
     return kwargs
 
 
-def build_plugins() -> list[Any]:
-    plugins: list[Any] = [AtomicCheckpointIO()]
+def build_plugins(cfg: RunConfig) -> list[Any]:
+    plugins: list[Any] = [AsyncCheckpointIO(AtomicCheckpointIO()) if cfg.checkpoint.async_save else AtomicCheckpointIO()]
     if SLURMEnvironment.detect():
         # Lightning's SLURM environment (ranks, master address from the node list), without its
         # in-signal-handler checkpoint: PreemptionCheckpoint saves at a step boundary instead.
@@ -270,7 +271,7 @@ def fit(cfg: RunConfig, stage: Optional[L.LightningModule] = None, datamodule: O
         logger=build_loggers(cfg),
         callbacks=callbacks,
         strategy=build_strategy(cfg),
-        plugins=build_plugins(),
+        plugins=build_plugins(cfg),
         **trainer_kwargs(cfg),
     )
     if ckpt is not None:

@@ -15,13 +15,14 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import WandbLogger
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 from torchvision.utils import make_grid, save_image
 
 from lit_restore.config import RunConfig, to_dict
 from lit_restore.data.degrade import Degrader
 from lit_restore.data.degrade.types import DEGRADATION_TYPES
+from lit_restore.guards import is_logging_step
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -34,11 +35,35 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: 
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def make_ema(module: nn.Module, decay: float) -> AveragedModel:
-    """EMA of one sub-network, buffers included (BN running statistics follow the weights)."""
-    ema = AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
-    ema.requires_grad_(False)
-    return ema
+class EMA(AveragedModel):
+    """EMA of one sub-network, buffers included (BN running statistics follow the weights).
+
+    The same state as torch's AveragedModel (`module.*`, `n_averaged`), but an update reads
+    nothing on the host: AveragedModel's checks `n_averaged` twice per update (two device syncs).
+    Whether the first update (a copy) has happened is read once per (re)start."""
+
+    def __init__(self, module: nn.Module, decay: float) -> None:
+        super().__init__(module, use_buffers=True)
+        self.decay = decay
+        self._started: bool | None = None
+        self.requires_grad_(False)
+
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module) -> None:
+        averaged = [*self.module.parameters(), *self.module.buffers()]
+        current = [t.detach() for t in (*model.parameters(), *model.buffers())]
+        if self._started is None:
+            self._started = bool(self.n_averaged > 0)
+        if not self._started:
+            torch._foreach_copy_(averaged, current)
+            self._started = True
+        else:
+            floats = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point()]
+            torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], 1 - self.decay)
+            for a, c in zip(averaged, current):
+                if not a.is_floating_point():  # counters such as BN's num_batches_tracked
+                    a.copy_(c)
+        self.n_averaged += 1
 
 
 class Stage(L.LightningModule):
@@ -58,9 +83,10 @@ class Stage(L.LightningModule):
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0, reduction="elementwise_mean", dim=(1, 2, 3))
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
         self._train_generator: torch.Generator | None = None
-        self._last_batch_end: float | None = None
+        self._last_log_time: float | None = None
+        self._images_since_log = 0
         self._corrupt_seen = 0
-        self.ema: AveragedModel | None = None
+        self.ema: EMA | None = None
 
     # ------------------------------------------------------------------ batches
 
@@ -80,6 +106,12 @@ class Stage(L.LightningModule):
         g = torch.Generator(device=device)
         g.manual_seed(self.cfg.seed + zlib.crc32(keys[0].encode()))
         return g
+
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int = 0) -> dict:
+        # Counted on the host batch: after the transfer, reading it would wait for the device.
+        if "n_corrupt" in batch and self._is_training():
+            self._corrupt_seen += int(batch["n_corrupt"].sum())
+        return batch
 
     @torch.no_grad()
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int = 0) -> dict:
@@ -102,8 +134,6 @@ class Stage(L.LightningModule):
         valid = batch.get("valid")
         if valid is None:
             valid = torch.ones(n, dtype=torch.bool, device=gt.device)
-        if "n_corrupt" in batch and self._is_training():
-            self._corrupt_seen += int(batch["n_corrupt"].sum())
         return {
             "gt": gt,
             "lq": lq.contiguous(),
@@ -123,7 +153,7 @@ class Stage(L.LightningModule):
     def track_ema(self, module: nn.Module) -> None:
         """Start an EMA copy of `module` when optim.ema_decay > 0."""
         if self.cfg.optim.ema_decay > 0:
-            self.ema = make_ema(module, self.cfg.optim.ema_decay)
+            self.ema = EMA(module, self.cfg.optim.ema_decay)
 
     def averaged(self, module: nn.Module) -> nn.Module:
         """The EMA copy of `module` when there is one, else `module` itself."""
@@ -150,18 +180,30 @@ class Stage(L.LightningModule):
     # ------------------------------------------------------------------ logging
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        # Time between consecutive batch ends: includes data wait, so it is the real throughput.
-        now = time.perf_counter()
-        if self._last_batch_end is not None:
-            images = batch["gt"].shape[0] * self.trainer.world_size
-            self.log("train/images_per_sec", images / max(now - self._last_batch_end, 1e-9), rank_zero_only=True)
-        self._last_batch_end = now
-        self.log("data/corrupt_samples", float(self._corrupt_seen), rank_zero_only=True)
+        self._images_since_log += batch["gt"].shape[0] * self.trainer.world_size
+        # Host values are logged only on logging steps: logging a Python number copies it to the
+        # device, which waits for the queued work.
+        if is_logging_step(self.trainer):
+            # Images over the time since the previous logging step: includes data wait, so it is
+            # the real throughput.
+            now = time.perf_counter()
+            if self._last_log_time is not None:
+                rate = self._images_since_log / max(now - self._last_log_time, 1e-9)
+                self.log("train/images_per_sec", float(rate), rank_zero_only=True)
+            self._last_log_time, self._images_since_log = now, 0
+            self.log("data/corrupt_samples", float(self._corrupt_seen), rank_zero_only=True)
         if self.ema is not None:
             self.ema.update_parameters(self.ema_source())
 
+    def log_train_loss(self, loss: torch.Tensor) -> None:
+        """`train/loss` every step (a device tensor: no host read), and `loss` in the progress bar
+        on logging steps only: Lightning reads progress-bar values on the host after every step."""
+        self.log("train/loss", loss)
+        if self._trainer is not None and is_logging_step(self.trainer):
+            self.log("loss", loss, prog_bar=True, logger=False)
+
     def on_train_epoch_start(self) -> None:
-        self._last_batch_end = None
+        self._last_log_time, self._images_since_log = None, 0
 
     def log_restoration_metrics(self, pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor | None = None) -> None:
         """Accumulate val PSNR/SSIM over the valid samples (padding samples are ignored)."""

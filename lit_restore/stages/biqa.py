@@ -146,7 +146,7 @@ class BIQAStage(Stage):
         images, targets, weight, twin, gt_mask = self._scored_batch(batch)
         logits = self.logits(images)
         loss, parts = self._loss(logits, targets, weight, twin, gt_mask)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log_train_loss(loss)
         for name, value in parts.items():
             self.log(f"train/loss_{name}", value)
         scored = self._scored_rows(weight, twin, images).float()

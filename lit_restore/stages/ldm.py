@@ -144,7 +144,7 @@ class LDMStage(Stage):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         loss = masked_mean(self.diffusion_loss(self.ldm.unet, batch, drop=True), batch["valid"])
-        self.log("train/loss", loss, prog_bar=True)
+        self.log_train_loss(loss)
         return loss
 
     def ema_source(self) -> nn.Module:

@@ -142,7 +142,7 @@ class SCMStage(Stage):
         ldm_out = self.ldm_output(batch)
         out = self.scm(batch["lq"], ldm_out)
         loss = self._loss(out, batch["gt"], batch["valid"])
-        self.log("train/loss", loss, prog_bar=True)
+        self.log_train_loss(loss)
         self.log("train/loss_ldm", self._loss(ldm_out, batch["gt"], batch["valid"]))
         return loss
 
