@@ -150,6 +150,9 @@ class DegradeConfig:
     task: str = ""  # task name from the suite when mode=task
     suite: str = ""  # suite YAML for mode=task; "" = configs/gir_suite.yaml
     quantize: bool = True  # round to 8 bits after each op, as MiOIR/BasicSR
+    # torch.compile the Degrader in training (fewer kernel launches on a GPU; the first batches
+    # pay the compile time). Off by default: the eager chain already reads nothing on the host.
+    compile: bool = False
     noise: NoiseOpConfig = field(default_factory=NoiseOpConfig)
     blur: BlurOpConfig = field(default_factory=BlurOpConfig)
     jpeg: JpegOpConfig = field(default_factory=JpegOpConfig)

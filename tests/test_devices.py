@@ -222,3 +222,19 @@ def test_ema_matches_torch_averaged_model():
     assert int(ours.module[1].num_batches_tracked) == int(net[1].num_batches_tracked) == 3
     assert int(ours.n_averaged) == int(reference.n_averaged) == 3
     assert not any(p.requires_grad for p in ours.parameters())
+
+
+def test_degrade_compile_compiles_the_degraders_forward_once(monkeypatch):
+    compiled = []
+
+    def fake_compile(fn, **kwargs):  # records the call; the real compile takes minutes on a CPU
+        compiled.append((fn, kwargs))
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    stage = tiny_stage("restorer", "degrade.compile=true")
+    a, b = device_batch(stage, n=2), device_batch(stage, n=2, seed=1)
+    assert len(compiled) == 1 and compiled[0][0] == stage.degrader.forward
+    assert not any(k.startswith("_") for k in stage.state_dict())
+    plain = tiny_stage("restorer")
+    assert torch.equal(device_batch(plain, n=2)["lq"], a["lq"]) and not torch.equal(a["lq"], b["lq"])

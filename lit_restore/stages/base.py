@@ -9,6 +9,7 @@ import time
 import zlib
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import lightning as L
 import torch
@@ -79,6 +80,7 @@ class Stage(L.LightningModule):
         self.cfg = cfg
         self.save_hyperparameters({"config": to_dict(cfg)})
         self.degrader = Degrader(cfg.degrade)
+        self._compiled_degrader: Callable | None = None  # degrade.compile: made on the first batch
         # Per-image PSNR averaged over images (dim=(1,2,3)), the convention of restoration papers.
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0, reduction="elementwise_mean", dim=(1, 2, 3))
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
@@ -113,6 +115,15 @@ class Stage(L.LightningModule):
             self._corrupt_seen += int(batch["n_corrupt"].sum())
         return batch
 
+    def degrade(self, gt: torch.Tensor, **kwargs) -> tuple:
+        """The Degrader, compiled when `degrade.compile` is set (its forward only, so checkpoints
+        keep their keys)."""
+        if not self.cfg.degrade.compile:
+            return self.degrader(gt, **kwargs)
+        if self._compiled_degrader is None:
+            self._compiled_degrader = torch.compile(self.degrader.forward, dynamic=False)
+        return self._compiled_degrader(gt, **kwargs)
+
     @torch.no_grad()
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int = 0) -> dict:
         gt = batch["gt"].float().div_(255.0)
@@ -121,7 +132,7 @@ class Stage(L.LightningModule):
         generator = self._degrade_generator(gt.device, keys)
         # Degradations in fp32 whatever the training precision (half-precision blur/JPEG drift).
         with torch.autocast(device_type=gt.device.type, enabled=False):
-            lq, label, types, params = self.degrader(
+            lq, label, types, params = self.degrade(
                 gt, generator=generator, depth=batch.get("depth"), has_depth=batch.get("has_depth")
             )
         if "lq" in batch:  # paired real samples keep their own lq and task label
