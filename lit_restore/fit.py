@@ -194,14 +194,17 @@ def build_strategy(cfg: RunConfig) -> Union[str, Strategy]:
         if cfg.stage != "ldm":
             raise ConfigError(f"trainer.strategy: fsdp wraps diffusers UNet blocks, only for stage ldm "
                               f"(stage is {cfg.stage}); use ddp or modelparallel")
+        from diffusers import AutoencoderKL
         from diffusers.models.attention import BasicTransformerBlock
         from diffusers.models.resnet import ResnetBlock2D
 
-        blocks = {BasicTransformerBlock, ResnetBlock2D}
+        # The frozen VAE is a unit of its own: one flat parameter holds one dtype, and the VAE is
+        # kept in model.frozen_dtype while the UNet trains in fp32.
+        units = {BasicTransformerBlock, ResnetBlock2D, AutoencoderKL}
         # No activation checkpointing here: model.grad_checkpointing turns on the UNet's own
         # (opt-in, it costs one more UNet forward per step).
         # Full state dict: one checkpoint file, resumable at any world size and exportable as is.
-        return FSDPStrategy(auto_wrap_policy=blocks, state_dict_type="full")
+        return FSDPStrategy(auto_wrap_policy=units, state_dict_type="full")
     if name == "modelparallel":
         return FSDP2Strategy(backend="gloo" if on_cpu(cfg) else None)
     if cfg.stage in QUEUE_STAGES and (name == "ddp" or (name == "auto" and is_multiprocess(cfg))):

@@ -77,6 +77,7 @@ def test_queue_stages_do_not_rebroadcast_buffers(tmp_path):
 
 
 def test_fsdp_for_the_ldm_wraps_the_diffusers_blocks(tmp_path):
+    from diffusers import AutoencoderKL
     from diffusers.models.attention import BasicTransformerBlock
     from diffusers.models.resnet import ResnetBlock2D
     from lightning.pytorch.strategies import FSDPStrategy
@@ -86,5 +87,5 @@ def test_fsdp_for_the_ldm_wraps_the_diffusers_blocks(tmp_path):
     root = Path(__file__).resolve().parents[1]
     strategy = build_strategy(load_config(root / "configs/tiny/ldm.yaml", [f"out_dir={tmp_path}", "trainer.strategy=fsdp"]))
     assert isinstance(strategy, FSDPStrategy)
-    assert strategy.kwargs["auto_wrap_policy"]._module_classes == {BasicTransformerBlock, ResnetBlock2D}
+    assert strategy.kwargs["auto_wrap_policy"]._module_classes == {BasicTransformerBlock, ResnetBlock2D, AutoencoderKL}
     assert strategy._activation_checkpointing_kwargs == {}  # opt-in through model.grad_checkpointing
