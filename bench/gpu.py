@@ -30,10 +30,14 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import lightning as L
-import torch
-from torch.utils.data import DataLoader, IterableDataset
-from torch.utils.flop_counter import FlopCounterMode
+# Before the imports that read them: nothing here downloads, and no logger talks to a server.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import DataLoader, IterableDataset  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]
@@ -218,69 +222,81 @@ def section_stages(args, device: torch.device, work: Path, device_name: str) -> 
     return out
 
 
-def section_ldm_variants(args, device: torch.device, work: Path, device_name: str,
-                         eager: Optional[dict]) -> dict:
-    """The LDM step under FSDP (one device) and with the UNet compiled; MFU from the eager step's FLOPs."""
+def section_ldm_fsdp(args, device: torch.device, work: Path, device_name: str, eager: Optional[dict]) -> dict:
+    """The LDM step under trainer.strategy=fsdp on one device; MFU from the eager step's FLOPs."""
+    if device.type != "cuda":
+        return {"error": "not run: Lightning's FSDP needs CUDA"}
+    cfg = stage_config("ldm", args, work, "trainer.strategy=fsdp")
+    result, _ = train_stage(cfg, args, device, strategy=build_strategy(cfg), count_flops=False)
+    return with_eager_flops(result, eager, device_name)
+
+
+def section_compiled(args, device: torch.device, work: Path, device_name: str, eager: Optional[dict]) -> dict:
+    """torch.compile (inductor): the LDM step with its UNet compiled, and the Degrader's forward
+    (degrade.compile). Last, because compiling takes minutes."""
+    if device.type != "cuda":
+        return {"error": "not run on the CPU (tracing alone takes longer than the CPU pass)"}
     out = {}
     try:
-        if device.type != "cuda":
-            raise RuntimeError("not run: Lightning's FSDP needs CUDA")
-        cfg = stage_config("ldm", args, work, "trainer.strategy=fsdp")
-        result, _ = train_stage(cfg, args, device, strategy=build_strategy(cfg), count_flops=False)
-        out["fsdp"] = result
-    except Exception as e:
-        out["fsdp"] = {"error": error_line(e)}
-    free(device)
-    try:
-        if device.type != "cuda":
-            raise RuntimeError("not run on the CPU (tracing alone takes longer than the CPU pass)")
-        compile_start = {}
+        compiled_at = {}
 
         def compile_unet(stage) -> None:
             stage.ldm.unet.compile()
-            compile_start["t"] = time.perf_counter()
+            compiled_at["t"] = time.perf_counter()
 
-        cfg = stage_config("ldm", args, work)
-        result, stage = train_stage(cfg, args, device, prepare=compile_unet, count_flops=False)
-        result["first_steps_s"] = round(time.perf_counter() - compile_start["t"], 1)  # compile included
-        out["compile"] = result
+        result, stage = train_stage(stage_config("ldm", args, work), args, device, prepare=compile_unet,
+                                    count_flops=False)
+        result["build_and_steps_s"] = round(time.perf_counter() - compiled_at["t"], 1)  # compile included
+        out["ldm"] = with_eager_flops(result, eager, device_name)
         del stage
     except Exception as e:
-        out["compile"] = {"error": error_line(e)}
+        out["ldm"] = {"error": error_line(e)}
     free(device)
-    if eager and "tflop_per_step" in eager:
-        for result in out.values():
-            if "error" not in result:
-                result.update(with_mfu({**result, "tflop_per_step": eager["tflop_per_step"]}, device_name))
+    try:
+        start = time.perf_counter()
+        compiled = torch.compile(Degrader(DegradeConfig()).forward, dynamic=False)
+        out["degrader 16x3x256x256"] = {"images_per_s": degrade_rate(compiled, 16, 256, device, 10),
+                                        "with_compile_s": round(time.perf_counter() - start, 1)}
+    except Exception as e:
+        out["degrader 16x3x256x256"] = {"error": error_line(e)}
     return out
 
 
+def with_eager_flops(result: dict, eager: Optional[dict], device_name: str) -> dict:
+    """MFU of a variant of the LDM step (same model FLOPs as the eager step)."""
+    if eager and "tflop_per_step" in eager:
+        result = with_mfu({**result, "tflop_per_step": eager["tflop_per_step"]}, device_name)
+    return result
+
+
+def degrade_rate(fn: Callable, n: int, size: int, device: torch.device, reps: int) -> float:
+    """Images per second of the Degrader call `fn` on (n, 3, size, size) batches, after one warm-up call."""
+    gt = torch.rand(n, 3, size, size, device=device)
+    g = torch.Generator(device=device).manual_seed(0)
+    fn(gt, generator=g)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn(gt, generator=g)
+    sync(device)
+    return n * reps / (time.perf_counter() - start)
+
+
 def section_degrader(args, device: torch.device) -> dict:
-    """The full random chain (mixed mode, all 7 ops): images/s per shape, eager and compiled, the
-    same on the CPU for the ratio, and one pass under CUDA's sync debug mode set to error."""
+    """The full random chain (mixed mode, all 7 ops): images/s per shape, the same on the CPU for
+    the ratio, and one pass under CUDA's sync debug mode set to error."""
     shapes = [(16, 256), (64, 512)] if device.type == "cuda" else [(2, 64)]
     degrader = Degrader(DegradeConfig())
     out = {}
 
-    def rate(fn, n: int, size: int, dev: torch.device, reps: int) -> float:
-        gt = torch.rand(n, 3, size, size, device=dev)
-        g = torch.Generator(device=dev).manual_seed(0)
-        fn(gt, generator=g)
-        sync(dev)
-        start = time.perf_counter()
-        for _ in range(reps):
-            fn(gt, generator=g)
-        sync(dev)
-        return n * reps / (time.perf_counter() - start)
-
     reps = 10 if device.type == "cuda" else 2
     for n, size in shapes:
         key = f"{n}x3x{size}x{size}"
-        out[key] = {"images_per_s": rate(degrader, n, size, device, reps)}
+        out[key] = {"images_per_s": degrade_rate(degrader, n, size, device, reps)}
         free(device)
     if device.type == "cuda":
         n, size = shapes[0]
-        out[f"{n}x3x{size}x{size}"]["cpu_images_per_s"] = rate(degrader, n, size, torch.device("cpu"), 2)
+        out[f"{n}x3x{size}x{size}"]["cpu_images_per_s"] = degrade_rate(degrader, n, size, torch.device("cpu"), 2)
         gt = torch.rand(n, 3, size, size, device=device)
         g = torch.Generator(device=device).manual_seed(0)
         degrader(gt, generator=g)
@@ -294,14 +310,6 @@ def section_degrader(args, device: torch.device) -> dict:
         finally:
             torch.cuda.set_sync_debug_mode(0)
         out["sync_free"] = sync_free
-    try:
-        if device.type != "cuda":
-            raise RuntimeError("not run on the CPU (tracing alone takes longer than the CPU pass)")
-        compiled = torch.compile(degrader.forward, dynamic=False)
-        n, size = shapes[0]
-        out[f"{n}x3x{size}x{size}"]["compiled_images_per_s"] = rate(compiled, n, size, device, reps)
-    except Exception as e:
-        out["compiled"] = {"error": error_line(e)}
     return out
 
 
@@ -453,20 +461,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--out", required=True, help="folder for gpu.json")
-    p.add_argument("--steps", type=int, default=None, help="training steps per stage (default 25 on CUDA, 2 on the CPU)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per stage (default 20 on CUDA, 2 on the CPU)")
     p.add_argument("--train-seconds", type=float, default=None, help="tiny restorer training (default 180 / 2)")
-    p.add_argument("--budget", type=float, default=None, help="start no section after this many seconds (default 560 / 600)")
+    p.add_argument("--budget", type=float, default=None, help="start no section after this many seconds (default 540 / 600)")
     p.add_argument("--skip", nargs="*", default=[], help="sections to leave out")
     p.add_argument("--work", default=None, help="folder for weight files and shards (default: a temporary one)")
     args = p.parse_args()
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         sys.exit("bench/gpu.py: no CUDA device here; run with --device cpu for the tiny CPU pass")
-    args.steps = args.steps or (25 if cuda else 2)
+    args.steps = args.steps or (20 if cuda else 2)
     train_seconds = args.train_seconds or (180.0 if cuda else 2.0)
-    budget = args.budget or (560.0 if cuda else 600.0)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("WANDB_MODE", "disabled")
+    budget = args.budget or (540.0 if cuda else 600.0)
     device = torch.device("cuda:0" if cuda else "cpu")
     device_name = torch.cuda.get_device_name(device) if cuda else "cpu"
     out = Path(args.out)
@@ -475,16 +481,20 @@ def main() -> None:
     results: dict[str, Any] = {"device": device_name, "peak_bf16_tflops": peak_tflops(device_name),
                                "torch": torch.__version__, "sections": {}}
     start = time.perf_counter()
+
+    def eager_ldm() -> Optional[dict]:
+        return results["sections"].get("stages", {}).get("ldm")
+
     sections: list[tuple[str, Callable[[], dict]]] = [
         ("stages", lambda: section_stages(args, device, work, device_name)),
         ("degrader", lambda: section_degrader(args, device)),
         ("loader", lambda: section_loader(args, device, work)),
         ("commands", lambda: section_commands(args, device, work)),
         ("tiny_restorer", lambda: section_tiny_restorer(
-            args, device, work, min(train_seconds, max(30.0, budget - (time.perf_counter() - start) - 150))
+            args, device, work, min(train_seconds, max(30.0, budget - (time.perf_counter() - start) - 120))
             if cuda else train_seconds)),
-        ("ldm_variants", lambda: section_ldm_variants(args, device, work, device_name,
-                                                      results["sections"].get("stages", {}).get("ldm"))),
+        ("ldm_fsdp", lambda: section_ldm_fsdp(args, device, work, device_name, eager_ldm())),
+        ("compiled", lambda: section_compiled(args, device, work, device_name, eager_ldm())),
     ]
     for name, run in sections:
         elapsed = time.perf_counter() - start
