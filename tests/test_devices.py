@@ -180,7 +180,10 @@ class CountSteps(L.Callback):
             self.counter.counting = False
 
 
-@pytest.mark.parametrize("name", ["biqa", "ldm"])  # BIQA's masks; the LDM's VAE pair and EMA
+EXTRA = {"restorer": ["optim.ema_decay=0.99"]}  # the tiny restorer keeps no EMA by default
+
+
+@pytest.mark.parametrize("name", ["biqa", "restorer", "ldm"])  # masks; MoCo queue and EMA; VAE pair
 def test_training_steps_read_nothing_on_the_host(monkeypatch, sample_shards, tmp_path, name):
     import lit_restore.fit as fit_module
     from lit_restore.config import load_config
@@ -191,7 +194,7 @@ def test_training_steps_read_nothing_on_the_host(monkeypatch, sample_shards, tmp
     cfg = load_config(ROOT / f"configs/tiny/{name}.yaml", [
         f"out_dir={tmp_path}", f"data.train={sample_shards}/train-{{000000..000003}}.tar", "data.num_workers=0",
         "data.batch_size=2", "data.crop=32", "trainer.max_steps=4", "trainer.limit_val_batches=0",
-        "trainer.log_every_n_steps=50", "logger=none"])
+        "trainer.log_every_n_steps=50", "logger=none", *EXTRA.get(name, [])])
     trainer = fit_module.fit(cfg)
     assert trainer.global_step == 4
     assert counter.seen == []
