@@ -100,8 +100,8 @@ class NonFiniteGuard(L.Callback):
             self.skipped = int(self._total_t)
             self._stop(trainer, pl_module, step, "checkpoint.on_nan=stop", "the weights before the bad step")
             return
-        if not is_logging_step(trainer):
-            return
+        if trainer.log_every_n_steps > 0 and not is_logging_step(trainer):
+            return  # (with logging off, log_every_n_steps=0, the counters are read every step)
         skipped, longest = (int(v) for v in torch.stack([self._total_t, self._longest_t]).tolist())
         self.skipped = skipped
         self._longest_t.copy_(self._in_row_t)
