@@ -26,6 +26,7 @@ def test_gpu_bench_runs_every_section_on_the_cpu(tmp_path):
     for name in ("biqa", "constyle", "restorer", "ldm", "scm"):
         r = s["stages"][name]
         assert r["step_s"] > 0 and r["samples_per_s"] > 0 and r["tflop_per_step"] > 0, name
+    assert s["stages"]["biqa"]["plain_loop_step_s"] > 0  # the BIQA goal's reference loop
     assert s["degrader"]["2x3x64x64"]["images_per_s"] > 0
     assert 0 < s["loader"]["busy_fraction"] <= 1 and s["loader"]["step_s"] > 0
     assert all(v["exit"] == 0 for v in s["commands"].values()) and len(s["commands"]) == 3
