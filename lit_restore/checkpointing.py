@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lit_restore.config import ConfigError, UserError
@@ -317,17 +317,19 @@ class PreemptionCheckpoint(L.Callback):
     Lightning's own SLURM handler saves inside the signal handler, which can run in the middle of
     a backward pass or an optimizer step (and, with collectives, deadlock); its SIGTERM handler
     ends `fit` after the step without a checkpoint and with exit code 0. Here the handlers only
-    set flags; ranks agree on them after each batch, so they all save the same step."""
+    set flags; ranks agree on them after every `poll_steps`-th step (a single process after each),
+    so they all save the same step."""
 
     SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
-    def __init__(self, out_dir: str | Path, keep_hpc: int, requeue: bool = True) -> None:
+    def __init__(self, out_dir: str | Path, keep_hpc: int, requeue: bool = True, poll_steps: int = 1) -> None:
         self.out_dir = Path(out_dir)
         self.keep_hpc = keep_hpc
         self.requeue = requeue
         self.terminated: Optional[str] = None  # what SIGTERM stopped: step and checkpoint
         self._received: set[int] = set()
         self._previous_handlers: dict[int, Any] = {}
+        self.poll_steps = poll_steps
 
     def _handler(self, signum: int, frame: Any) -> None:
         self._received.add(signum)
@@ -349,11 +351,16 @@ class PreemptionCheckpoint(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        # Agreeing is a collective with a host read; every rank is at the same step, so all skip alike.
+        if trainer.world_size > 1 and trainer.global_step % self.poll_steps != 0:
+            return
         if not trainer.strategy.reduce_boolean_decision(bool(self._received), all=False):
             return
         terminate = trainer.strategy.reduce_boolean_decision(signal.SIGTERM in self._received, all=False)
         path = trainer._checkpoint_connector.hpc_save_path(self.out_dir)
         trainer.save_checkpoint(path)  # every rank takes part; rank 0 writes
+        if isinstance(trainer.strategy.checkpoint_io, AsyncCheckpointIO):
+            trainer.strategy.checkpoint_io.teardown()  # the write must end before the requeue ends the job
         why = "SIGTERM" if terminate else "preemption"
         rank_zero_info(f"{why}: saved {path} at step {trainer.global_step}")
         if trainer.is_global_zero:

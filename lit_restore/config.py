@@ -169,6 +169,9 @@ class DegradeConfig:
     task: str = ""  # task name from the suite when mode=task
     suite: str = ""  # suite YAML for mode=task; "" = configs/gir_suite.yaml
     quantize: bool = True  # round to 8 bits after each op, as MiOIR/BasicSR
+    # torch.compile the Degrader in training (fewer kernel launches on a GPU; the first batches
+    # pay the compile time). Off by default: the eager chain already reads nothing on the host.
+    compile: bool = False
     noise: NoiseOpConfig = field(default_factory=NoiseOpConfig)
     blur: BlurOpConfig = field(default_factory=BlurOpConfig)
     jpeg: JpegOpConfig = field(default_factory=JpegOpConfig)
@@ -269,6 +272,12 @@ class CheckpointConfig:
     # train/skipped_steps); "stop" saves a checkpoint of the weights before it and ends the run.
     on_nan: str = choice("skip", ("skip", "stop"), "what a non-finite loss or gradient does")
     max_skipped_in_row: int = 100  # on_nan=skip: stop as on_nan=stop after this many skipped steps in a row
+    # With several ranks, they agree on a SLURM preemption signal every this many steps (one
+    # collective each time); the checkpoint is then up to N steps after the signal.
+    preempt_poll_steps: int = 10
+    # Write checkpoints from a background thread (Lightning's AsyncCheckpointIO): training goes on
+    # during the write; the state is first copied on the device (memory of one more checkpoint).
+    async_save: bool = False
 
 
 def _default_trainer() -> dict[str, Any]:
@@ -434,7 +443,8 @@ class LDMModelConfig:
     # fine-tuning, used only to make the tiny UNet foundation (configs/foundations/unet.yaml).
     image_condition: bool = True
     frozen_dtype: str = choice("bfloat16", ("float32", "bfloat16", "float16"), "dtype of the frozen VAE")
-    grad_checkpointing: bool = True  # UNet activation checkpointing
+    # UNet activation checkpointing: less memory for one more UNet forward per step; opt-in.
+    grad_checkpointing: bool = False
     val_steps: int = 20  # sampler steps for validation images and PSNR/SSIM
     val_sampler: str = choice("euler_a", ("euler_a", "ddim"), "validation sampler")
 
@@ -619,6 +629,8 @@ def _check_values(cfg: RunConfig) -> None:
         raise ConfigError(f"checkpoint.every_n_steps: {cfg.checkpoint.every_n_steps} must be > 0")
     if cfg.checkpoint.keep == 0 or cfg.checkpoint.keep < -1:
         raise ConfigError(f"checkpoint.keep: {cfg.checkpoint.keep} must be -1 (all) or > 0")
+    if cfg.checkpoint.preempt_poll_steps < 1:
+        raise ConfigError(f"checkpoint.preempt_poll_steps: {cfg.checkpoint.preempt_poll_steps} must be >= 1")
     if cfg.checkpoint.keep_hpc < 1:
         raise ConfigError(f"checkpoint.keep_hpc: {cfg.checkpoint.keep_hpc} must be >= 1")
     if len(cfg.optim.betas) != 2:

@@ -147,7 +147,7 @@ def evaluate_command(weights: str, suite: str, data: str, out: str, lines: Optio
             for key, gt8, lq8 in build_task_set(task, data, max_images=max_images):
                 gt, lq = gt8[None].float() / 255, lq8[None].float() / 255
                 try:
-                    restored, log = restorer.restore(lq, image_generator(seed))
+                    restored, log = restorer.restore(lq, image_generator(seed, dev))
                 except (torch.OutOfMemoryError, MemoryError) as e:  # one image too large; the next may fit
                     failed.append(f"{task.name}/{key}: out of memory ({type(e).__name__})")
                     bar.console.print(f"[red]skipped[/red] {failed[-1]}")
@@ -158,7 +158,7 @@ def evaluate_command(weights: str, suite: str, data: str, out: str, lines: Optio
                 s.psnr.append(float(psnr(restored, gt, crop_border, y_channel)))
                 row = [(lq, "input"), (restored, "")]
                 if fast_restorer is not None:
-                    fast_out = quantize_8bit(fast_restorer.restore(lq, image_generator(seed))[0])
+                    fast_out = quantize_8bit(fast_restorer.restore(lq, image_generator(seed, dev))[0])
                     s.compare_psnr.append(float(psnr(fast_out, gt, crop_border, y_channel)))
                     row.append((fast_out, f"{s.compare_psnr[-1]:.2f} dB"))
                 s.ssim.append(float(ssim(restored, gt, crop_border, y_channel)))

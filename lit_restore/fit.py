@@ -18,6 +18,7 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar, WeightAveraging
+from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -133,7 +134,7 @@ def build_callbacks(cfg: RunConfig, stage: Stage) -> list[L.Callback]:
     callbacks: list[L.Callback] = [
         RunState(),
         NonFiniteGuard(c.on_nan, c.max_skipped_in_row, out / "checkpoints"),
-        PreemptionCheckpoint(out, keep_hpc=c.keep_hpc, requeue=SLURMEnvironment.detect()),
+        PreemptionCheckpoint(out, keep_hpc=c.keep_hpc, requeue=SLURMEnvironment.detect(), poll_steps=c.preempt_poll_steps),
         StepCheckpoint(out / "checkpoints", every_n_steps=c.every_n_steps, keep=c.keep),
     ]
     if cfg.logger != "none":
@@ -260,12 +261,17 @@ def build_strategy(cfg: RunConfig) -> Union[str, Strategy]:
         if cfg.stage != "ldm":
             raise ConfigError(f"trainer.strategy: fsdp wraps diffusers UNet blocks, only for stage ldm "
                               f"(stage is {cfg.stage}); use ddp or modelparallel")
+        from diffusers import AutoencoderKL
         from diffusers.models.attention import BasicTransformerBlock
-        from diffusers.models.resnets import ResnetBlock2D
+        from diffusers.models.resnet import ResnetBlock2D
 
-        blocks = {BasicTransformerBlock, ResnetBlock2D}
+        # The frozen VAE is a unit of its own: one flat parameter holds one dtype, and the VAE is
+        # kept in model.frozen_dtype while the UNet trains in fp32.
+        units = {BasicTransformerBlock, ResnetBlock2D, AutoencoderKL}
+        # No activation checkpointing here: model.grad_checkpointing turns on the UNet's own
+        # (opt-in, it costs one more UNet forward per step).
         # Full state dict: one checkpoint file, resumable at any world size and exportable as is.
-        return FSDPStrategy(auto_wrap_policy=blocks, activation_checkpointing_policy=blocks, state_dict_type="full")
+        return FSDPStrategy(auto_wrap_policy=units, state_dict_type="full")
     if name == "modelparallel":
         return FSDP2Strategy(backend="gloo" if on_cpu(cfg) else None)
     if cfg.stage in QUEUE_STAGES and (name == "ddp" or (name == "auto" and is_multiprocess(cfg))):
@@ -299,8 +305,8 @@ def trainer_kwargs(cfg: RunConfig) -> dict[str, Any]:
     return kwargs
 
 
-def build_plugins() -> list[Any]:
-    plugins: list[Any] = [AtomicCheckpointIO()]
+def build_plugins(cfg: RunConfig) -> list[Any]:
+    plugins: list[Any] = [AsyncCheckpointIO(AtomicCheckpointIO()) if cfg.checkpoint.async_save else AtomicCheckpointIO()]
     if SLURMEnvironment.detect():
         # Lightning's SLURM environment (ranks, master address from the node list), without its
         # in-signal-handler checkpoint: PreemptionCheckpoint saves at a step boundary instead.
@@ -370,7 +376,7 @@ def fit(cfg: RunConfig, stage: Optional[L.LightningModule] = None, datamodule: O
         logger=build_loggers(cfg),
         callbacks=callbacks,
         strategy=build_strategy(cfg),
-        plugins=build_plugins(),
+        plugins=build_plugins(cfg),
         **trainer_kwargs(cfg),
     )
     if ckpt is not None:

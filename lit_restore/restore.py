@@ -439,11 +439,11 @@ Restorer = Union[FastRestorer, PromptRestorer, AutoRestorer]
 # --------------------------------------------------------------------------------------
 
 
-def restore_file(restorer: Restorer, path: Path, out_dir: Path, taken: set[str], seed: int) -> None:
+def restore_file(restorer: Restorer, path: Path, out_dir: Path, taken: set[str], seed: int, device: torch.device) -> None:
     """Read, restore and write one input (its stem joins `taken`); its buffers go when it returns."""
     image, info = load_input(path)
     start = time.perf_counter()
-    restored, log = restorer.restore(image, image_generator(seed))
+    restored, log = restorer.restore(image, image_generator(seed, device))
     del image  # the loop's input buffer, before the 8-bit copy of the result is made
     stem = output_stem(path, taken)
     log = {"input": str(path), "output": f"{stem}.png", "size": list(info["size"]), "input_mode": info["mode"],
@@ -463,9 +463,10 @@ def build_restorer(weights: str, device: torch.device, prompt: Optional[str], fa
     return AutoRestorer(biqa, load_diffusion(weights, device, sampling, tiles), device, max_passes)
 
 
-def image_generator(seed: int) -> torch.Generator:
-    """A fresh CPU generator per image: an image's result does not depend on the images before it."""
-    return torch.Generator().manual_seed(seed)
+def image_generator(seed: int, device: torch.device) -> torch.Generator:
+    """A fresh generator per image, on the device the models run on (CUDA's random functions
+    refuse a CPU generator): an image's result does not depend on the images before it."""
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def _error(message: str) -> None:
@@ -525,7 +526,7 @@ def restore_command(weights: str, inputs: Sequence[str], out: str, prompt: Optio
             bar.update(job, description=path.name)
             reason = None
             try:
-                restore_file(restorer, path, out_dir, taken, seed)
+                restore_file(restorer, path, out_dir, taken, seed, dev)
             except ImageReadError as e:
                 reason = str(e)
             except (torch.OutOfMemoryError, MemoryError) as e:

@@ -60,7 +60,7 @@ class Probe(L.LightningModule):
     manages_own_ema = False
 
     def __init__(self, cfg: RunConfig, nan_steps: tuple[int, ...] = (), sleep: float = 0.0,
-                 signal_at: int | None = None, signum: int = signal.SIGUSR1) -> None:
+                 signal_at: int | None = None, signum: int = signal.SIGUSR1, fused: bool = False) -> None:
         super().__init__()
         self.cfg = cfg
         self.save_hyperparameters({"config": to_dict(cfg)})
@@ -68,6 +68,7 @@ class Probe(L.LightningModule):
         self.sleep = sleep
         self.signal_at = signal_at  # send ourselves `signum` (SIGUSR1: a local "preemption") after this step
         self.signum = signum
+        self.fused = fused  # fused AdamW: the NaN guard skips steps on the device
         self.net: nn.Module | None = None
         # A MoCo-like queue and pointer: buffers that must come back on resume.
         self.register_buffer("queue", torch.zeros(4, 8))
@@ -100,7 +101,7 @@ class Probe(L.LightningModule):
             os.kill(os.getpid(), self.signum)
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.parameters(), lr=1e-2)
+        opt = torch.optim.AdamW(self.parameters(), lr=1e-2, fused=self.fused)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(_decay, total=self.trainer.max_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

@@ -64,19 +64,19 @@ def test_gt_term_lowers_the_clean_image_probability_of_its_twin_label(loss):
     # A random CLIP: the term's pull, from a start where the twin label is not already unlikely.
     stage = make_stage(f"model.loss={loss}", "model.pretrained=''")
     batch = device_batch(stage, n=8, size=64)
-    images, targets, gt_rows, twin = stage._scored_batch(batch)
-    assert gt_rows.any()
+    images, targets, weight, twin, gt_mask = stage._scored_batch(batch)
+    assert gt_mask.any()
 
     def twin_prob() -> torch.Tensor:
         with torch.no_grad():
             probs = stage.clip.logits(images)[twin.shape[0]:].softmax(-1)
-        sel = gt_rows[twin.shape[0]:]
+        sel = gt_mask.bool()
         return probs[sel].gather(1, twin[sel][:, None]).mean()
 
     before = twin_prob()
     opt = torch.optim.SGD(stage.trainable_parameters(), lr=0.05)
     for _ in range(20):
-        _, parts = stage._loss(stage.clip.logits(images), targets, gt_rows, twin)
+        _, parts = stage._loss(stage.clip.logits(images), targets, weight, twin, gt_mask)
         opt.zero_grad()
         parts["gt"].backward()
         opt.step()
@@ -89,10 +89,12 @@ def test_labels_map_onto_the_model_classes():
     labels = torch.tensor([type_index(t) for t in ("noise", "haze", "blur", "no")])
     batch = {"lq": torch.rand(n, 3, 64, 64), "gt": torch.rand(n, 3, 64, 64), "label": labels,
              "valid": torch.tensor([True, True, True, False])}
-    images, targets, gt_rows, twin = stage._scored_batch(batch)
-    # haze is not scored and the last sample is padding: noise → 2, blur → 1, then their GTs as "no".
-    assert targets.tolist() == [2, 1, 0, 0] and images.shape[0] == 4
-    assert gt_rows.tolist() == [False, False, True, True]
+    images, targets, weight, twin, gt_mask = stage._scored_batch(batch)
+    # haze is not scored and the last sample is padding: they stay in place with weight 0;
+    # noise → 2, blur → 1, then their GTs as "no" at 1/(K-1) each.
+    assert images.shape[0] == 8 and weight.tolist() == [1, 0, 1, 0, 0.5, 0, 0.5, 0]
+    assert targets[weight > 0].tolist() == [2, 1, 0, 0]
+    assert gt_mask.tolist() == [1, 0, 1, 0]
     assert len(DEGRADATION_TYPES) == stage.type_to_class.numel()
 
 

@@ -39,6 +39,21 @@ def test_logits_match_open_clip_scoring(tiny_cfg):
     torch.testing.assert_close(clip.logits(images), expected)
 
 
+def test_prompt_features_are_encoded_once_until_new_weights_load(tiny_cfg):
+    import copy
+
+    clip = _clip(tiny_cfg).eval()
+    first = clip.prompt_features()
+    assert clip.prompt_features() is first  # the frozen text tower is not run again
+    other = create_clip("", "", tiny_cfg)  # different random weights
+    clip.model.load_state_dict(other.state_dict())
+    torch.testing.assert_close(clip.prompt_features(), other.encode_text(clip.prompt_tokens, normalize=True))
+    twin = copy.deepcopy(clip)  # an EMA copy forgets on its own loads, not on the original's
+    twin.model.load_state_dict(_clip(tiny_cfg).model.state_dict())
+    torch.testing.assert_close(clip.prompt_features(), other.encode_text(clip.prompt_tokens, normalize=True))
+    assert not torch.allclose(twin.prompt_features(), clip.prompt_features())
+
+
 def test_preprocess_crops_resizes_and_normalises(tiny_cfg):
     clip = _clip(tiny_cfg)
     mean = clip.mean.view(1, 3, 1, 1).expand(2, 3, 90, 70)

@@ -104,13 +104,30 @@ class Snapshots(Probe):
         self.snaps[self.global_step] = weights(self)
 
 
-def test_nan_loss_skipped_and_counted(tmp_path):
-    cfg = probe_config(tmp_path, "trainer.max_steps=8", "checkpoint.on_nan=skip")
-    stage = Snapshots(cfg, nan_steps=(3, 4))
+def optimizer_state(trainer) -> list[torch.Tensor]:
+    state = trainer.optimizers[0].state
+    return [t.clone() for s in state.values() for t in (s["step"], s["exp_avg"], s["exp_avg_sq"])]
+
+
+class StateSnapshots(Snapshots):
+    """Also records the optimizer's moments and step counts after every step."""
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)
+        self.opt_snaps = getattr(self, "opt_snaps", {})
+        self.opt_snaps[self.global_step] = optimizer_state(self.trainer)
+
+
+@pytest.mark.parametrize("fused", [False, True])  # fused: the verdict reaches the optimizer on the device
+def test_nan_loss_skipped_and_counted(tmp_path, fused):
+    cfg = probe_config(tmp_path, "trainer.max_steps=8", "checkpoint.on_nan=skip", "trainer.log_every_n_steps=3")
+    stage = StateSnapshots(cfg, nan_steps=(3, 4), fused=fused)
     trainer = fit(cfg, stage=stage, datamodule=ProbeData())
     assert trainer.global_step == 8
     for k, v in stage.snaps[5].items():  # steps 3 and 4 (global_step 3→4→5) changed nothing
         assert torch.equal(v, stage.snaps[3][k]), k
+    # Moments and step counts too: the fused kernel skips on the verdict, the other path has no gradients.
+    assert all(torch.equal(a, b) for a, b in zip(stage.opt_snaps[5], stage.opt_snaps[3]))
     assert not all(torch.equal(v, stage.snaps[6][k]) for k, v in stage.snaps[5].items())
     assert all(torch.isfinite(v).all() for v in stage.snaps[8].values())
     assert float(trainer.callback_metrics["train/skipped_steps"]) == 2
@@ -118,9 +135,10 @@ def test_nan_loss_skipped_and_counted(tmp_path):
     assert last["callbacks"]["NonFiniteGuard"]["skipped"] == 2
 
 
-def test_nan_loss_stops_with_checkpoint(tmp_path):
+@pytest.mark.parametrize("fused", [False, True])
+def test_nan_loss_stops_with_checkpoint(tmp_path, fused):
     cfg = probe_config(tmp_path, "trainer.max_steps=8", "checkpoint.on_nan=stop")
-    stage = Snapshots(cfg, nan_steps=(5,))
+    stage = Snapshots(cfg, nan_steps=(5,), fused=fused)
     with pytest.raises(NonFiniteLossError, match=r"stopped at step 6: non-finite.*nonfinite_step0000006\.ckpt"):
         fit(cfg, stage=stage, datamodule=ProbeData())
     ckpt = torch.load(tmp_path / "checkpoints" / "nonfinite_step0000006.ckpt", weights_only=True)
@@ -128,7 +146,9 @@ def test_nan_loss_stops_with_checkpoint(tmp_path):
         assert torch.equal(ckpt["state_dict"][k], v) and torch.isfinite(v).all()
 
 
-def test_too_many_skips_in_a_row_stop(tmp_path):
-    cfg = probe_config(tmp_path, "trainer.max_steps=8", "checkpoint.max_skipped_in_row=2")
-    with pytest.raises(NonFiniteLossError, match="2 skipped steps in a row"):
-        fit(cfg, stage=Probe(cfg, nan_steps=(2, 3, 4)), datamodule=ProbeData())
+@pytest.mark.parametrize("fused", [False, True])
+def test_too_many_skips_in_a_row_stop(tmp_path, fused):
+    # Noticed on the logging step after the run (step 4 of every 4), whatever happened in between.
+    cfg = probe_config(tmp_path, "trainer.max_steps=8", "checkpoint.max_skipped_in_row=2", "trainer.log_every_n_steps=4")
+    with pytest.raises(NonFiniteLossError, match="stopped at step 4: .*2 skipped steps in a row"):
+        fit(cfg, stage=Probe(cfg, nan_steps=(1, 2), fused=fused), datamodule=ProbeData())

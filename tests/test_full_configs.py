@@ -95,7 +95,7 @@ def test_ldm_builds_sd15_with_an_8_channel_conv_in(sd15):
     assert count(vae) == SD15_VAE
     assert trainable(stage) == count(unet)  # the VAE is frozen, the EMA copy takes no gradients
     assert vae.dtype == torch.bfloat16 and unet.dtype == torch.float32
-    assert count(stage.ema.module) == count(unet) and unet.is_gradient_checkpointing
+    assert count(stage.ema.module) == count(unet) and not unet.is_gradient_checkpointing  # opt-in: model.grad_checkpointing
     assert unet.config.cross_attention_dim == text_shape(cfg.model.clip)[1] == 768
     assert stage.context_bank.shape == (len(DEGRADATION_TYPES) + 1, 77, 768)
     assert stage.ldm.size_multiple == 64 and cfg.data.crop % 64 == 0

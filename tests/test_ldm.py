@@ -89,6 +89,10 @@ def test_latent_convention(ldm):
     with torch.no_grad():
         sample = ldm.vae.encode(x * 2 - 1).latent_dist.sample(torch.Generator().manual_seed(0))
     torch.testing.assert_close(z, sample * ldm.vae.config.scaling_factor)  # target: scaled sample
+    y = torch.rand(2, 3, 32, 32)
+    z_pair, cond_pair = ldm.encode_pair(x, y, torch.Generator().manual_seed(0))  # one VAE pass for both
+    torch.testing.assert_close(z_pair, z)
+    torch.testing.assert_close(cond_pair, ldm.encode_condition(y))
     assert ldm.decode(z).shape == x.shape
 
 
@@ -152,8 +156,9 @@ def test_classifier_free_dropout_bands(drop, text_dropped, image_dropped):
     stage = make_stage(*zero, drop)
     batch = device_batch(stage)
     with torch.no_grad():
-        cond, context = stage.conditions(batch, drop=True)
-        kept_cond, kept_context = stage.conditions(batch, drop=False)
+        latent = stage.ldm.encode_condition(batch["lq"])
+        cond, context = stage.conditions(latent, batch["label"], drop=True)
+        kept_cond, kept_context = stage.conditions(latent, batch["label"], drop=False)
     null = stage.context_bank[NULL_PROMPT].expand_as(context)
     assert torch.equal(context, null) == text_dropped
     assert torch.equal(kept_context, stage.context_bank[batch["label"]])

@@ -268,7 +268,7 @@ def test_automatic_loop_on_tiny_models_logs_every_pass(diffusion):
     d, biqa = diffusion
     auto = AutoRestorer(biqa, d, torch.device("cpu"), max_passes=3)
     image = torch.rand(1, 3, 40, 70)  # wider than a tile: the LDM and SCM run tile by tile
-    out, log = auto.restore(image, image_generator(0))
+    out, log = auto.restore(image, image_generator(0, d.device))
     assert out.shape == image.shape and 0 <= float(out.min()) and float(out.max()) <= 1
     assert log["mode"] == "auto" and 1 <= len(log["passes"]) <= 3
     for i, p in enumerate(log["passes"]):
@@ -277,7 +277,7 @@ def test_automatic_loop_on_tiny_models_logs_every_pass(diffusion):
     handled = [p["detected"] for p in log["passes"] if p["detected"] != "no"]
     assert log["detected"] == handled and len(set(handled)) == len(handled)
     # Same seed, same result: the sampling noise comes from the per-image generator.
-    again, _ = auto.restore(image, image_generator(0))
+    again, _ = auto.restore(image, image_generator(0, d.device))
     assert torch.equal(out, again)
 
 
@@ -286,8 +286,8 @@ def test_prompt_mode_uses_the_users_text(diffusion):
 
     d, _ = diffusion
     image = torch.rand(1, 3, 32, 32)
-    a, log = PromptRestorer(d, "A photo needs noise artifact reduction").restore(image, image_generator(1))
-    b, _ = PromptRestorer(d, "A photo needs haze artifact reduction").restore(image, image_generator(1))
+    a, log = PromptRestorer(d, "A photo needs noise artifact reduction").restore(image, image_generator(1, d.device))
+    b, _ = PromptRestorer(d, "A photo needs haze artifact reduction").restore(image, image_generator(1, d.device))
     assert log == {"mode": "prompt", "prompt": "A photo needs noise artifact reduction", "scm": True}
     assert a.shape == image.shape and not torch.equal(a, b)  # the text reaches the UNet
     with pytest.raises(ValueError, match="empty"):

@@ -96,12 +96,13 @@ def logged_steps(out_dir) -> list[int]:
     return steps
 
 
-def test_interrupted_run_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("async_save", [False, True])  # async: written from a thread, same bytes
+def test_interrupted_run_equals_uninterrupted(tmp_path, async_save):
     torch.set_num_threads(1)
     cfg_a = probe_config(tmp_path / "a")
     fit(cfg_a, stage=Probe(cfg_a), datamodule=ProbeData())
 
-    cfg_b = probe_config(tmp_path / "b")
+    cfg_b = probe_config(tmp_path / "b", f"checkpoint.async_save={async_save}")
     data = ProbeData()
     trainer = fit(cfg_b, stage=Probe(cfg_b, signal_at=5), datamodule=data)
     # SIGUSR1 after step 5 → every rank saves at the next step boundary and stops.
@@ -154,3 +155,20 @@ def test_resume_never_starts_fresh(tmp_path):
     fit(cfg, stage=Probe(cfg), datamodule=ProbeData())
     cfg = probe_config(tmp_path, "trainer.max_steps=4", "resume=never")
     assert fit(cfg, stage=Probe(cfg), datamodule=ProbeData()).global_step == 4
+
+
+def test_ranks_agree_on_preemption_every_n_steps(tmp_path):
+    from types import SimpleNamespace
+
+    from lit_restore.checkpointing import PreemptionCheckpoint
+
+    polls = []
+    strategy = SimpleNamespace(reduce_boolean_decision=lambda decision, all: polls.append(decision) or False)
+    callback = PreemptionCheckpoint(tmp_path, keep_hpc=1, requeue=False, poll_steps=5)
+    for step in range(1, 21):
+        trainer = SimpleNamespace(world_size=2, global_step=step, strategy=strategy)
+        callback.on_train_batch_end(trainer, None, None, None, step)
+    assert len(polls) == 4  # steps 5, 10, 15, 20: one collective each
+    trainer.world_size = 1  # a single process reads its own flag after every step
+    callback.on_train_batch_end(trainer, None, None, None, 21)
+    assert len(polls) == 5

@@ -74,3 +74,18 @@ def test_queue_stages_do_not_rebroadcast_buffers(tmp_path):
     assert isinstance(strategy("restorer", "trainer.strategy=ddp"), DDPStrategy)
     assert strategy("constyle") == "auto"  # one device: no process group at all
     assert strategy("biqa", "trainer.devices=2", "trainer.accelerator=cpu") == "auto"
+
+
+def test_fsdp_for_the_ldm_wraps_the_diffusers_blocks(tmp_path):
+    from diffusers import AutoencoderKL
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.resnet import ResnetBlock2D
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from lit_restore.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    strategy = build_strategy(load_config(root / "configs/tiny/ldm.yaml", [f"out_dir={tmp_path}", "trainer.strategy=fsdp"]))
+    assert isinstance(strategy, FSDPStrategy)
+    assert strategy.kwargs["auto_wrap_policy"]._module_classes == {BasicTransformerBlock, ResnetBlock2D, AutoencoderKL}
+    assert strategy._activation_checkpointing_kwargs == {}  # opt-in through model.grad_checkpointing

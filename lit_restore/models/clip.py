@@ -125,6 +125,13 @@ class PromptCLIP(nn.Module):
         self.register_buffer("mean", torch.tensor(pp["mean"]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(pp["std"]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("prompt_tokens", tokenize(model, [prompt_for(c) for c in self.class_names]), persistent=False)
+        # The text tower is frozen, so the prompt features are computed once per device and
+        # forgotten when weights are loaded into it (a bound method: deepcopy rebinds it).
+        self._prompt_cache: Tensor | None = None
+        model.register_load_state_dict_post_hook(self._forget_prompt_features)
+
+    def _forget_prompt_features(self, module: nn.Module, incompatible_keys: Any) -> None:
+        self._prompt_cache = None
 
     def text_modules(self) -> list[nn.Module]:
         return [m for m in (getattr(self.model, n) for n in TEXT_PARTS) if isinstance(m, nn.Module)]
@@ -163,19 +170,25 @@ class PromptCLIP(nn.Module):
         return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
 
     def prompt_features(self) -> Tensor:
-        """(K, D) L2-normalised pooled text features of the class prompts. The frozen tower runs
-        without gradients (unless the whole tower trains); a trainable text_projection (AutoDIR)
-        gets them."""
+        """(K, D) L2-normalised pooled text features of the class prompts, in fp32. The frozen
+        tower's pooled states are computed once and cached (forgotten on weight loads); a trainable
+        text_projection (AutoDIR) is applied on every call, so it gets gradients. Nothing is cached
+        while the whole tower trains (making a CLIP foundation)."""
         m = self.model
-        with torch.set_grad_enabled(self.train_text and torch.is_grad_enabled()):
-            pooled = text_global_pool(self._hidden_states(self.prompt_tokens), self.prompt_tokens, m.text_pool_type,
-                                      eos_token_id=getattr(m, "text_eos_id", None))
+        pooled = self._prompt_cache
+        if self.train_text or pooled is None or pooled.device != self.prompt_tokens.device:
+            with torch.set_grad_enabled(self.train_text and torch.is_grad_enabled()), \
+                    torch.autocast(device_type=self.prompt_tokens.device.type, enabled=False):
+                pooled = text_global_pool(self._hidden_states(self.prompt_tokens), self.prompt_tokens, m.text_pool_type,
+                                          eos_token_id=getattr(m, "text_eos_id", None)).float()
+            if not self.train_text:
+                self._prompt_cache = pooled
         proj = m.text_projection
         if isinstance(proj, nn.Linear):
-            pooled = proj(pooled)
+            pooled = proj(pooled.to(proj.weight.dtype))
         elif proj is not None:
-            pooled = pooled @ proj
-        return F.normalize(pooled, dim=-1)
+            pooled = pooled.to(proj.dtype) @ proj
+        return F.normalize(pooled.float(), dim=-1)
 
     def _hidden_states(self, tokens: Tensor) -> Tensor:
         m = self.model

@@ -166,6 +166,16 @@ class LatentDiffusion(nn.Module):
         z = self.vae.encode(self._vae_in(images)).latent_dist.sample(generator)
         return z.float() * self.vae.config.scaling_factor
 
+    def encode_pair(self, gt: Tensor, lq: Tensor, generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
+        """`encode_target(gt)` and `encode_condition(lq)` from one VAE pass over both batches
+        (the same noise draw as encode_target): one launch sequence at twice the batch instead of two."""
+        dist = self.vae.encode(self._vae_in(torch.cat([gt, lq]))).latent_dist
+        b = gt.shape[0]
+        mean, std = dist.mean[:b], dist.std[:b]
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        z0 = (mean + std * noise).float() * self.vae.config.scaling_factor
+        return z0, dist.mode()[b:].float()
+
     def decode(self, z: Tensor) -> Tensor:
         """Scaled latents → [0,1] images."""
         x = self.vae.decode((z / self.vae.config.scaling_factor).to(self.vae.dtype)).sample

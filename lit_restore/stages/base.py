@@ -8,8 +8,8 @@ import os
 import time
 import zlib
 from functools import partial
-from typing import Callable
 from pathlib import Path
+from typing import Callable
 
 import lightning as L
 import torch
@@ -24,6 +24,7 @@ from torchvision.utils import make_grid, save_image
 from lit_restore.config import RunConfig, to_dict
 from lit_restore.data.degrade import Degrader
 from lit_restore.data.degrade.types import DEGRADATION_TYPES
+from lit_restore.guards import is_logging_step
 from lit_restore.metrics import ssim
 
 
@@ -39,30 +40,65 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: 
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def ema_multi_avg_fn(decay: float, warmup: bool) -> Callable[[list[Tensor], list[Tensor], Tensor], None]:
-    """`AveragedModel(multi_avg_fn=...)`: an EMA of the floating-point tensors; integer buffers
-    (token ids, counters, BN's num_batches_tracked) are copied, since averaging and truncating them
-    back corrupts them. With `warmup` the decay after n updates is min(decay, (1 + n)/(10 + n)),
+def ema_decay_at(decay: float, warmup: bool, n: int) -> float:
+    """The decay of the update after `n` updates: with `warmup`, min(decay, (1 + n)/(10 + n)),
     InstructPix2Pix's (CompVis LitEma) ramp, so early averages are not dominated by the initial weights."""
+    return min(decay, (1 + n) / (10 + n)) if warmup else decay
 
-    @torch.no_grad()
+
+@torch.no_grad()
+def ema_step(averaged: list[Tensor], current: list[Tensor], decay: float) -> None:
+    """One EMA update: floating-point tensors move toward `current`; integer buffers (token ids,
+    counters, BN's num_batches_tracked) are copied, since averaging and truncating them back
+    corrupts them."""
+    floats = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point() or a.is_complex()]
+    if floats:
+        torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], 1.0 - decay)
+    for a, c in zip(averaged, current):
+        if not (a.is_floating_point() or a.is_complex()):
+            a.copy_(c)
+
+
+def ema_multi_avg_fn(decay: float, warmup: bool) -> Callable[[list[Tensor], list[Tensor], Tensor], None]:
+    """`AveragedModel(multi_avg_fn=...)` for Lightning's WeightAveraging callback: `ema_step`."""
+
     def update(averaged: list[Tensor], current: list[Tensor], n_averaged: Tensor) -> None:
-        # AveragedModel groups tensors by dtype: one call sees floats only or integers only.
-        if not (averaged[0].is_floating_point() or averaged[0].is_complex()):
-            torch._foreach_copy_(averaged, current)
-            return
-        n = int(n_averaged)  # AveragedModel has already synced on it (its n_averaged == 0 test)
-        d = min(decay, (1 + n) / (10 + n)) if warmup else decay
-        torch._foreach_lerp_(averaged, current, 1.0 - d)
+        n = int(n_averaged) if warmup else 0  # AveragedModel has already synced on it (its n_averaged == 0 test)
+        ema_step(averaged, current, ema_decay_at(decay, warmup, n))
 
     return update
 
 
-def make_ema(module: nn.Module, decay: float, warmup: bool = False) -> AveragedModel:
-    """EMA of one sub-network, buffers included (BN running statistics follow the weights)."""
-    ema = AveragedModel(module, multi_avg_fn=ema_multi_avg_fn(decay, warmup), use_buffers=True)
-    ema.requires_grad_(False)
-    return ema
+class EMA(AveragedModel):
+    """EMA of one sub-network, buffers included (BN running statistics follow the weights).
+
+    The same state as torch's AveragedModel (`module.*`, `n_averaged`), but an update reads
+    nothing on the host: AveragedModel checks `n_averaged` twice per update (two device syncs).
+    The update count is read once per (re)start and then kept on the host."""
+
+    def __init__(self, module: nn.Module, decay: float, warmup: bool = False) -> None:
+        super().__init__(module, use_buffers=True)
+        self.decay, self.warmup = decay, warmup
+        self._count: int | None = None
+        self.requires_grad_(False)
+
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module) -> None:
+        averaged = [*self.module.parameters(), *self.module.buffers()]
+        current = [t.detach() for t in (*model.parameters(), *model.buffers())]
+        if self._count is None:
+            self._count = int(self.n_averaged)
+        if self._count == 0:
+            torch._foreach_copy_(averaged, current)
+        else:
+            ema_step(averaged, current, ema_decay_at(self.decay, self.warmup, self._count))
+        self._count += 1
+        self.n_averaged += 1
+
+
+def make_ema(module: nn.Module, decay: float, warmup: bool = False) -> EMA:
+    """An EMA copy of `module` (see `EMA`)."""
+    return EMA(module, decay, warmup)
 
 
 class Stage(L.LightningModule):
@@ -78,15 +114,17 @@ class Stage(L.LightningModule):
         self.cfg = cfg
         self.save_hyperparameters({"config": to_dict(cfg)})
         self.degrader = Degrader(cfg.degrade)
+        self._compiled_degrader: Callable | None = None  # degrade.compile: made on the first batch
         # Per-image PSNR averaged over images (dim=(1,2,3)), the convention of restoration papers.
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0, reduction="elementwise_mean", dim=(1, 2, 3))
         # Mean of per-image SSIM from lit_restore.metrics: the values `evaluate` reports (MATLAB's
         # definition; torchmetrics' SSIM averages a padded border in and differs on small crops).
         self.val_ssim = MeanMetric()
         self._train_generator: torch.Generator | None = None
-        self._last_batch_end: float | None = None
+        self._last_log_time: float | None = None
+        self._images_since_log = 0
         self._corrupt_seen = 0
-        self.ema: AveragedModel | None = None
+        self.ema: EMA | None = None
 
     # ------------------------------------------------------------------ batches
 
@@ -107,14 +145,27 @@ class Stage(L.LightningModule):
         g.manual_seed(self.cfg.seed + zlib.crc32(keys[0].encode()))
         return g
 
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int = 0) -> dict:
+        # Counted on the host batch: after the transfer, reading it would wait for the device.
+        if "n_corrupt" in batch and self._is_training():
+            self._corrupt_seen += int(batch["n_corrupt"].sum())
+        return batch
+
+    def degrade(self, gt: torch.Tensor, **kwargs) -> tuple:
+        """The Degrader, compiled when `degrade.compile` is set (its forward only, so checkpoints
+        keep their keys)."""
+        if not self.cfg.degrade.compile:
+            return self.degrader(gt, **kwargs)
+        if self._compiled_degrader is None:
+            self._compiled_degrader = torch.compile(self.degrader.forward, dynamic=False)
+        return self._compiled_degrader(gt, **kwargs)
+
     def clean_batch(self, batch: dict) -> tuple[torch.Tensor, list[str], torch.Tensor]:
-        """(gt in [0,1], keys, valid) of a transferred batch; counts the loader's corrupt samples."""
+        """(gt in [0,1], keys, valid) of a transferred batch."""
         gt = batch["gt"].float().div_(255.0)
         valid = batch.get("valid")
         if valid is None:
             valid = torch.ones(gt.shape[0], dtype=torch.bool, device=gt.device)
-        if "n_corrupt" in batch and self._is_training():
-            self._corrupt_seen += int(batch["n_corrupt"].sum())
         return gt, list(batch["key"]), valid.to(torch.bool)
 
     @torch.no_grad()
@@ -123,7 +174,7 @@ class Stage(L.LightningModule):
         generator = self._degrade_generator(gt.device, keys)
         # Degradations in fp32 whatever the training precision (half-precision blur/JPEG drift).
         with torch.autocast(device_type=gt.device.type, enabled=False):
-            lq, label, types, params = self.degrader(
+            lq, label, types, params = self.degrade(
                 gt, generator=generator, depth=batch.get("depth"), has_depth=batch.get("has_depth")
             )
         if "lq" in batch:  # paired real samples keep their own lq and task label
@@ -165,8 +216,11 @@ class Stage(L.LightningModule):
 
     def configure_optimizers(self):
         o = self.cfg.optim
+        # Fused: one kernel for the whole update, and it takes the NaN guard's verdict on the
+        # device (NonFiniteGuard), so a skipped step needs no host read.
         optimizer = torch.optim.AdamW(
-            self.trainable_parameters(), lr=o.lr, betas=(o.betas[0], o.betas[1]), weight_decay=o.weight_decay
+            self.trainable_parameters(), lr=o.lr, betas=(o.betas[0], o.betas[1]), weight_decay=o.weight_decay,
+            fused=True,
         )
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches)
         schedule = partial(warmup_cosine, warmup_steps=o.warmup_steps, total_steps=total, min_lr_ratio=o.min_lr_ratio,
@@ -177,18 +231,30 @@ class Stage(L.LightningModule):
     # ------------------------------------------------------------------ logging
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        # Time between consecutive batch ends: includes data wait, so it is the real throughput.
-        now = time.perf_counter()
-        if self._last_batch_end is not None:
-            images = batch["gt"].shape[0] * self.trainer.world_size
-            self.log("train/images_per_sec", images / max(now - self._last_batch_end, 1e-9), rank_zero_only=True)
-        self._last_batch_end = now
-        self.log("data/corrupt_samples", float(self._corrupt_seen), rank_zero_only=True)
+        self._images_since_log += batch["gt"].shape[0] * self.trainer.world_size
+        # Host values are logged only on logging steps: logging a Python number copies it to the
+        # device, which waits for the queued work.
+        if is_logging_step(self.trainer):
+            # Images over the time since the previous logging step: includes data wait, so it is
+            # the real throughput.
+            now = time.perf_counter()
+            if self._last_log_time is not None:
+                rate = self._images_since_log / max(now - self._last_log_time, 1e-9)
+                self.log("train/images_per_sec", float(rate), rank_zero_only=True)
+            self._last_log_time, self._images_since_log = now, 0
+            self.log("data/corrupt_samples", float(self._corrupt_seen), rank_zero_only=True)
         if self.ema is not None:
             self.ema.update_parameters(self.ema_source())
 
+    def log_train_loss(self, loss: torch.Tensor) -> None:
+        """`train/loss` every step (a device tensor: no host read), and `loss` in the progress bar
+        on logging steps only: Lightning reads progress-bar values on the host after every step."""
+        self.log("train/loss", loss)
+        if self._trainer is not None and is_logging_step(self.trainer):
+            self.log("loss", loss, prog_bar=True, logger=False)
+
     def on_train_epoch_start(self) -> None:
-        self._last_batch_end = None
+        self._last_log_time, self._images_since_log = None, 0
 
     def log_restoration_metrics(self, pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor | None = None) -> None:
         """Accumulate val PSNR/SSIM over the valid samples (padding samples are ignored)."""

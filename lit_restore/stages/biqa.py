@@ -98,63 +98,75 @@ class BIQAStage(Stage):
         """(N, K) class logits of [0,1] images."""
         return self.clip.logits(images)
 
-    def _scored_batch(self, batch: dict) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Images to score, their class targets, and which of them are clean GTs with a degraded
-        twin (`gt_rows`) together with the twin's class (`twin`)."""
+    def _scored_batch(self, batch: dict) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Images to score (the degraded images, then the clean GTs when the GT term or `gt_as_no`
+        needs them), their class targets, each row's weight in the main loss, each sample's twin
+        class, and which samples' GTs the GT term sees. Samples left out (padding, labels the
+        model does not score) stay in place with weight 0: picking rows out would read the mask
+        on the host (a device sync per step)."""
         m = self.cfg.model
         y = self.type_to_class[batch["label"]]
-        keep = batch["valid"] & (y >= 0)
-        images, targets = [batch["lq"][keep]], [y[keep]]
-        twin = y[keep]
-        gt_rows = torch.zeros(0, dtype=torch.bool, device=y.device)
+        keep = (batch["valid"] & (y >= 0)).float()
+        twin = y.clamp(min=0)
+        images, targets, weight = batch["lq"], twin, keep
         if m.gt_as_no or m.gt_weight > 0:
-            images.append(batch["gt"][keep])
-            targets.append(torch.full_like(twin, self.no_class))
-            gt_rows = torch.cat([torch.zeros_like(twin, dtype=torch.bool), twin != self.no_class])
-        return torch.cat(images), torch.cat(targets), gt_rows, twin
+            images = torch.cat([images, batch["gt"]])
+            targets = torch.cat([twin, torch.full_like(twin, self.no_class)])
+            # Every sample brings one GT, so GT rows weigh 1/(K-1) each: "no" counts like one
+            # degradation class instead of half the batch (which makes "no for everything" a
+            # stable optimum). Without gt_as_no the GT rows feed only the GT term.
+            gt_rows = keep / (len(self.classes) - 1) if m.gt_as_no else torch.zeros_like(keep)
+            weight = torch.cat([keep, gt_rows])
+        gt_mask = keep * (twin != self.no_class)
+        return images, targets, weight, twin, gt_mask
 
-    def _loss(self, logits: Tensor, targets: Tensor, gt_rows: Tensor, twin: Tensor) -> tuple[Tensor, dict]:
-        m = self.cfg.model
+    @staticmethod
+    def _scored_rows(weight: Tensor, twin: Tensor, images: Tensor) -> Tensor:
+        """Rows of `images` that belong to kept samples (bool), GT rows included."""
         n = twin.shape[0]
-        # Rows of the degraded images, plus the GT rows when GTs are trained as "no". Every sample
-        # brings one GT, so GT rows weigh 1/(K-1) each: "no" counts like one degradation class
-        # instead of half the batch (which makes "no for everything" a stable optimum).
-        rows = logits.shape[0] if m.gt_as_no else n
-        weight = torch.ones(rows, device=logits.device)
-        weight[n:] = 1.0 / (len(self.classes) - 1)
+        return (weight[:n] > 0).repeat(images.shape[0] // n)
+
+    def _loss(self, logits: Tensor, targets: Tensor, weight: Tensor, twin: Tensor,
+              gt_mask: Tensor) -> tuple[Tensor, dict]:
+        m = self.cfg.model
         if m.loss == "fidelity":
-            per_row = fidelity_loss(logits[:rows].softmax(-1), targets[:rows])
+            per_row = fidelity_loss(logits.softmax(-1), targets)
         else:
-            per_row = F.cross_entropy(logits[:rows], targets[:rows], reduction="none")
+            per_row = F.cross_entropy(logits, targets, reduction="none")
         main = (weight * per_row).sum() / weight.sum().clamp(min=1e-8)
         parts = {"main": main}
         loss = main
-        if m.gt_weight > 0 and bool(gt_rows.any()):
-            probs = logits[n:].softmax(-1)
-            sel = gt_rows[n:]
-            parts["gt"] = gt_term(probs[sel], twin[sel], m.loss).mean()
+        if m.gt_weight > 0:
+            n = twin.shape[0]
+            term = gt_term(logits[n:].softmax(-1), twin, m.loss)
+            parts["gt"] = (gt_mask * term).sum() / gt_mask.sum().clamp(min=1)  # 0 when no GT has a degraded twin
             loss = loss + m.gt_weight * parts["gt"]
         return loss, parts
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        images, targets, gt_rows, twin = self._scored_batch(batch)
+        images, targets, weight, twin, gt_mask = self._scored_batch(batch)
         logits = self.logits(images)
-        loss, parts = self._loss(logits, targets, gt_rows, twin)
-        self.log("train/loss", loss, prog_bar=True)
+        loss, parts = self._loss(logits, targets, weight, twin, gt_mask)
+        self.log_train_loss(loss)
         for name, value in parts.items():
             self.log(f"train/loss_{name}", value)
-        self.log("train/acc", (logits.argmax(-1) == targets).float().mean())
+        scored = self._scored_rows(weight, twin, images).float()
+        hits = (logits.argmax(-1) == targets).float()
+        self.log("train/acc", (hits * scored).sum() / scored.sum().clamp(min=1))
         self.log("train/logit_scale", self.clip.model.logit_scale.exp().detach())
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        images, targets, gt_rows, twin = self._scored_batch(batch)
-        if targets.numel() == 0:
+        images, targets, weight, twin, gt_mask = self._scored_batch(batch)
+        # Validation reads the mask on the host (once per batch, outside the training hot path).
+        scored = self._scored_rows(weight, twin, images)
+        count = int(scored.sum())
+        if count == 0:
             return
         logits = self.logits(images)
-        loss, _ = self._loss(logits, targets, gt_rows, twin)
-        self.log("val/loss", loss, batch_size=targets.numel(), sync_dist=True)
-        self.val_confusion.update(logits.argmax(-1), targets)
+        loss, _ = self._loss(logits, targets, weight, twin, gt_mask)
+        self.log("val/loss", loss, batch_size=count, sync_dist=True)
+        self.val_confusion.update(logits.argmax(-1)[scored], targets[scored])
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()

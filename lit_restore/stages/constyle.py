@@ -121,7 +121,7 @@ class ConStyleStage(Stage):
             losses["cls"] = F.cross_entropy(q.logits, batch["label"])
             self.log("train/cls_acc", (q.logits.argmax(1) == batch["label"]).float().mean())
         loss = weighted_total(losses, m)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log_train_loss(loss)
         self.log("train/contrastive_acc", acc)
         for name, value in losses.items():
             self.log(f"train/{name}", value)

@@ -129,14 +129,11 @@ class LDMStage(Stage):
     def inference_unet(self) -> nn.Module:
         return self.averaged(self.ldm.unet)
 
-    def conditions(self, batch: dict, drop: bool, generator: Optional[torch.Generator] = None
-                   ) -> tuple[Optional[Tensor], Tensor]:
-        """(condition latent, text context) per sample, with classifier-free dropout when `drop`.
-        A plain denoiser (`image_condition` off) has no condition latent and the empty prompt."""
-        if not self.cfg.model.image_condition:
-            return None, self.context_bank[NULL_PROMPT].expand(batch["gt"].shape[0], -1, -1)
-        cond = self.ldm.encode_condition(batch["lq"])
-        context = self.context_bank[batch["label"]]
+    def conditions(self, cond: Tensor, label: Tensor, drop: bool,
+                   generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
+        """(condition latent, text context) per sample from the degraded images' latents and
+        labels, with classifier-free dropout when `drop`."""
+        context = self.context_bank[label]
         if drop:
             m = self.cfg.model
             cond, context = cfg_dropout(cond, context, self.context_bank[NULL_PROMPT], m.drop_text, m.drop_both,
@@ -148,8 +145,12 @@ class LDMStage(Stage):
         """Per-sample denoising loss (ε or v target, optional Min-SNR weights) at random timesteps."""
         sched = self.ldm.scheduler
         with torch.no_grad():
-            z0 = self.ldm.encode_target(self.ldm.pad(batch["gt"]), generator)
-            cond, context = self.conditions({**batch, "lq": self.ldm.pad(batch["lq"])}, drop, generator)
+            if self.cfg.model.image_condition:
+                z0, cond = self.ldm.encode_pair(self.ldm.pad(batch["gt"]), self.ldm.pad(batch["lq"]), generator)
+                cond, context = self.conditions(cond, batch["label"], drop, generator)
+            else:  # a plain denoiser: no condition latent, the empty prompt
+                z0 = self.ldm.encode_target(self.ldm.pad(batch["gt"]), generator)
+                cond, context = None, self.context_bank[NULL_PROMPT].expand(z0.shape[0], -1, -1)
         noise = torch.randn(z0.shape, device=z0.device, generator=generator)
         t = torch.randint(0, sched.config.num_train_timesteps, (z0.shape[0],), device=z0.device, generator=generator)
         z_t = sched.add_noise(z0, noise, t)
@@ -161,7 +162,7 @@ class LDMStage(Stage):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         loss = masked_mean(self.diffusion_loss(self.ldm.unet, batch, drop=True), batch["valid"])
-        self.log("train/loss", loss, prog_bar=True)
+        self.log_train_loss(loss)
         return loss
 
     def ema_source(self) -> nn.Module:

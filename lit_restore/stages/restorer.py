@@ -170,7 +170,7 @@ class RestorerStage(Stage):
             pred = self.net(lq)
         rec = reconstruction_loss(m.loss, pred, gt)
         loss = rec + weighted_total(losses, m.constyle) if losses else rec
-        self.log("train/loss", loss, prog_bar=True)
+        self.log_train_loss(loss)
         self.log(f"train/{m.loss}", rec)
         for name, value in losses.items():
             self.log(f"train/{name}", value)

@@ -133,8 +133,7 @@ class SCMStage(Stage):
         if m.ldm_input == "sample":
             return ldm.sample(lq, context, bank[NULL_PROMPT:], steps=m.sample_steps, sampler="euler_a",
                               generator=generator)
-        z0 = ldm.encode_target(ldm.pad(gt), generator)
-        cond = ldm.encode_condition(ldm.pad(lq))
+        z0, cond = ldm.encode_pair(ldm.pad(gt), ldm.pad(lq), generator)
         if drop:
             d = m.ldm
             cond, context = cfg_dropout(cond, context, bank[NULL_PROMPT], d.drop_text, d.drop_both, d.drop_image,
@@ -155,7 +154,7 @@ class SCMStage(Stage):
         ldm_out = self.ldm_output(batch, drop=self.cfg.model.cond_dropout)
         out = self.scm(batch["lq"], ldm_out)
         loss = self._loss(out, batch["gt"], batch["valid"])
-        self.log("train/loss", loss, prog_bar=True)
+        self.log_train_loss(loss)
         self.log("train/loss_ldm", self._loss(ldm_out, batch["gt"], batch["valid"]))
         return loss
 
