@@ -47,10 +47,10 @@ class DemoPlan:
     """Training lengths and evaluation sizes, chosen for ~10 minutes of Python on 2 cores."""
 
     biqa_steps: int = 300
-    constyle_steps: int = 100
-    restorer_steps: int = 200  # checkpoints every quarter: the first is the acceptance line's weights
-    ldm_steps: int = 60
-    scm_steps: int = 40
+    constyle_steps: int = 200
+    restorer_steps: int = 800  # checkpoints every quarter: the first is the acceptance line's weights
+    ldm_steps: int = 200
+    scm_steps: int = 150
     eval_images: int = 8  # per task
     diffusion_steps: int = 5
     max_passes: int = 2
@@ -209,8 +209,12 @@ def run_demo(out: Path, plan: DemoPlan) -> int:
         train("LDM", "Fine-tune the LDM (InstructPix2Pix-style)",
               "the tiny UNet foundation (conv_in widened) + the frozen tiny VAE foundation (foundations/tiny/sd), "
               "BIQA's frozen text tower", "ldm", plan.ldm_steps, f"model.clip.pretrained={biqa_ckpt}")
+        # The SCM corrects what the loop's sampler makes at the demo's step count (`ldm_input=sample`),
+        # not AutoDIR's one-step estimate from the GT latent: a few minutes of LDM training leave
+        # those two far apart.
         train("SCM", "Train the structure corrector", "random NAFNet, on the frozen LDM above", "scm", plan.scm_steps,
-              f"model.ldm_checkpoint={runs / 'ldm' / 'checkpoints' / 'last.ckpt'}", f"model.ldm.clip.pretrained={biqa_ckpt}")
+              f"model.ldm_checkpoint={runs / 'ldm' / 'checkpoints' / 'last.ckpt'}", f"model.ldm.clip.pretrained={biqa_ckpt}",
+              "model.ldm_input=sample", f"model.sample_steps={plan.diffusion_steps}")
 
         r.stage("Export weights (safetensors, config, model card)")
         r.cli("export", "export", *(str(runs / s / "checkpoints" / "last.ckpt") for s in ("biqa", "constyle", "restorer", "ldm", "scm")),

@@ -163,6 +163,7 @@ def export_onnx(module: nn.Module, path: Path, channels: int = 3) -> float:
 # Per stage: the library that loads the folder, the Hugging Face pipeline tag, extra tags, and
 # what the stage's validation measures.
 CARD_META: dict[str, tuple[str, str, list[str], list[str]]] = {
+    "autoencoder": ("diffusers", "image-to-image", ["autoencoder-kl", "vae"], ["psnr", "ssim"]),
     "biqa": ("open_clip", "zero-shot-image-classification", ["clip", "image-quality-assessment"], ["accuracy"]),
     "constyle": ("pytorch", "image-feature-extraction", ["constyle", "contrastive-learning"], []),
     "restorer": ("pytorch", "image-to-image", ["constyle", "nafnet", "onnx"], ["psnr", "ssim"]),
@@ -173,6 +174,11 @@ CARD_META: dict[str, tuple[str, str, list[str], list[str]]] = {
 
 # Per stage: the files a snippet needs (any of them) and the snippet loading them in their own tool.
 CARD_USAGE: dict[str, tuple[tuple[str, ...], list[str]]] = {
+    "autoencoder": (("vae",), [
+        "from diffusers import AutoencoderKL",
+        'vae = AutoencoderKL.from_pretrained("autoencoder/vae")',
+        "latents = vae.encode(image * 2 - 1).latent_dist.mode() * vae.config.scaling_factor  # image in [0, 1]",
+    ]),
     "ldm": (("model_index.json",), [
         "from diffusers import StableDiffusionInstructPix2PixPipeline",
         'pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained("ldm")',

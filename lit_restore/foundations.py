@@ -88,7 +88,8 @@ def verify_manifest(out: Path) -> list[str]:
             if not (out / name).is_file() or sha256(out / name) != entry["sha256"]]
 
 
-def model_card(name: str, command: str, fit: str, seconds: float, steps: int, figure: Optional[float]) -> str:
+def model_card(name: str, command: str, fit: str, seconds: float, steps: int, figure: Optional[float],
+               machine: str = "a 2-core CPU") -> str:
     recipe, stands_in, _ = FOUNDATIONS[name]
     metric, meaning = FIGURES[name]
     value = "–" if figure is None else f"{figure:.4g}"
@@ -102,12 +103,12 @@ def model_card(name: str, command: str, fit: str, seconds: float, steps: int, fi
         "",
         f"Stands in for {stands_in} in the tiny pipeline (`configs/tiny/`, `make demo`). Trained from random",
         f"initialisation by this project's own recipe `configs/foundations/{recipe}.yaml` on the",
-        "`lit-restore prep-sample` crops of the scikit-image photos; a few CPU minutes, so it is a",
-        "miniature of the real foundation's role, not of its quality.",
+        "`lit-restore prep-sample` crops of the scikit-image photos, for minutes to an hour of CPU time:",
+        "a miniature of the real foundation's role, not of its quality.",
         "",
         f"- made by: `{command}` (all three foundations, in order), which runs",
         f"  `{fit}` on `lit-restore prep-sample --crop 128 --train-crops 64 --val-crops 4` shards, then exports it",
-        f"- training: {steps} steps, {seconds / 60:.1f} min on a 2-core CPU",
+        f"- training: {steps} steps, {seconds / 60:.1f} min on {machine}",
         f"- held-out figure: {meaning}: **{value}** (`{metric}`)",
         "- files and sha256: `foundations/tiny/MANIFEST.json`",
         "",

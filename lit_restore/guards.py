@@ -20,7 +20,10 @@ def grads_finite(params: list[torch.nn.Parameter]) -> torch.Tensor:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.tensor(True)
-    return torch.isfinite(torch.nn.utils.get_total_norm(grads))
+    total = torch.nn.utils.get_total_norm(grads)
+    if hasattr(total, "full_tensor"):  # FSDP2 DTensor gradients: a norm over every rank's shards
+        total = total.full_tensor()
+    return torch.isfinite(total)
 
 
 def is_logging_step(trainer: L.Trainer) -> bool:

@@ -192,7 +192,8 @@ def test_training_steps_read_nothing_on_the_host(monkeypatch, sample_shards, tmp
     build = fit_module.build_callbacks
     monkeypatch.setattr(fit_module, "build_callbacks", lambda cfg, stage: [*build(cfg, stage), CountSteps(counter)])
     cfg = load_config(ROOT / f"configs/tiny/{name}.yaml", [
-        f"out_dir={tmp_path}", f"data.train={sample_shards}/train-{{000000..000003}}.tar", "data.num_workers=0",
+        f"out_dir={tmp_path}", f"data.train={sample_shards}/train-{{000000..000003}}.tar",
+        f"data.val={sample_shards}/val-000000.tar", "data.num_workers=0",
         "data.batch_size=2", "data.crop=32", "trainer.max_steps=4", "trainer.limit_val_batches=0",
         "trainer.log_every_n_steps=50", "logger=none", *EXTRA.get(name, [])])
     trainer = fit_module.fit(cfg)

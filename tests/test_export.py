@@ -229,7 +229,8 @@ def test_ldm_export_loads_in_diffusers_and_scm_exports_onnx(tmp_path):
     for name in ("ldm", "scm"):
         torch.manual_seed(0)
         stage = build_stage(load_config(repo / f"configs/tiny/{name}.yaml", [f"out_dir={tmp_path / name}"]))
-        stage.configure_model()
+        # The LDM's prompt contexts come from its CLIP in setup, as in training (export checks them).
+        stage.setup("fit") if name == "ldm" else stage.configure_model()
         ckpt = tmp_path / f"{name}.ckpt"
         torch.save({"state_dict": stage.state_dict(), "hyper_parameters": {"config": to_dict(stage.cfg)},
                     "global_step": 3}, ckpt)
@@ -301,17 +302,13 @@ def test_exported_ldm_loads_without_its_pretrained_source(tmp_path):
     """An LDM trained from a diffusers folder (model.pretrained) is rebuilt from the export alone."""
     import shutil
 
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
     tiny = load_config(REPO / "configs/tiny/ldm.yaml").model
     source = tmp_path / "sd"
-    UNet2DConditionModel(**tiny.unet_cfg).save_pretrained(source / "unet")
-    AutoencoderKL(**tiny.vae_cfg).save_pretrained(source / "vae")
+    shutil.copytree(REPO / tiny.pretrained, source)  # the tiny foundation, as a user's SD folder
     torch.manual_seed(0)
-    cfg = load_config(REPO / "configs/tiny/ldm.yaml", [f"model.pretrained={source}", "model.unet_cfg=null",
-                                                       "model.vae_cfg=null"])
+    cfg = load_config(REPO / "configs/tiny/ldm.yaml", [f"model.pretrained={source}"])
     stage = build_stage(cfg)
-    stage.configure_model()
+    stage.setup("fit")  # the prompt contexts from its CLIP, as in training (export checks them)
     torch.save(fake_checkpoint(stage, 3), tmp_path / "ldm.ckpt")
     assert export_command(str(tmp_path / "ldm.ckpt"), str(tmp_path / "out"), ema=True, onnx=False) == 0
     shutil.rmtree(source)
