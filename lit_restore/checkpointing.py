@@ -292,6 +292,18 @@ class StepCheckpoint(ModelCheckpoint):
             save_top_k=keep, save_last=True, every_n_train_steps=every_n_steps, save_on_train_epoch_end=False,
         )
 
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        # On an epoch's last batch Lightning defers a monitored save to the end of a validation it
+        # expects there; validation here runs every N steps, so that save would never come.
+        # "step" is never stale: save now (the deferred save then finds this step saved).
+        if (self._every_n_train_steps > 0 and trainer.global_step % self._every_n_train_steps == 0
+                and not self._should_skip_saving_checkpoint(trainer)):
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.should_stop and (trainer.max_steps < 0 or trainer.global_step < trainer.max_steps):
             return  # stopped early (preemption, non-finite loss): that path saved its own checkpoint

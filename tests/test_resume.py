@@ -172,3 +172,20 @@ def test_ranks_agree_on_preemption_every_n_steps(tmp_path):
     trainer.world_size = 1  # a single process reads its own flag after every step
     callback.on_train_batch_end(trainer, None, None, None, 21)
     assert len(polls) == 5
+
+
+def test_step_checkpoints_land_on_epoch_boundaries_too(sample_shards, tmp_path):
+    """Validation every N steps and a virtual epoch of 4 steps: Lightning defers a monitored save
+    on an epoch's last batch to an epoch-end validation that never comes; each one still lands."""
+    from pathlib import Path
+
+    from lit_restore.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny" / "restorer.yaml", [
+        f"out_dir={tmp_path}", f"data.train={sample_shards}/train-{{000000..000003}}.tar",
+        f"data.val={sample_shards}/val-000000.tar", "data.num_workers=0", "data.batch_size=2", "data.crop=32",
+        "data.steps_per_epoch=4", "trainer.max_steps=8", "trainer.val_check_interval=8", "trainer.limit_val_batches=1",
+        "checkpoint.every_n_steps=4", "logger=none", "trainer.enable_progress_bar=false"])
+    fit(cfg)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step*.ckpt")) == ["step0000004.ckpt",
+                                                                                    "step0000008.ckpt"]
