@@ -22,7 +22,6 @@ Run: `python -m lit_restore.foundations [--out foundations/tiny] [--scale 1.0]`.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import sys
@@ -31,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from data_prep.shards import file_sha256
 from lit_restore.demo import REPO, Runner, StepFailed, last_metric
 
 # name → (recipe, what it stands in for, files copied from the export folder into OUT)
@@ -63,20 +63,12 @@ class FoundationPlan:
         return max(2, round(full * self.scale))
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_manifest(out: Path) -> dict[str, dict]:
     """MANIFEST.json: sha256 and size of every weights and config file under `out`."""
     files = {}
     for path in sorted(out.rglob("*")):
         if path.is_file() and path.suffix in (".safetensors", ".json") and path.name != "MANIFEST.json":
-            files[str(path.relative_to(out))] = {"sha256": sha256(path), "bytes": path.stat().st_size}
+            files[str(path.relative_to(out))] = {"sha256": file_sha256(path), "bytes": path.stat().st_size}
     (out / "MANIFEST.json").write_text(json.dumps({"files": files}, indent=2) + "\n")
     return files
 
@@ -85,7 +77,7 @@ def verify_manifest(out: Path) -> list[str]:
     """Files under `out` whose sha256 differs from MANIFEST.json (or that are missing)."""
     listed = json.loads((out / "MANIFEST.json").read_text())["files"]
     return [name for name, entry in listed.items()
-            if not (out / name).is_file() or sha256(out / name) != entry["sha256"]]
+            if not (out / name).is_file() or file_sha256(out / name) != entry["sha256"]]
 
 
 def model_card(name: str, command: str, fit: str, seconds: float, steps: int, figure: Optional[float],
