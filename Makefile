@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(PY) -m lit_restore.demo
 
 # The tiny VAE, UNet and CLIP that configs/tiny/ start from (shipped in foundations/tiny/; this
-# is how they were made: ~N min on 2 cores, see foundations/tiny/*/README.md).
+# is how they were made: about 1.5 h on a shared 2-core machine, see the cards in foundations/tiny/).
 foundations: $(STAMP)
 	$(PY) -m lit_restore.foundations
 

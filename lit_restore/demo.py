@@ -44,7 +44,8 @@ TINY_NOTE = "tiny models, minutes of CPU training: proof that the method runs en
 
 @dataclass
 class DemoPlan:
-    """Training lengths and evaluation sizes, chosen for ~10 minutes of Python on 2 cores."""
+    """Training lengths and evaluation sizes: 16.7 min of Python on a quiet 2-core machine
+    (docs/benchmarks.md, "Demo"; the restorer is almost half of it)."""
 
     biqa_steps: int = 300
     constyle_steps: int = 200
