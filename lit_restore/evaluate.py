@@ -156,11 +156,9 @@ def evaluate_command(weights: str, suite: str, data: str, out: str, lines: Optio
                     continue
                 restored = quantize_8bit(restored)
                 s.psnr.append(float(psnr(restored, gt, crop_border, y_channel)))
-                row = [(lq, "input"), (restored, "")]
                 if fast_restorer is not None:
                     fast_out = quantize_8bit(fast_restorer.restore(lq, image_generator(seed, dev))[0])
                     s.compare_psnr.append(float(psnr(fast_out, gt, crop_border, y_channel)))
-                    row.append((fast_out, f"{s.compare_psnr[-1]:.2f} dB"))
                 s.ssim.append(float(ssim(restored, gt, crop_border, y_channel)))
                 s.input_psnr.append(float(psnr(lq, gt, crop_border, y_channel)))
                 s.input_ssim.append(float(ssim(lq, gt, crop_border, y_channel)))
@@ -168,9 +166,9 @@ def evaluate_command(weights: str, suite: str, data: str, out: str, lines: Optio
                     with torch.no_grad():
                         s.lpips.append(float(lpips_model(restored.to(dev), gt.to(dev), normalize=True).mean()))
                 if len(s.grid) < GRID_IMAGES:
-                    row[0] = (lq, f"{s.input_psnr[-1]:.2f} dB")
-                    row[1] = (restored, f"{s.psnr[-1]:.2f} dB")
-                    s.grid.append(row + [(gt, "clean")])
+                    compare = [(fast_out, f"{s.compare_psnr[-1]:.2f} dB")] if fast_restorer is not None else []
+                    s.grid.append([(lq, f"{s.input_psnr[-1]:.2f} dB"), (restored, f"{s.psnr[-1]:.2f} dB"), *compare,
+                                   (gt, "clean")])
                 if biqa is not None:
                     if target is not None:
                         first = log.get("passes")
