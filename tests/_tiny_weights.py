@@ -24,3 +24,11 @@ def export_tiny(stage_name: str, out: Path, tmp: Path, overrides=()) -> None:
     ckpt = tmp / f"{stage_name}.ckpt"
     torch.save({"state_dict": stage.state_dict(), "hyper_parameters": {"config": to_dict(stage.cfg)}, "global_step": 1}, ckpt)
     assert export_command(str(ckpt), str(out), ema=True, onnx=False) == 0
+
+
+def export_loop(out: Path, tmp: Path) -> None:
+    """Every stage the automatic loop needs (BIQA, LDM, SCM) into `out`; the LDM's text tower is the
+    BIQA checkpoint's, as in the demo."""
+    export_tiny("biqa", out, tmp)
+    export_tiny("ldm", out, tmp, [f"model.clip.pretrained={tmp / 'biqa.ckpt'}"])
+    export_tiny("scm", out, tmp)

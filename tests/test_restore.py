@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from _tiny_weights import REPO, export_tiny
+from _tiny_weights import REPO, export_loop, export_tiny
 from lit_restore.restore import automatic_loop, collect_inputs, mix_prompts, output_stem, save_result
 
 CLASSES = ["no", "noise", "blur", "lowres"]
@@ -122,12 +122,10 @@ def weights(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def full_weights(tmp_path_factory):
-    """Every stage the loop needs; the LDM's text tower is the BIQA checkpoint's, as in the demo."""
+    """Every stage the loop needs."""
     tmp = tmp_path_factory.mktemp("full_weights")
     out = tmp / "weights"
-    export_tiny("biqa", out, tmp)
-    export_tiny("ldm", out, tmp, [f"model.clip.pretrained={tmp / 'biqa.ckpt'}"])
-    export_tiny("scm", out, tmp)
+    export_loop(out, tmp)
     return out
 
 
