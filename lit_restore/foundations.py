@@ -33,19 +33,30 @@ from typing import Optional
 from data_prep.shards import file_sha256
 from lit_restore.demo import REPO, Runner, StepFailed, last_metric
 
-# name → (recipe, what it stands in for, files copied from the export folder into OUT)
-FOUNDATIONS: dict[str, tuple[str, str, dict[str, str]]] = {
-    "vae": ("autoencoder", "Stable Diffusion 1.5's VAE (AutoencoderKL)", {"vae": "sd/vae"}),
-    "clip": ("clip", "OpenAI CLIP (open_clip)", {"open_clip_model.safetensors": "clip/open_clip_model.safetensors",
-                                                  "open_clip_config.json": "clip/open_clip_config.json"}),
-    "unet": ("unet", "Stable Diffusion 1.5's UNet (UNet2DConditionModel)", {"unet": "sd/unet"}),
+@dataclass(frozen=True)
+class Foundation:
+    """One foundation: how it is made, what it stands in for, where its files go, what its card reports."""
+
+    recipe: str  # configs/foundations/<recipe>.yaml
+    stage: str  # the stage that recipe trains (its export folder's name)
+    stands_in: str
+    copies: dict[str, str]  # file or folder of the export → path under OUT
+    card_dir: str  # under OUT, where the model card goes
+    metric: str  # the held-out figure in the run's CSV log
+    meaning: str  # how that figure reads
+
+
+FOUNDATIONS: dict[str, Foundation] = {
+    "vae": Foundation("autoencoder", "autoencoder", "Stable Diffusion 1.5's VAE (AutoencoderKL)", {"vae": "sd/vae"},
+                      "sd/vae", "val/psnr", "reconstruction PSNR (dB) on the 64-px centre crops of the val photos"),
+    "clip": Foundation("clip", "biqa", "OpenAI CLIP (open_clip)",
+                       {"open_clip_model.safetensors": "clip/open_clip_model.safetensors",
+                        "open_clip_config.json": "clip/open_clip_config.json"},
+                       "clip", "val/acc", "degradation-prompt accuracy (8 classes, val crops, one synthetic type each)"),
+    "unet": Foundation("unet", "ldm", "Stable Diffusion 1.5's UNet (UNet2DConditionModel)", {"unet": "sd/unet"},
+                       "sd/unet", "val/loss", "denoising loss (ε-MSE at random timesteps) on the val crops"),
 }
-CARD_DIRS = {"vae": "sd/vae", "clip": "clip", "unet": "sd/unet"}
 DEFAULT_OUT = REPO / "foundations" / "tiny"
-# The held-out figure each card reports: (metric in the run's CSV log, how it reads).
-FIGURES = {"vae": ("val/psnr", "reconstruction PSNR (dB) on the 64-px centre crops of the val photos"),
-           "clip": ("val/acc", "degradation-prompt accuracy (8 classes, val crops, one synthetic type each)"),
-           "unet": ("val/loss", "denoising loss (ε-MSE at random timesteps) on the val crops")}
 
 
 @dataclass
@@ -82,8 +93,8 @@ def verify_manifest(out: Path) -> list[str]:
 
 def model_card(name: str, command: str, fit: str, seconds: float, steps: int, figure: Optional[float],
                machine: str = "a 2-core CPU") -> str:
-    recipe, stands_in, _ = FOUNDATIONS[name]
-    metric, meaning = FIGURES[name]
+    f = FOUNDATIONS[name]
+    recipe, stands_in, metric, meaning = f.recipe, f.stands_in, f.metric, f.meaning
     value = "–" if figure is None else f"{figure:.4g}"
     return "\n".join([
         "---",
@@ -116,11 +127,11 @@ def run_foundations(out: Path, work: Path, plan: FoundationPlan) -> int:
         r.stage("Sample shards from scikit-image's photos")
         r.cli("prep-sample", "prep-sample", "--out", str(data), "--crop", "128", "--train-crops", "64",
               "--val-crops", "4", "--overwrite")
-        for name, (recipe, stands_in, copies) in FOUNDATIONS.items():
-            steps = plan.steps(recipe)
-            r.stage(f"Foundation {name}: {stands_in} ({recipe} recipe)")
+        for name, f in FOUNDATIONS.items():
+            steps = plan.steps(f.recipe)
+            r.stage(f"Foundation {name}: {f.stands_in} ({f.recipe} recipe)")
             run = runs / name
-            args = ["fit", f"configs/foundations/{recipe}.yaml", f"out_dir={run}",
+            args = ["fit", f"configs/foundations/{f.recipe}.yaml", f"out_dir={run}",
                     f"data.train={data}/train-{{000000..000003}}.tar", f"data.val={data}/val-000000.tar",
                     "resume=never", "logger=csv"]
             if name == "unet" and out != DEFAULT_OUT:  # the recipe reads the VAE and CLIP from foundations/tiny/
@@ -133,22 +144,20 @@ def run_foundations(out: Path, work: Path, plan: FoundationPlan) -> int:
             r.cli(f"fit-{name}", *args)
             seconds = time.perf_counter() - began
             r.cli(f"export-{name}", "export", str(run / "checkpoints" / "last.ckpt"), "--out", str(exports / name), "--no-onnx")
-            stage = {"autoencoder": "autoencoder", "clip": "biqa", "unet": "ldm"}[recipe]
-            for src, dst in copies.items():
-                source, target = exports / name / stage / src, out / dst
+            for src, dst in f.copies.items():
+                source, target = exports / name / f.stage / src, out / dst
                 target.parent.mkdir(parents=True, exist_ok=True)
                 if target.exists():
                     shutil.rmtree(target) if target.is_dir() else target.unlink()
                 shutil.copytree(source, target) if source.is_dir() else shutil.copy2(source, target)
-            metric = FIGURES[name][0]
             done = steps if steps is not None else int(last_metric(run, "step") or 0) + 1
-            cards[name] = (seconds, done, last_metric(run, metric))
-            r.console.print(f"  {name}: {metric} = {cards[name][2]}")
+            cards[name] = (seconds, done, last_metric(run, f.metric))
+            r.console.print(f"  {name}: {f.metric} = {cards[name][2]}")
     except StepFailed:
         return 1
     command = "make foundations" if plan.scale == 1.0 else f"python -m lit_restore.foundations --scale {plan.scale}"
     for name, (seconds, steps, figure) in cards.items():
-        (out / CARD_DIRS[name] / "README.md").write_text(model_card(name, command, fits[name], seconds, steps, figure))
+        (out / FOUNDATIONS[name].card_dir / "README.md").write_text(model_card(name, command, fits[name], seconds, steps, figure))
     files = write_manifest(out)
     total = sum(f["bytes"] for f in files.values())
     r.console.print(f"foundations in {out}: {len(files)} files, {total / 1e6:.1f} MB, "

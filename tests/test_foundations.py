@@ -18,7 +18,7 @@ from PIL import Image
 from lit_restore.config import load_config
 from lit_restore.export import export_command
 from lit_restore.fit import fit
-from lit_restore.foundations import CARD_DIRS, FOUNDATIONS, verify_manifest, write_manifest
+from lit_restore.foundations import FOUNDATIONS, verify_manifest, write_manifest
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "foundations" / "tiny"
@@ -43,7 +43,7 @@ def test_manifest_names_a_changed_file(tmp_path):
 
 
 def card_figure(name: str) -> float:
-    card = (SHIPPED / CARD_DIRS[name] / "README.md").read_text()
+    card = (SHIPPED / FOUNDATIONS[name].card_dir / "README.md").read_text()
     assert card.startswith("---\n") and "made by: `make foundations`" in card
     assert re.search(r"training: \d+ steps, [\d.]+ min", card)
     return float(re.search(r"\*\*([-\d.]+)\*\*", card).group(1))
@@ -84,6 +84,6 @@ def test_recipe_runs_its_first_steps_and_exports(recipe, sample_shards, tmp_path
     trainer = fit(cfg)
     assert trainer.global_step == 2 and torch.isfinite(trainer.callback_metrics["train/loss"])
     assert export_command(str(tmp_path / "run" / "checkpoints" / "last.ckpt"), str(tmp_path / "weights"), onnx=False) == 0
-    stage = {"autoencoder": "autoencoder", "clip": "biqa", "unet": "ldm"}[recipe]
-    for src in next(v[2] for v in FOUNDATIONS.values() if v[0] == recipe):
-        assert (tmp_path / "weights" / stage / src).exists(), src
+    f = next(f for f in FOUNDATIONS.values() if f.recipe == recipe)
+    for src in f.copies:
+        assert (tmp_path / "weights" / f.stage / src).exists(), src
