@@ -286,10 +286,13 @@ class StepCheckpoint(ModelCheckpoint):
     when training ends so the final weights are always on disk."""
 
     def __init__(self, dirpath: str | Path, every_n_steps: int, keep: int) -> None:
-        # monitor="step" + mode="max" keeps the `keep` newest step checkpoints.
+        # monitor="step" + mode="max" keeps the `keep` newest step checkpoints. No version counter:
+        # a `resume=never` run into an out_dir that holds an earlier run's files would otherwise
+        # write last-v1.ckpt beside them, and `export .../last.ckpt` would read the old run.
         super().__init__(
             dirpath=dirpath, filename="step{step:07d}", auto_insert_metric_name=False, monitor="step", mode="max",
             save_top_k=keep, save_last=True, every_n_train_steps=every_n_steps, save_on_train_epoch_end=False,
+            enable_version_counter=False,
         )
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,

@@ -13,7 +13,7 @@ import torch
 
 from _probe import Probe, ProbeData, probe_config
 from _untrusted import code_running_checkpoint
-from lit_restore.checkpointing import (AtomicCheckpointIO, RunTerminated, WeightsError, find_resume_checkpoint,
+from lit_restore.checkpointing import (AtomicCheckpointIO, RunTerminated, WeightsError, find_resume_checkpoint, load_checkpoint,
                                       prune_hpc, remove_stale_temporaries, resume_path)
 from lit_restore.config import ConfigError
 from lit_restore.fit import fit
@@ -155,6 +155,18 @@ def test_resume_never_starts_fresh(tmp_path):
     fit(cfg, stage=Probe(cfg), datamodule=ProbeData())
     cfg = probe_config(tmp_path, "trainer.max_steps=4", "resume=never")
     assert fit(cfg, stage=Probe(cfg), datamodule=ProbeData()).global_step == 4
+
+
+def test_resume_never_overwrites_last_ckpt_of_an_earlier_run(tmp_path):
+    """A fresh run into an old run's out_dir: `checkpoints/last.ckpt` is this run's (no
+    last-v1.ckpt beside a stale last.ckpt that `export .../last.ckpt` would then read)."""
+    cfg = probe_config(tmp_path, "trainer.max_steps=8")
+    fit(cfg, stage=Probe(cfg), datamodule=ProbeData())
+    cfg = probe_config(tmp_path, "trainer.max_steps=4", "resume=never")
+    fit(cfg, stage=Probe(cfg), datamodule=ProbeData())
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert not [n for n in names if "-v" in n], names
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 4
 
 
 def test_ranks_agree_on_preemption_every_n_steps(tmp_path):
