@@ -17,8 +17,9 @@ def tiny():
 @pytest.fixture(scope="module")
 def ldm(tiny):
     torch.manual_seed(0)
-    return LatentDiffusion(widen_conv_in(load_unet(tiny.pretrained, tiny.unet_cfg), 16),
-                           load_vae(tiny.pretrained, tiny.vae_cfg)).eval()
+    vae = load_vae(tiny.pretrained, tiny.vae_cfg)
+    return LatentDiffusion(widen_conv_in(load_unet(tiny.pretrained, tiny.unet_cfg), 2 * vae.config.latent_channels),
+                           vae).eval()
 
 
 def test_widen_conv_in_keeps_weights_bias_and_function(tiny):
