@@ -367,6 +367,10 @@ class ConStyleNetConfig:
 class ConStyleModelConfig(ConStyleNetConfig):
     """MoCo-style degradation-aware encoder pretraining (ConStyle v2 stage 1)."""
 
+    # Encoder to start from instead of random: a constyle or restorer .ckpt, exported folder or
+    # model.safetensors (a restorer's ConStyle encoder); loaded into the query and key encoders.
+    pretrained: str = ""
+
     def __post_init__(self) -> None:
         self.check("model.")
 
@@ -385,6 +389,10 @@ class RestorerModelConfig:
     # Pretrained encoder: a constyle-stage checkpoint (.ckpt), exported folder or model.safetensors.
     # Needed when constyle_mode=frozen.
     constyle_weights: str = ""
+    # Restorer to start from instead of random: a restorer .ckpt, exported folder or
+    # model.safetensors of the same arch and sizes. model.constyle_weights, when also given,
+    # then replaces its encoder.
+    pretrained: str = ""
     # joint: optimizer steps with the ConStyle losses on, after which the encoder is frozen (IRConStyle
     # v1: 250000); -1 keeps them on for the whole run.
     constyle_iters: int = -1

@@ -120,7 +120,7 @@ def _encoder_file(tmp_path: Path, kind: str) -> tuple[str, ConStyleEncoder]:
 
 @pytest.mark.parametrize("kind", ["ckpt", "export"])
 def test_load_encoder_weights(tmp_path, kind):
-    from lit_restore.stages.restorer import load_encoder_weights
+    from lit_restore.stages.constyle import load_encoder_weights
 
     path, ref = _encoder_file(tmp_path, kind)
     enc = ConStyleEncoder(base=4, dim=16)
@@ -130,7 +130,7 @@ def test_load_encoder_weights(tmp_path, kind):
 
 
 def test_load_encoder_weights_errors(tmp_path):
-    from lit_restore.stages.restorer import load_encoder_weights
+    from lit_restore.stages.constyle import load_encoder_weights
 
     with pytest.raises(WeightsError, match="ConStyle weights: .*not found"):
         load_encoder_weights(ConStyleEncoder(base=4, dim=16), str(tmp_path / "missing.ckpt"))
@@ -199,6 +199,76 @@ def test_joint_mode_with_weights_starts_key_and_ema_encoders_from_them(tmp_path)
     for encoder in (stage.net.encoder, stage.moco.encoder_k, stage.ema.module.encoder):
         for k, v in encoder.state_dict().items():
             assert torch.equal(v, ref.state_dict()[k]), k
+
+
+def _trained_restorer_export(tmp_path: Path) -> tuple[str, dict]:
+    """An exported restorer folder (keys under `restorer.`) of the SMALL joint ConStyle-NAFNet, with
+    weights unlike a fresh one's (a fresh restorer's output conv is zero)."""
+    src = make_stage("model.constyle_mode=joint")
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in src.net.parameters():
+            p.normal_(0, 0.1)
+    folder = tmp_path / "restorer"
+    folder.mkdir()
+    state = {k: v.clone() for k, v in src.net.state_dict().items()}
+    save_file({f"restorer.{k}": v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
+    return str(folder), state
+
+
+def test_pretrained_restorer_is_loaded_into_the_net_its_ema_and_key_encoder(tmp_path):
+    """model.pretrained starts the restorer from released weights; model.constyle_weights, when
+    given too, then replaces the encoder (the demo: the foundation restorer + its own encoder)."""
+    from types import SimpleNamespace
+
+    path, ref = _trained_restorer_export(tmp_path)
+    stage = tiny_stage("restorer", *SMALL, "model.constyle_mode=joint", f"model.pretrained={path}", "optim.ema_decay=0.5")
+    stage._trainer = SimpleNamespace(world_size=1)
+    stage.setup("fit")
+    for net in (stage.net, stage.ema.module):
+        for k, v in net.state_dict().items():
+            assert torch.equal(v, ref[k]), k
+    for k, v in stage.moco.encoder_k.state_dict().items():
+        assert torch.equal(v, ref[f"encoder.{k}"]), k
+    enc_path, enc = _encoder_file(tmp_path, "ckpt")
+    stage = tiny_stage("restorer", *SMALL, "model.constyle_mode=frozen", f"model.pretrained={path}",
+                       f"model.constyle_weights={enc_path}")
+    stage._trainer = SimpleNamespace(world_size=1)
+    stage.setup("fit")
+    assert torch.equal(stage.net.ending.weight, ref["ending.weight"])
+    for k, v in stage.net.encoder.state_dict().items():
+        assert torch.equal(v, enc.state_dict()[k]), k
+
+
+def test_pretrained_restorer_of_another_size_is_one_line(tmp_path):
+    from types import SimpleNamespace
+
+    path, _ = _trained_restorer_export(tmp_path)
+    stage = tiny_stage("restorer", *SMALL, "model.width=12", "model.constyle_mode=joint", f"model.pretrained={path}")
+    stage._trainer = SimpleNamespace(world_size=1)
+    with pytest.raises(WeightsError, match="restorer shapes differ") as e:
+        stage.setup("fit")
+    assert "\n" not in str(e.value)
+    stage = tiny_stage("restorer", *SMALL, "model.arch=nafnet", f"model.pretrained={path}")
+    stage._trainer = SimpleNamespace(world_size=1)
+    with pytest.raises(WeightsError, match="not a NAFNet of this config"):
+        stage.setup("fit")
+
+
+def test_constyle_stage_starts_from_a_restorers_encoder(tmp_path):
+    """The constyle stage's model.pretrained accepts a restorer export: its encoder goes into the
+    query, key and EMA encoders (the demo fine-tunes the foundation restorer's encoder)."""
+    from types import SimpleNamespace
+
+    path, ref = _trained_restorer_export(tmp_path)
+    stage = tiny_stage("constyle", "model.base_channels=4", "model.dim=16", "model.queue_size=32", "data.batch_size=4",
+                       f"model.pretrained={path}", "optim.ema_decay=0.5")
+    stage._trainer = SimpleNamespace(world_size=1)
+    stage.setup("fit")
+    for encoder in (stage.moco.encoder_q, stage.moco.encoder_k, stage.ema.module):
+        for k, v in encoder.state_dict().items():
+            if not k.startswith("classifier."):  # the stage's own head: a restorer has none
+                assert torch.equal(v, ref[f"encoder.{k}"]), k
 
 
 def test_plain_nafnet_baseline_trains():

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lit_restore.checkpointing import WeightsError, read_weights
 from lit_restore.config import ConStyleNetConfig, RunConfig
 from lit_restore.data.degrade.types import DEGRADATION_TYPES
 from lit_restore.models.constyle import (
@@ -34,6 +35,33 @@ from lit_restore.models.constyle import (
     style_loss,
 )
 from lit_restore.stages.base import Stage
+
+# Where a ConStyle encoder's weights sit in the files we accept: the constyle stage's own EMA,
+# its query encoder, an exported `encoder` module, a restorer's (EMA, checkpoint, export) encoder,
+# or a bare encoder state dict.
+_ENCODER_PREFIXES = ("ema.module.", "moco.encoder_q.", "encoder.", "ema.module.encoder.", "net.encoder.",
+                     "restorer.encoder.", "")
+
+
+def load_encoder_weights(encoder: nn.Module, path: str) -> None:
+    """Load a ConStyle encoder from `path` (a constyle or restorer .ckpt, exported folder or model.safetensors);
+    the classifier head, if the file has one, is ignored."""
+    try:
+        state = read_weights(path)
+    except WeightsError as e:
+        raise WeightsError(f"ConStyle weights: {e} (give a constyle .ckpt, exported folder or model.safetensors)") from None
+    wanted = {k for k in encoder.state_dict() if not k.startswith("classifier.")}
+    for prefix in _ENCODER_PREFIXES:
+        found = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if wanted <= found.keys():
+            sub = {k: v for k, v in found.items() if k in wanted}
+            try:
+                encoder.load_state_dict(sub, strict=not any(k.startswith("classifier.") for k in encoder.state_dict()))
+            except RuntimeError as e:
+                raise WeightsError(f"{path}: ConStyle encoder shapes differ from model.constyle "
+                                 f"(base_channels/dim): {str(e).splitlines()[-1].strip()}") from None
+            return
+    raise WeightsError(f"{path}: no ConStyle encoder weights found (looked for keys under {', '.join(repr(p) for p in _ENCODER_PREFIXES)})")
 
 
 def build_encoder(m: ConStyleNetConfig) -> ConStyleEncoder:
@@ -110,8 +138,17 @@ class ConStyleStage(Stage):
         self.moco = moco
 
     def setup(self, stage: str) -> None:
-        if stage == "fit":
-            check_queue_divisible(self.cfg.model.queue_size, self.cfg.data.batch_size, self.trainer.world_size)
+        if stage != "fit":
+            return
+        m = self.cfg.model
+        check_queue_divisible(m.queue_size, self.cfg.data.batch_size, self.trainer.world_size)
+        if m.pretrained:
+            # Here, not in configure_model: a resumed run's checkpoint overwrites what is loaded here.
+            self.configure_model()
+            load_encoder_weights(self.moco.encoder_q, m.pretrained)
+            self.moco.encoder_k.load_state_dict(self.moco.encoder_q.state_dict())
+            if self.ema is not None:
+                self.ema.module.load_state_dict(self.moco.encoder_q.state_dict())
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         m = self.cfg.model

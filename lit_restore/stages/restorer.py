@@ -23,32 +23,31 @@ from lit_restore.config import ConfigError, RunConfig
 from lit_restore.models.constyle import ConStyleNAFNet, MoCo, check_queue_divisible
 from lit_restore.models.nafnet import NAFNet, pad_to_multiple
 from lit_restore.stages.base import Stage
-from lit_restore.stages.constyle import build_encoder, build_moco, constyle_losses, weighted_total
+from lit_restore.stages.constyle import build_encoder, build_moco, constyle_losses, load_encoder_weights, weighted_total
 
-# Where a ConStyle encoder's weights sit in the files we accept: the constyle stage's own EMA,
-# its query encoder, an exported `encoder` module, or a bare encoder state dict.
-_ENCODER_PREFIXES = ("ema.module.", "moco.encoder_q.", "encoder.", "")
+# Where a whole restorer sits: a restorer checkpoint's EMA or network, an exported `restorer`, bare.
+_RESTORER_PREFIXES = ("ema.module.", "net.", "restorer.", "")
 
 
-def load_encoder_weights(encoder: nn.Module, path: str) -> None:
-    """Load a ConStyle encoder from `path` (a constyle .ckpt, exported folder or model.safetensors);
-    the classifier head, if the file has one, is ignored."""
+def load_restorer_weights(net: nn.Module, path: str) -> None:
+    """Load a whole restorer (a restorer .ckpt, exported folder or model.safetensors) into `net`;
+    the file must hold every one of its tensors at the same shapes (the same arch and sizes)."""
     try:
         state = read_weights(path)
     except WeightsError as e:
-        raise WeightsError(f"ConStyle weights: {e} (give a constyle .ckpt, exported folder or model.safetensors)") from None
-    wanted = {k for k in encoder.state_dict() if not k.startswith("classifier.")}
-    for prefix in _ENCODER_PREFIXES:
+        raise WeightsError(f"model.pretrained: {e} (give a restorer .ckpt, exported folder or model.safetensors)") from None
+    wanted = net.state_dict().keys()
+    for prefix in _RESTORER_PREFIXES:
         found = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if wanted <= found.keys():
-            sub = {k: v for k, v in found.items() if k in wanted}
             try:
-                encoder.load_state_dict(sub, strict=not any(k.startswith("classifier.") for k in encoder.state_dict()))
+                net.load_state_dict({k: found[k] for k in wanted})
             except RuntimeError as e:
-                raise WeightsError(f"{path}: ConStyle encoder shapes differ from model.constyle "
-                                 f"(base_channels/dim): {str(e).splitlines()[-1].strip()}") from None
+                raise WeightsError(f"{path}: restorer shapes differ from model (arch/width/blocks): "
+                                   f"{str(e).splitlines()[-1].strip()}") from None
             return
-    raise WeightsError(f"{path}: no ConStyle encoder weights found (looked for keys under {', '.join(repr(p) for p in _ENCODER_PREFIXES)})")
+    raise WeightsError(f"{path}: not a {type(net).__name__} of this config (looked for its keys under "
+                       f"{', '.join(repr(p) for p in _RESTORER_PREFIXES)})")
 
 
 # psnr_mse: the PSNR at which an image's MSE term pulls as hard as its PSNR term. Above it
@@ -132,21 +131,28 @@ class RestorerStage(Stage):
         if self.joint:
             check_queue_divisible(m.constyle.queue_size, self.cfg.data.batch_size, self.trainer.world_size,
                                   "model.constyle.queue_size")
+        # Here rather than in configure_model: export rebuilds the stage without these files,
+        # and a resumed run's checkpoint overwrites what is loaded here.
+        if m.pretrained:
+            self.configure_model()
+            load_restorer_weights(self.net, m.pretrained)
+            self._copy_to_ema_and_key_encoder()
         if m.arch == "constyle_nafnet" and m.constyle_weights:
-            # Here rather than in configure_model: export rebuilds the stage without these files,
-            # and a resumed run's checkpoint overwrites what is loaded here.
             self.configure_model()
             self.load_pretrained_encoder(m.constyle_weights)
 
     def load_pretrained_encoder(self, path: str) -> None:
-        """Load ConStyle weights into the encoder and every copy of it made in configure_model
-        (the EMA's, and in joint mode MoCo's key encoder, which would otherwise stay random)."""
+        """Load ConStyle weights into the encoder and every copy of it made in configure_model."""
         load_encoder_weights(self.net.encoder, path)
-        copies = [self.ema.module.encoder] if self.ema is not None else []
+        self._copy_to_ema_and_key_encoder()
+
+    def _copy_to_ema_and_key_encoder(self) -> None:
+        """Loaded weights go to the EMA's copy of the net, and in joint mode the encoder's to MoCo's
+        key encoder, which would otherwise stay random."""
+        if self.ema is not None:
+            self.ema.module.load_state_dict(self.net.state_dict())
         if self.moco is not None:
-            copies.append(self.moco.encoder_k)
-        for copy in copies:
-            copy.load_state_dict(self.net.encoder.state_dict())
+            self.moco.encoder_k.load_state_dict(self.net.encoder.state_dict())
 
     def _constyle_losses_on(self) -> bool:
         iters = self.cfg.model.constyle_iters
