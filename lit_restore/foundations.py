@@ -10,6 +10,7 @@ from the scikit-image sample photos:
 | `sd/vae/` | SD-1.5's VAE | configs/foundations/autoencoder.yaml | autoencoder |
 | `clip/` | OpenAI CLIP | configs/foundations/clip.yaml | biqa (text tower trained too) |
 | `sd/unet/` | SD-1.5's UNet | configs/foundations/unet.yaml | ldm (plain denoiser, on the VAE above) |
+| `restorer/` | released ConStyle-NAFNet weights | configs/foundations/restorer.yaml | restorer (encoder jointly) |
 
 Each step is a real `lit-restore fit` + `lit-restore export`; the exported files are copied into
 `--out` (default `foundations/tiny/`) with a model card each and `MANIFEST.json` (sha256, bytes).
@@ -48,20 +49,23 @@ class Foundation:
 
 FOUNDATIONS: dict[str, Foundation] = {
     "vae": Foundation("autoencoder", "autoencoder", "Stable Diffusion 1.5's VAE (AutoencoderKL)", {"vae": "sd/vae"},
-                      "sd/vae", "val/psnr", "reconstruction PSNR (dB) on the 64-px centre crops of the val photos"),
+                      "sd/vae", "val/psnr", "reconstruction PSNR (dB) on the 128-px val crops (the demo's image size)"),
     "clip": Foundation("clip", "biqa", "OpenAI CLIP (open_clip)",
                        {"open_clip_model.safetensors": "clip/open_clip_model.safetensors",
                         "open_clip_config.json": "clip/open_clip_config.json"},
                        "clip", "val/acc", "degradation-prompt accuracy (8 classes, val crops, one synthetic type each)"),
     "unet": Foundation("unet", "ldm", "Stable Diffusion 1.5's UNet (UNet2DConditionModel)", {"unet": "sd/unet"},
                        "sd/unet", "val/loss", "denoising loss (ε-MSE at random timesteps) on the val crops"),
+    "restorer": Foundation("restorer", "restorer", "a released restorer (ConStyle-NAFNet) to fine-tune",
+                           {"model.safetensors": "restorer/model.safetensors"}, "restorer", "val/psnr",
+                           "restored PSNR (dB) on the 128-px val crops, one synthetic degradation each"),
 }
 DEFAULT_OUT = REPO / "foundations" / "tiny"
 
 
 @dataclass
 class FoundationPlan:
-    """Training lengths of the three recipes (their configs' max_steps at scale 1)."""
+    """Training lengths of the recipes (their configs' max_steps at scale 1)."""
 
     scale: float = 1.0
 
@@ -109,7 +113,7 @@ def model_card(name: str, command: str, fit: str, seconds: float, steps: int, fi
         "`lit-restore prep-sample` crops of the scikit-image photos, for minutes to an hour of CPU time:",
         "a miniature of the real foundation's role, not of its quality.",
         "",
-        f"- made by: `{command}` (all three foundations, in order), which runs",
+        f"- made by: `{command}`, which runs",
         f"  `{fit}` on `lit-restore prep-sample --crop 128 --train-crops 64 --val-crops 4` shards, then exports it",
         f"- training: {steps} steps, {seconds / 60:.1f} min on {machine}",
         f"- held-out figure: {meaning}: **{value}** (`{metric}`)",
@@ -118,16 +122,19 @@ def model_card(name: str, command: str, fit: str, seconds: float, steps: int, fi
     ])
 
 
-def run_foundations(out: Path, work: Path, plan: FoundationPlan) -> int:
+def run_foundations(out: Path, work: Path, plan: FoundationPlan, only: Optional[list[str]] = None) -> int:
+    """Makes the foundations named in `only` (all by default, in FOUNDATIONS order) into `out`; the
+    others' files and cards stay as they are, and the manifest covers every file."""
     start = time.perf_counter()
-    r = Runner(work, total=1 + len(FOUNDATIONS))
+    chosen = {name: f for name, f in FOUNDATIONS.items() if not only or name in only}
+    r = Runner(work, total=1 + len(chosen))
     data, runs, exports = work / "data", work / "runs", work / "weights"
     cards, fits = {}, {}
     try:
         r.stage("Sample shards from scikit-image's photos")
         r.cli("prep-sample", "prep-sample", "--out", str(data), "--crop", "128", "--train-crops", "64",
               "--val-crops", "4", "--overwrite")
-        for name, f in FOUNDATIONS.items():
+        for name, f in chosen.items():
             steps = plan.steps(f.recipe)
             r.stage(f"Foundation {name}: {f.stands_in} ({f.recipe} recipe)")
             run = runs / name
@@ -156,6 +163,8 @@ def run_foundations(out: Path, work: Path, plan: FoundationPlan) -> int:
     except StepFailed:
         return 1
     command = "make foundations" if plan.scale == 1.0 else f"python -m lit_restore.foundations --scale {plan.scale}"
+    if only:
+        command = f"python -m lit_restore.foundations --only {' '.join(chosen)}" + (f" --scale {plan.scale}" if plan.scale != 1.0 else "")
     for name, (seconds, steps, figure) in cards.items():
         (out / FOUNDATIONS[name].card_dir / "README.md").write_text(model_card(name, command, fits[name], seconds, steps, figure))
     files = write_manifest(out)
@@ -170,10 +179,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--out", default=str(DEFAULT_OUT), help="where the foundation files go")
     p.add_argument("--work", default="runs/foundations", help="training runs, exports and data")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every training length (0.01: a smoke run)")
+    p.add_argument("--only", nargs="+", choices=list(FOUNDATIONS), default=None,
+                   help="remake only these (the unet is trained on the shipped vae, so remake it after the vae)")
     a = p.parse_args(argv)
     if a.scale <= 0:
         p.error("--scale must be > 0")
-    return run_foundations(Path(a.out).resolve(), Path(a.work).resolve(), FoundationPlan(a.scale))
+    return run_foundations(Path(a.out).resolve(), Path(a.work).resolve(), FoundationPlan(a.scale), a.only)
 
 
 if __name__ == "__main__":

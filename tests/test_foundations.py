@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -30,7 +31,8 @@ def test_shipped_files_match_the_manifest_and_the_budget():
     files = json.loads((SHIPPED / "MANIFEST.json").read_text())["files"]
     assert sum(f["bytes"] for f in files.values()) <= BUDGET_BYTES
     weights = [name for name in files if name.endswith(".safetensors")]
-    assert len(weights) == 3  # VAE, UNet, CLIP: no pickle anywhere
+    assert len(weights) == len(FOUNDATIONS)  # VAE, CLIP, UNet, restorer
+    assert not [p for p in SHIPPED.rglob("*") if p.suffix in (".ckpt", ".pt", ".pth", ".bin", ".pkl")]  # no pickle anywhere
 
 
 def test_manifest_names_a_changed_file(tmp_path):
@@ -44,7 +46,7 @@ def test_manifest_names_a_changed_file(tmp_path):
 
 def card_figure(name: str) -> float:
     card = (SHIPPED / FOUNDATIONS[name].card_dir / "README.md").read_text()
-    assert card.startswith("---\n") and "made by: `make foundations`" in card
+    assert card.startswith("---\n") and re.search(r"made by: `(make foundations|python -m lit_restore\.foundations --only [a-z ]+)`", card)
     assert re.search(r"training: \d+ steps, [\d.]+ min", card)
     return float(re.search(r"\*\*([-\d.]+)\*\*", card).group(1))
 
@@ -55,8 +57,8 @@ def test_cards_state_command_time_and_figure():
 
 
 def test_vae_reconstructs_held_out_crops_as_its_card_says(tmp_path):
-    """The VAE card's PSNR, recomputed: the 64-px centre crops of the recipe's val photos
-    (`prep-sample --crop 128 --val-crops 4`, seed 0), posterior mode, per-image PSNR averaged."""
+    """The VAE card's PSNR, recomputed: the recipe's whole 128-px val crops (`prep-sample --crop 128
+    --val-crops 4`, seed 0), posterior mode, per-image PSNR averaged."""
     from diffusers import AutoencoderKL
 
     from data_prep.sample import prep_sample
@@ -65,16 +67,16 @@ def test_vae_reconstructs_held_out_crops_as_its_card_says(tmp_path):
     with tarfile.open(tmp_path / "val-000000.tar") as tar:
         images = [np.asarray(Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB"))
                   for m in tar.getmembers() if m.name.endswith("gt.png")]
-    gts = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()[..., 32:96, 32:96] / 255
+    gts = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
     vae = AutoencoderKL.from_pretrained(str(SHIPPED / "sd" / "vae")).eval()
     with torch.no_grad():
         recon = ((vae.decode(vae.encode(gts * 2 - 1).latent_dist.mode()).sample + 1) / 2).clamp(0, 1)
     psnr = float((10 * torch.log10(1 / (recon - gts).pow(2).mean(dim=(1, 2, 3)))).mean())
-    assert 2 ** (len(vae.config.block_out_channels) - 1) == 4  # the downsampling factor the card states
+    assert 2 ** (len(vae.config.block_out_channels) - 1) == 2  # the downsampling factor the card states
     assert abs(psnr - card_figure("vae")) < 0.05, (psnr, card_figure("vae"))
 
 
-@pytest.mark.parametrize("recipe", ["autoencoder", "clip", "unet"])
+@pytest.mark.parametrize("recipe", ["autoencoder", "clip", "unet", "restorer"])
 def test_recipe_runs_its_first_steps_and_exports(recipe, sample_shards, tmp_path):
     cfg = load_config(REPO / "configs" / "foundations" / f"{recipe}.yaml", [
         f"out_dir={tmp_path / 'run'}", f"data.train={sample_shards}/train-{{000000..000003}}.tar",
@@ -87,3 +89,20 @@ def test_recipe_runs_its_first_steps_and_exports(recipe, sample_shards, tmp_path
     f = next(f for f in FOUNDATIONS.values() if f.recipe == recipe)
     for src in f.copies:
         assert (tmp_path / "weights" / f.stage / src).exists(), src
+
+
+def test_only_remakes_the_named_foundation_and_keeps_the_others(tmp_path):
+    """`--only vae` retrains the VAE into OUT; the CLIP and UNet files stay byte for byte, and the
+    manifest covers every file with the VAE's new hashes."""
+    from lit_restore.foundations import FoundationPlan, run_foundations
+
+    out = tmp_path / "out"
+    shutil.copytree(SHIPPED, out)
+    before = json.loads((out / "MANIFEST.json").read_text())["files"]
+    assert run_foundations(out, tmp_path / "work", FoundationPlan(0.001), only=["vae"]) == 0
+    after = json.loads((out / "MANIFEST.json").read_text())["files"]
+    assert verify_manifest(out) == [] and after.keys() == before.keys()
+    changed = {name for name in after if after[name]["sha256"] != before[name]["sha256"]}
+    assert changed == {"sd/vae/diffusion_pytorch_model.safetensors", "sd/vae/config.json"}, changed
+    assert "--only vae --scale 0.001`" in (out / "sd" / "vae" / "README.md").read_text()
+    assert (out / "clip" / "README.md").read_text() == (SHIPPED / "clip" / "README.md").read_text()
