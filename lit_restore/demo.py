@@ -8,8 +8,10 @@ to `demo_out/logs/<step>.log`.
 
 What each step starts from mirrors the full pipeline, in miniature: BIQA fine-tunes the image tower
 of the tiny CLIP foundation (OpenAI's CLIP at full scale), the LDM fine-tunes the tiny UNet
-foundation on the frozen tiny VAE foundation (SD-1.5's), the restorer uses the encoder the demo's
-ConStyle step pretrained, frozen, and the SCM trains on the demo's frozen LDM. The foundations are
+foundation on the frozen tiny VAE foundation (SD-1.5's), the ConStyle step fine-tunes the encoder of
+the tiny restorer foundation (released ConStyle-NAFNet weights at full scale), the restorer
+fine-tunes that foundation with the demo's encoder frozen, and the SCM trains on the demo's frozen
+LDM. The foundations are
 shipped in `foundations/tiny/` (made by `make foundations`). The figures come from minutes of CPU
 training of tiny models: they show that the method works end to end, not what full-size models reach.
 
@@ -39,17 +41,20 @@ REPO = Path(__file__).resolve().parent.parent
 EVAL_TASKS = ("noise_s25", "blur_s2", "jpeg_q50", "lowres_x4", "haze_b1.5", "rain_a75", "lowlight_g2")
 # Degraded inputs written for the restore step (first val images, one task each).
 RESTORE_TASKS = ("noise_s25", "blur_s2", "haze_b1.5")
+# The ConStyle and restorer steps fine-tune a trained foundation: a quarter and a half of their
+# tiny configs' lr from random (the BIQA fine-tune's lr), so the encoder the restorer was trained
+# with moves little.
+FINE_TUNE_LR = 5e-4
 TINY_NOTE = "tiny models, minutes of CPU training: proof that the method runs end to end, not full-scale quality"
 
 
 @dataclass
 class DemoPlan:
-    """Training lengths and evaluation sizes: 16.7 min of Python on a quiet 2-core machine
-    (docs/benchmarks.md, "Demo"; the restorer is almost half of it)."""
+    """Training lengths and evaluation sizes (docs/benchmarks.md, "Demo", for the time they take)."""
 
     biqa_steps: int = 300
-    constyle_steps: int = 200
-    restorer_steps: int = 800  # checkpoints every quarter: the first is the acceptance line's weights
+    constyle_steps: int = 100
+    restorer_steps: int = 200  # checkpoints every quarter: the first is the acceptance line's weights
     ldm_steps: int = 200
     scm_steps: int = 150
     eval_images: int = 8  # per task
@@ -203,10 +208,14 @@ def run_demo(out: Path, plan: DemoPlan) -> int:
         biqa_ckpt = runs / "biqa" / "checkpoints" / "last.ckpt"
         train("BIQA", "Fine-tune BIQA's image tower", "the tiny CLIP foundation (foundations/tiny/clip), text tower frozen",
               "biqa", plan.biqa_steps)
-        train("ConStyle", "Pretrain the ConStyle encoder (MoCo)", "random initialisation", "constyle", plan.constyle_steps)
-        train("restorer", "Train the ConStyle-NAFNet restorer", "random NAFNet + the ConStyle encoder above, frozen",
-              "restorer", plan.restorer_steps, "model.constyle_mode=frozen",
-              f"model.constyle_weights={runs / 'constyle' / 'checkpoints' / 'last.ckpt'}", every=plan.restorer_early_step)
+        restorer = REPO / "foundations" / "tiny" / "restorer" / "model.safetensors"
+        train("ConStyle", "Fine-tune the ConStyle encoder (MoCo)", "the tiny restorer foundation's encoder "
+              "(foundations/tiny/restorer)", "constyle", plan.constyle_steps, f"model.pretrained={restorer}",
+              f"optim.lr={FINE_TUNE_LR}")
+        train("restorer", "Fine-tune the ConStyle-NAFNet restorer", "the tiny restorer foundation + the ConStyle "
+              "encoder above, frozen", "restorer", plan.restorer_steps, f"model.pretrained={restorer}",
+              "model.constyle_mode=frozen", f"model.constyle_weights={runs / 'constyle' / 'checkpoints' / 'last.ckpt'}",
+              f"optim.lr={FINE_TUNE_LR}", every=plan.restorer_early_step)
         train("LDM", "Fine-tune the LDM (InstructPix2Pix-style)",
               "the tiny UNet foundation (conv_in widened) + the frozen tiny VAE foundation (foundations/tiny/sd), "
               "BIQA's frozen text tower", "ldm", plan.ldm_steps, f"model.clip.pretrained={biqa_ckpt}")
