@@ -254,8 +254,9 @@ def diffusion():
     torch.manual_seed(0)
     ldm_cfg = load_config(REPO / "configs/tiny/ldm.yaml").model
     biqa_cfg = load_config(REPO / "configs/tiny/biqa.yaml").model
-    ldm = LatentDiffusion(widen_conv_in(load_unet(ldm_cfg.pretrained, ldm_cfg.unet_cfg), 16),
-                          load_vae(ldm_cfg.pretrained, ldm_cfg.vae_cfg)).eval()
+    vae = load_vae(ldm_cfg.pretrained, ldm_cfg.vae_cfg)
+    ldm = LatentDiffusion(widen_conv_in(load_unet(ldm_cfg.pretrained, ldm_cfg.unet_cfg), 2 * vae.config.latent_channels),
+                          vae).eval()
     biqa = PromptCLIP(create_clip("tiny", "", biqa_cfg.model_cfg), biqa_cfg.classes).eval()
     return Diffusion(ldm, biqa, HalfwaySCM(), torch.device("cpu"), SamplerSettings(steps=2), TileSettings(48, 16)), biqa
 
