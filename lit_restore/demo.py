@@ -11,9 +11,9 @@ of the tiny CLIP foundation (OpenAI's CLIP at full scale), the LDM fine-tunes th
 foundation on the frozen tiny VAE foundation (SD-1.5's), the ConStyle step fine-tunes the encoder of
 the tiny restorer foundation (released ConStyle-NAFNet weights at full scale), the restorer
 fine-tunes that foundation with the demo's encoder frozen, and the SCM trains on the demo's frozen
-LDM. The foundations are
-shipped in `foundations/tiny/` (made by `make foundations`). The figures come from minutes of CPU
-training of tiny models: they show that the method works end to end, not what full-size models reach.
+LDM. The foundations are shipped in `foundations/tiny/` (made by `make foundations`). The figures
+come from minutes of CPU training of tiny models: they show that the method works end to end, not
+what full-size models reach.
 
 GIR lines for the report: the restorer's early checkpoint is the acceptance line and its final
 weights the excellence line (both run feed-forward, `--fast`); the automatic loop is judged
@@ -143,14 +143,15 @@ def fit_args(config: str, out_dir: Path, data: Path, steps: int, *overrides: str
 
 
 def metric_values(run_dir: Path, name: str) -> list[float]:
-    """Every logged value of `name` in a run's CSV logs, in order."""
+    """Every logged value of `name` in the newest CSV log of a run dir, in order. Each demo and
+    foundation step is one fresh run (`resume=never`); older logs there are an earlier run's."""
     import csv
 
-    values = []
-    for path in sorted(run_dir.glob("logs/version_*/metrics.csv")):
-        with open(path, newline="") as f:
-            values += [float(row[name]) for row in csv.DictReader(f) if row.get(name)]
-    return values
+    logs = sorted(run_dir.glob("logs/version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[-1]))
+    if not logs:
+        return []
+    with open(logs[-1], newline="") as f:
+        return [float(row[name]) for row in csv.DictReader(f) if row.get(name)]
 
 
 def last_metric(run_dir: Path, name: str) -> Optional[float]:

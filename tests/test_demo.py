@@ -56,6 +56,13 @@ def test_loss_story_and_progress_read_the_run_log(tmp_path):
     assert loss_story(tmp_path) == "train/loss 0.9500 → 0.1000 (down)"
     assert progress_text(tmp_path, steps=80, elapsed=40.0) == "step 40/80, ~40 s left"
     assert loss_story(tmp_path / "none") == "no loss logged"
+    # A later fresh run into the same dir (the demo run again): its story is its own, not a mix
+    # with the earlier run's first losses (version_10 sorts after version_9).
+    for v, losses in ((9, [3.0, 3.0]), (10, [2.0, 1.0])):
+        (tmp_path / "logs" / f"version_{v}").mkdir()
+        (tmp_path / "logs" / f"version_{v}" / "metrics.csv").write_text(
+            "step,train/loss\n" + "".join(f"{i},{x}\n" for i, x in enumerate(losses)))
+    assert loss_story(tmp_path) == "train/loss 2.0000 → 1.0000 (down)"
 
 
 def test_figures_name_the_tasks_worse_than_their_input():
