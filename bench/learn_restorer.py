@@ -22,7 +22,7 @@ import argparse
 import os
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -146,10 +146,18 @@ def main() -> None:
         if "constyle_frozen" in models:
             t0 = time.perf_counter()
             encoder = pool.submit(pretrain_constyle, args, Path(tmp)).result()
-            print(f"constyle pretraining: {args.pretrain_steps} steps in {time.perf_counter() - t0:.0f} s")
+            print(f"constyle pretraining: {args.pretrain_steps} steps in {time.perf_counter() - t0:.0f} s", flush=True)
             models["constyle_frozen"].append(f"model.constyle_weights={encoder}")
-        futures = {name: pool.submit(run, name, overrides, args, Path(tmp)) for name, overrides in models.items()}
-        results = {name: f.result() for name, f in futures.items()}
+        futures = {pool.submit(run, name, overrides, args, Path(tmp)): name for name, overrides in models.items()}
+        done = {}
+        for future in as_completed(futures):
+            # Each model's figure as it lands, so a long run that dies later keeps what it measured.
+            name, r = futures[future], future.result()
+            done[name] = r
+            gain = type_means({t: r["after"][t] - r["input"][t] for t in r["input"]})[-1]
+            print(f"{name}: {type_means(r['after'])[-1]:.2f} dB mean over types ({gain:+.2f} over the input), "
+                  f"{r['seconds']:.0f} s", flush=True)
+        results = {name: done[name] for name in models}
 
     inputs = next(iter(results.values()))["input"]
     n = len(next(iter(inputs.values())))

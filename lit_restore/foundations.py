@@ -141,7 +141,7 @@ def run_foundations(out: Path, work: Path, plan: FoundationPlan, only: Optional[
             args = ["fit", f"configs/foundations/{f.recipe}.yaml", f"out_dir={run}",
                     f"data.train={data}/train-{{000000..000003}}.tar", f"data.val={data}/val-000000.tar",
                     "resume=never", "logger=csv"]
-            if name == "unet" and out != DEFAULT_OUT:  # the recipe reads the VAE and CLIP from foundations/tiny/
+            if f.stage == "ldm" and out != DEFAULT_OUT:  # the recipe reads the VAE and CLIP from foundations/tiny/
                 args += [f"model.pretrained={out / 'sd'}", f"model.clip.pretrained={out / 'clip' / 'open_clip_model.safetensors'}"]
             if steps is not None:
                 args += [f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
