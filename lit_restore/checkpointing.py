@@ -24,7 +24,7 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import AbstractSet, Any, Optional
 
 import lightning as L
 import torch
@@ -172,6 +172,18 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict):
         raise WeightsError(f"{path}: its state_dict is a {type(state).__name__}, not a dict of tensors")
     return state
+
+
+def tensors_under_prefix(state: dict[str, torch.Tensor], wanted: AbstractSet[str], prefixes: tuple[str, ...]
+                         ) -> Optional[dict[str, torch.Tensor]]:
+    """The `wanted` keys of `state` under the first of `prefixes` that holds all of them, with the
+    prefix stripped (a module's weights inside a checkpoint, an export or a bare state dict); None
+    when no prefix holds them all."""
+    for prefix in prefixes:
+        found = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if wanted <= found.keys():
+            return {k: found[k] for k in wanted}
+    return None
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

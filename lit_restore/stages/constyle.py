@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lit_restore.checkpointing import WeightsError, read_weights
+from lit_restore.checkpointing import WeightsError, read_weights, tensors_under_prefix
 from lit_restore.config import ConStyleNetConfig, RunConfig
 from lit_restore.data.degrade.types import DEGRADATION_TYPES
 from lit_restore.models.constyle import (
@@ -51,17 +51,14 @@ def load_encoder_weights(encoder: nn.Module, path: str) -> None:
     except WeightsError as e:
         raise WeightsError(f"ConStyle weights: {e} (give a constyle .ckpt, exported folder or model.safetensors)") from None
     wanted = {k for k in encoder.state_dict() if not k.startswith("classifier.")}
-    for prefix in _ENCODER_PREFIXES:
-        found = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        if wanted <= found.keys():
-            sub = {k: v for k, v in found.items() if k in wanted}
-            try:
-                encoder.load_state_dict(sub, strict=not any(k.startswith("classifier.") for k in encoder.state_dict()))
-            except RuntimeError as e:
-                raise WeightsError(f"{path}: ConStyle encoder shapes differ from model.constyle "
-                                 f"(base_channels/dim): {str(e).splitlines()[-1].strip()}") from None
-            return
-    raise WeightsError(f"{path}: no ConStyle encoder weights found (looked for keys under {', '.join(repr(p) for p in _ENCODER_PREFIXES)})")
+    sub = tensors_under_prefix(state, wanted, _ENCODER_PREFIXES)
+    if sub is None:
+        raise WeightsError(f"{path}: no ConStyle encoder weights found (looked for keys under {', '.join(repr(p) for p in _ENCODER_PREFIXES)})")
+    try:
+        encoder.load_state_dict(sub, strict=not any(k.startswith("classifier.") for k in encoder.state_dict()))
+    except RuntimeError as e:
+        raise WeightsError(f"{path}: ConStyle encoder shapes differ from model.constyle "
+                           f"(base_channels/dim): {str(e).splitlines()[-1].strip()}") from None
 
 
 def build_encoder(m: ConStyleNetConfig) -> ConStyleEncoder:
