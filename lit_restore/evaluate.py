@@ -96,7 +96,7 @@ def evaluate_command(weights: str, suite: str, data: str, out: str, lines: Optio
                      max_images: int = 0, crop_border: int = 4, y_channel: bool = False,
                      lpips_weights: Optional[str] = None, fast: bool = False, steps: int = 100, sampler: str = "euler_a",
                      max_passes: int = 7, device: str = "auto", seed: int = 0, threads: int = 0,
-                     compare_fast: bool = False) -> int:
+                     compare_fast: bool = False, strength: float = 1.0) -> int:
     """Evaluate `weights` on the suite and write metrics.json + report.md/html into `out`.
     Exit codes: 0 done; 1 done, but some images ran out of memory (listed in OUT/failed.txt, left
     out of the metrics); 2 nothing evaluated (missing weights or data, bad arguments, an output
@@ -104,7 +104,7 @@ def evaluate_command(weights: str, suite: str, data: str, out: str, lines: Optio
 
     from lit_restore.data.shards import check_local_shards, expand_urls, is_local
 
-    sampling, tiles = SamplerSettings(steps=steps, sampler=sampler), TileSettings()
+    sampling, tiles = SamplerSettings(steps=steps, sampler=sampler, strength=strength), TileSettings()
     try:
         check_settings(sampling, tiles, max_passes)
         if crop_border < 0:
@@ -196,7 +196,7 @@ def evaluate_command(weights: str, suite: str, data: str, out: str, lines: Optio
         method = "feed-forward ConStyle restorer (--fast)"
     else:
         method = (f"automatic loop (BIQA → LDM{' → SCM' if restorer.diffusion.scm is not None else ''}), "
-                  f"{sampler} {steps} steps, up to {max_passes} passes")
+                  f"{sampler} {steps} steps{f' from strength {strength:g}' if strength < 1 else ''}, up to {max_passes} passes")
     result = EvalResult(
         weights=str(weights), method=method,
         conventions=Conventions(crop_border=crop_border, y_channel=y_channel, lpips=lpips_note),

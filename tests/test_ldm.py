@@ -80,6 +80,40 @@ def test_sample_shapes_determinism_and_guidance(ldm):
         run(0, sampler="heun")
 
 
+def test_strength_starts_from_the_inputs_latent_and_runs_that_share_of_the_steps(ldm):
+    """SDEdit: strength 0.3 of 10 steps is 3 UNet passes from the input's noised latent; a weak
+    strength lands near the input's VAE reconstruction, pure noise (strength 1) far from it."""
+    lq = torch.rand(1, 3, 32, 32)
+    ctx, null = torch.zeros(1, 77, 32), torch.zeros(1, 77, 32)
+    calls = []
+
+    class Counting(torch.nn.Module):
+        def __init__(self, unet):
+            super().__init__()
+            self.unet = unet
+
+        def forward(self, *args, **kwargs):
+            calls.append(1)
+            return self.unet(*args, **kwargs)
+
+    counting = Counting(ldm.unet)
+    with torch.no_grad():
+        recon = ldm.decode(ldm.encode_condition(lq) * ldm.vae.config.scaling_factor)
+    for sampler in ("euler_a", "ddim"):
+        def run(strength):
+            calls.clear()
+            out = ldm.sample(lq, ctx, null, steps=10, sampler=sampler, generator=torch.Generator().manual_seed(0),
+                             unet=counting, strength=strength)
+            return out, len(calls)
+
+        (full, n_full), (part, n_part), (weak, _) = run(1.0), run(0.3), run(0.1)
+        assert (n_full, n_part) == (10, 3), sampler
+        assert (weak - recon).pow(2).mean() < 0.25 * (full - recon).pow(2).mean(), sampler
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="strength"):
+            ldm.sample(lq, ctx, null, steps=2, strength=bad)
+
+
 def test_latent_convention(ldm):
     x = torch.rand(2, 3, 32, 32)
     cond = ldm.encode_condition(x)

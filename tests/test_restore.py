@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from _tiny_weights import REPO, export_loop, export_tiny
-from lit_restore.restore import automatic_loop, collect_inputs, mix_prompts, output_stem, save_result
+from lit_restore.restore import (automatic_loop, biqa_logits, collect_inputs, crop_offsets, mix_prompts, output_stem,
+                                 save_result)
 
 CLASSES = ["no", "noise", "blur", "lowres"]
 
@@ -68,6 +69,34 @@ def test_loop_stops_at_max_passes():
 def test_loop_needs_a_no_class():
     with pytest.raises(ValueError, match="'no'"):
         automatic_loop(torch.zeros(1, 3, 4, 4), lambda x: torch.zeros(1, 2), ["noise", "blur"], None, None)
+
+
+class CropBIQA:
+    """A BIQA stand-in whose two logits are each crop's mean brightness (and its negative)."""
+
+    image_size, resize = (32, 32), False
+
+    def __init__(self):
+        self.batches = []
+
+    def logits(self, x):
+        self.batches.append(tuple(x.shape))
+        m = x.mean(dim=(1, 2, 3))
+        return torch.stack([m, -m], dim=1)
+
+
+def test_biqa_averages_its_logits_over_a_grid_of_native_scale_crops():
+    image = torch.zeros(1, 3, 128, 128)
+    image[..., 96:, :32] = 1.0  # only the bottom-left crop is bright; the centre crop would miss it
+    biqa = CropBIQA()
+    torch.testing.assert_close(biqa_logits(biqa, image, torch.device("cpu")), torch.tensor([[1 / 16, -1 / 16]]))
+    assert biqa.batches == [(16, 3, 32, 32)]  # a 4x4 grid, one batch
+    biqa_logits(biqa, torch.rand(1, 3, 5000, 40), torch.device("cpu"))
+    assert biqa.batches[-1] == (4, 3, 32, 32)  # at most 4 per side, only as many as fit
+    biqa_logits(biqa, torch.rand(1, 3, 20, 40), torch.device("cpu"))
+    assert biqa.batches[-1] == (1, 3, 20, 40)  # smaller than a crop: scored whole (PromptCLIP resizes it)
+    assert crop_offsets(128, 32, 4) == [0, 32, 64, 96] and crop_offsets(100, 32, 3) == [0, 34, 68]
+    assert crop_offsets(40, 32, 1) == [4] and crop_offsets(5000, 224, 4)[-1] == 5000 - 224
 
 
 def test_mix_prompts_is_the_weighted_sum_of_token_states():
@@ -190,6 +219,8 @@ def test_missing_weights_and_bad_arguments_fail_in_one_line(weights, inputs, tmp
     assert code == 2 and len(err.splitlines()) == 1 and "no exported ldm weights" in err
     code = run_restore([inputs / "rgb.png", "--weights", weights, "--out", tmp_path / "o", "--sampler", "heun"])
     assert code == 2 and "--sampler 'heun'" in capsys.readouterr().err
+    code = run_restore([inputs / "rgb.png", "--weights", weights, "--out", tmp_path / "o", "--strength", "0"])
+    assert code == 2 and "--strength 0.0 must be in (0, 1]" in capsys.readouterr().err
     code = run_restore([tmp_path / "none.png", "--weights", weights, "--out", tmp_path / "o", "--fast"])
     err = capsys.readouterr().err
     assert code == 2 and "none.png: no such file" in err and "no input images" in err

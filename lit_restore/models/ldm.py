@@ -200,23 +200,37 @@ class LatentDiffusion(nn.Module):
         guidance_image: float = 1.0,
         generator: Optional[torch.Generator] = None,
         unet: Optional[nn.Module] = None,
+        strength: float = 1.0,
     ) -> Tensor:
         """Restore [0,1] images `lq` (B,3,H,W) given text context (B,L,D); [0,1] output of the same size.
 
         Three-way InstructPix2Pix guidance: ε = ε_u + s_T(ε_c − ε_img) + s_I(ε_img − ε_u), where
         ε_img drops the text (null_context, (1,L,D)) and ε_u also zeroes the image latent. With
         s_T = s_I = 1 this is ε_c, computed in one UNet pass. `unet` overrides self.unet (EMA).
+        `strength` < 1 starts from the input's own latent noised to that fraction of the schedule
+        and runs only the remaining steps (SDEdit); 1 starts from pure noise (AutoDIR).
         """
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength {strength} must be in (0, 1]")
         unet = self.unet if unet is None else unet
         h, w = lq.shape[-2:]
         cond = self.encode_condition(self.pad(lq))
         sched = make_sampler(sampler, self.scheduler)
         sched.set_timesteps(steps, device=lq.device)
-        z = torch.randn(cond.shape, generator=generator, device=lq.device) * sched.init_noise_sigma
+        noise = torch.randn(cond.shape, generator=generator, device=lq.device)
+        timesteps = sched.timesteps
+        if strength < 1.0:
+            skip = (steps - max(1, round(steps * strength))) * sched.order
+            timesteps = timesteps[skip:]
+            if hasattr(sched, "set_begin_index"):  # Euler counts its steps from here; DDIM needs no index
+                sched.set_begin_index(skip)
+            z = sched.add_noise(cond * self.vae.config.scaling_factor, noise, timesteps[:1])
+        else:
+            z = noise * sched.init_noise_sigma
         guided = guidance_text != 1.0 or guidance_image != 1.0
         b = lq.shape[0]
         null = null_context.expand(b, -1, -1)
-        for t in sched.timesteps:
+        for t in timesteps:
             x = sched.scale_model_input(z, t)
             if guided:
                 out = self.denoise(unet, torch.cat([x, x, x]), t, torch.cat([cond, cond, torch.zeros_like(cond)]),
