@@ -29,6 +29,7 @@ from typing import AbstractSet, Any, Optional
 import lightning as L
 import torch
 import torch.distributed as dist
+from torch import nn
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
@@ -184,6 +185,25 @@ def tensors_under_prefix(state: dict[str, torch.Tensor], wanted: AbstractSet[str
         if wanted <= found.keys():
             return {k: found[k] for k in wanted}
     return None
+
+
+def load_module_weights(module: nn.Module, path: str, prefixes: tuple[str, ...], what: str) -> None:
+    """Load a whole `module` (`what`, e.g. "restorer") from a file as `model.pretrained`: a stage
+    .ckpt, an exported folder or a safetensors file, read as data. The file must hold every one of
+    the module's tensors under one of `prefixes`, at the same shapes (the same arch and sizes)."""
+    try:
+        state = read_weights(path)
+    except WeightsError as e:
+        raise WeightsError(f"model.pretrained: {e} (give a {what} .ckpt, exported folder or model.safetensors)") from None
+    sub = tensors_under_prefix(state, module.state_dict().keys(), prefixes)
+    if sub is None:
+        raise WeightsError(f"{path}: not a {type(module).__name__} of this config (looked for its keys under "
+                           f"{', '.join(repr(p) for p in prefixes)})")
+    try:
+        module.load_state_dict(sub)
+    except RuntimeError as e:
+        raise WeightsError(f"{path}: {what} shapes differ from model (arch/width/blocks): "
+                           f"{str(e).splitlines()[-1].strip()}") from None
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

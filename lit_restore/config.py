@@ -466,12 +466,15 @@ class SCMModelConfig:
     middle_blocks: int = 12
     dec_blocks: list[int] = field(default_factory=lambda: [2, 2, 2, 2])
     w: float = 1.0  # residual scale (AutoDIR's w)
+    # An SCM to fine-tune (an scm .ckpt, export folder or model.safetensors of the same sizes): the
+    # tiny SCM foundation; empty: a fresh NAFNet (AutoDIR).
+    pretrained: str = ""
     # AutoDIR's NAFNet sees and corrects [-1,1] images (the residual is in those units); false: [0,1].
     signed_range: bool = True
     # AutoDIR trains the SCM through the frozen LDM with stage 2's classifier-free dropout
     # (model.ldm.drop_*: text 10 %, image 10 %); one_step input only.
     cond_dropout: bool = True
-    loss: str = choice("mse", ("mse", "l1"), "pixel loss against the GT")
+    loss: str = choice("mse", ("mse", "l1", "psnr"), "pixel loss against the GT (AutoDIR: mse)")
     # The frozen LDM: architecture and source as in the ldm stage. Real use needs the trained LDM:
     # point ldm.pretrained at an ldm export folder, or set ldm_checkpoint.
     ldm: LDMModelConfig = field(default_factory=LDMModelConfig)
@@ -482,6 +485,7 @@ class SCMModelConfig:
     t_max: int = 1000  # one_step: t = floor(t_max * u**t_power), u ~ U(0,1)
     t_power: float = 1.0  # > 1 biases t toward low noise
     sample_steps: int = 10  # sample: Euler-ancestral steps
+    sample_strength: float = 1.0  # sample: restore's --strength (1: from pure noise)
 
 
 @dataclass

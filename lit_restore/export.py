@@ -88,6 +88,7 @@ def without_downloads(cfg: RunConfig, folder: Optional[Path] = None) -> RunConfi
     if cfg.stage == "scm":
         m.ldm = dataclasses.replace(m.ldm, clip=dataclasses.replace(m.ldm.clip, pretrained=""))
         m.ldm_checkpoint = ""
+        m.pretrained = ""
     return cfg
 
 

@@ -44,11 +44,54 @@ def test_correction_is_a_scaled_residual_on_the_ldm_output(signed):
     stage = make_stage("model.w=0.5", f"model.signed_range={signed}").eval()
     lq, ldm_out = torch.rand(2, 3, 24, 20), torch.rand(2, 3, 24, 20)
     with torch.no_grad():
+        for p in stage.scm.net.ending.parameters():  # a trained SCM's last conv, not the fresh zero one
+            p.normal_(0, 0.1)
         if signed:  # AutoDIR: the NAFNet sees and corrects [-1,1] images
             expected = ldm_out + 0.25 * stage.scm.net(torch.cat([lq * 2 - 1, ldm_out * 2 - 1], 1))
         else:
             expected = ldm_out + 0.5 * stage.scm.net(torch.cat([lq, ldm_out], 1))
         torch.testing.assert_close(stage.export_modules()["scm"](lq, ldm_out), expected)
+
+
+def test_a_fresh_correction_passes_the_ldm_output_through():
+    stage = make_stage().eval()
+    lq, ldm_out = torch.rand(2, 3, 24, 20), torch.rand(2, 3, 24, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(stage.scm(lq, ldm_out), ldm_out)
+
+
+def test_psnr_loss_is_the_negative_mean_psnr_of_the_valid_images():
+    stage = make_stage("model.loss=psnr")
+    gt = torch.rand(3, 3, 8, 8)
+    out = gt + torch.tensor([0.1, 0.01, 0.5]).view(3, 1, 1, 1)  # MSE 1e-2, 1e-4 (20 and 40 dB), 0.25
+    loss = stage._loss(out, gt, torch.tensor([True, True, False]))
+    torch.testing.assert_close(loss, torch.tensor(-30.0), atol=1e-3, rtol=0)  # 1e-8 keeps log finite
+
+
+def test_pretrained_loads_a_whole_scm_and_refuses_bad_files(tmp_path):
+    from safetensors.torch import save_file
+
+    source = make_stage()
+    with torch.no_grad():
+        for p in source.scm.parameters():
+            p.normal_()
+    ckpt = tmp_path / "scm.ckpt"
+    torch.save({"state_dict": source.state_dict()}, ckpt)
+    exported = tmp_path / "model.safetensors"  # an export's layout: the StructureCorrection under "scm."
+    save_file({f"scm.{k}": v.contiguous() for k, v in source.scm.state_dict().items()}, exported)
+    for path in (ckpt, exported):
+        loaded = make_stage(f"model.pretrained={path}")
+        for k, v in source.scm.state_dict().items():
+            assert torch.equal(loaded.scm.state_dict()[k], v), (path.name, k)
+    with pytest.raises(WeightsError, match="scm shapes differ"):
+        make_stage("model.width=8", f"model.pretrained={ckpt}")
+    with pytest.raises(WeightsError, match="model.pretrained: .*not found"):
+        make_stage(f"model.pretrained={tmp_path / 'missing.ckpt'}")
+    marker = tmp_path / "ran"
+    evil = code_running_checkpoint(tmp_path / "evil.ckpt", marker, source.state_dict())
+    with pytest.raises(WeightsError, match="refused"):
+        make_stage(f"model.pretrained={evil}")
+    assert not marker.exists()
 
 
 def test_training_applies_the_ldms_classifier_free_dropout():
@@ -109,6 +152,8 @@ def test_loads_the_ldm_from_an_ldm_checkpoint(tmp_path):
 def test_bad_timestep_settings():
     with pytest.raises(ConfigError, match="model.t_max"):
         make_stage("model.t_max=0")
+    with pytest.raises(ConfigError, match="model.sample_strength"):
+        make_stage("model.sample_strength=0")
 
 
 def test_fit_tiny_config(sample_shards, tmp_path):

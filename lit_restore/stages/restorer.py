@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lit_restore.checkpointing import WeightsError, read_weights, tensors_under_prefix
+from lit_restore.checkpointing import load_module_weights
 from lit_restore.config import ConfigError, RunConfig
 from lit_restore.models.constyle import ConStyleNAFNet, MoCo, check_queue_divisible
 from lit_restore.models.nafnet import NAFNet, pad_to_multiple
@@ -30,21 +30,8 @@ _RESTORER_PREFIXES = ("ema.module.", "net.", "restorer.", "")
 
 
 def load_restorer_weights(net: nn.Module, path: str) -> None:
-    """Load a whole restorer (a restorer .ckpt, exported folder or model.safetensors) into `net`;
-    the file must hold every one of its tensors at the same shapes (the same arch and sizes)."""
-    try:
-        state = read_weights(path)
-    except WeightsError as e:
-        raise WeightsError(f"model.pretrained: {e} (give a restorer .ckpt, exported folder or model.safetensors)") from None
-    sub = tensors_under_prefix(state, net.state_dict().keys(), _RESTORER_PREFIXES)
-    if sub is None:
-        raise WeightsError(f"{path}: not a {type(net).__name__} of this config (looked for its keys under "
-                           f"{', '.join(repr(p) for p in _RESTORER_PREFIXES)})")
-    try:
-        net.load_state_dict(sub)
-    except RuntimeError as e:
-        raise WeightsError(f"{path}: restorer shapes differ from model (arch/width/blocks): "
-                           f"{str(e).splitlines()[-1].strip()}") from None
+    """Load a whole restorer (a restorer .ckpt, exported folder or model.safetensors) into `net`."""
+    load_module_weights(net, path, _RESTORER_PREFIXES, "restorer")
 
 
 # psnr_mse: the PSNR at which an image's MSE term pulls as hard as its PSNR term. Above it

@@ -10,6 +10,7 @@ Real use needs the trained LDM; the tiny config uses a random one so the stage r
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -17,12 +18,16 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.image import PeakSignalNoiseRatio
 
-from lit_restore.checkpointing import WeightsError, read_weights
+from lit_restore.checkpointing import WeightsError, load_module_weights, read_weights
 from lit_restore.config import ConfigError, RunConfig
 from lit_restore.models.ldm import LatentDiffusion, predict_x0
 from lit_restore.models.nafnet import NAFNet
 from lit_restore.stages.base import Stage
 from lit_restore.stages.ldm import DTYPES, NULL_PROMPT, build_latent_diffusion, cfg_dropout, masked_mean, prompt_bank
+
+
+# Where a whole StructureCorrection sits: an scm checkpoint's or export's `scm`, or bare.
+_SCM_PREFIXES = ("scm.", "")
 
 
 class StructureCorrection(nn.Module):
@@ -82,6 +87,8 @@ class SCMStage(Stage):
             raise ConfigError(f"model.t_power: {m.t_power} must be > 0")
         if m.sample_steps < 1:
             raise ConfigError(f"model.sample_steps: {m.sample_steps} must be >= 1")
+        if not 0.0 < m.sample_strength <= 1.0:
+            raise ConfigError(f"model.sample_strength: {m.sample_strength} must be in (0, 1]")
         self.scm: StructureCorrection | None = None
         self.frozen: FrozenLDM | None = None
         self.val_psnr_ldm = PeakSignalNoiseRatio(data_range=1.0, reduction="elementwise_mean", dim=(1, 2, 3))
@@ -92,11 +99,18 @@ class SCMStage(Stage):
         m = self.cfg.model
         net = NAFNet(in_channels=6, out_channels=3, width=m.width, enc_blocks=m.enc_blocks,
                      middle_blocks=m.middle_blocks, dec_blocks=m.dec_blocks, global_residual=False)
+        # A zero last conv: a fresh SCM passes the LDM output through and learns its correction from
+        # there; a random one adds a random image of its inputs that 150 tiny-demo steps did not undo
+        # (val PSNR 19.4 dB against the LDM output's own 20.5; docs/benchmarks.md, "LDM / SCM learning").
+        nn.init.zeros_(net.ending.weight)
+        nn.init.zeros_(net.ending.bias)
         self.scm = StructureCorrection(net, m.w, signed=m.signed_range)
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
             self.configure_model()
+            if self.cfg.model.pretrained:
+                load_module_weights(self.scm, self.cfg.model.pretrained, _SCM_PREFIXES, "scm")
             self.build_frozen_ldm()
 
     def build_frozen_ldm(self) -> FrozenLDM:
@@ -132,7 +146,7 @@ class SCMStage(Stage):
         context = bank[batch["label"]]
         if m.ldm_input == "sample":
             return ldm.sample(lq, context, bank[NULL_PROMPT:], steps=m.sample_steps, sampler="euler_a",
-                              generator=generator)
+                              generator=generator, strength=m.sample_strength)
         z0, cond = ldm.encode_pair(ldm.pad(gt), ldm.pad(lq), generator)
         if drop:
             d = m.ldm
@@ -147,7 +161,10 @@ class SCMStage(Stage):
 
     def _loss(self, out: Tensor, gt: Tensor, valid: Tensor) -> Tensor:
         diff = out - gt
-        per_sample = diff.pow(2).mean(dim=(1, 2, 3)) if self.cfg.model.loss == "mse" else diff.abs().mean(dim=(1, 2, 3))
+        kind = self.cfg.model.loss
+        per_sample = diff.abs().mean(dim=(1, 2, 3)) if kind == "l1" else diff.pow(2).mean(dim=(1, 2, 3))
+        if kind == "psnr":  # negative PSNR per image: a dB on a good image weighs what it does on a bad one
+            per_sample = (10.0 / math.log(10.0)) * torch.log(per_sample + 1e-8)
         return masked_mean(per_sample, valid)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
