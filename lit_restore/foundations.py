@@ -11,6 +11,7 @@ from the scikit-image sample photos:
 | `clip/` | OpenAI CLIP | configs/foundations/clip.yaml | biqa (text tower trained too) |
 | `sd/unet/` | SD-1.5's UNet | configs/foundations/unet.yaml | ldm (plain denoiser, on the VAE above) |
 | `restorer/` | released ConStyle-NAFNet weights | configs/foundations/restorer.yaml | restorer (encoder jointly) |
+| `scm/` | released SCM weights | configs/foundations/scm.yaml | scm (on the untuned LDM foundation) |
 
 Each step is a real `lit-restore fit` + `lit-restore export`; the exported files are copied into
 `--out` (default `foundations/tiny/`) with a model card each and `MANIFEST.json` (sha256, bytes).
@@ -59,6 +60,9 @@ FOUNDATIONS: dict[str, Foundation] = {
     "restorer": Foundation("restorer", "restorer", "a released restorer (ConStyle-NAFNet) to fine-tune",
                            {"model.safetensors": "restorer/model.safetensors"}, "restorer", "val/psnr",
                            "restored PSNR (dB) on the 128-px val crops, one synthetic degradation each"),
+    "scm": Foundation("scm", "scm", "a released structure corrector (AutoDIR's SCM) to fine-tune",
+                      {"model.safetensors": "scm/model.safetensors"}, "scm", "val/psnr",
+                      "corrected PSNR (dB) of the untuned tiny LDM's samples (strength 0.3, 10 steps), 32-px val crops"),
 }
 DEFAULT_OUT = REPO / "foundations" / "tiny"
 
@@ -141,8 +145,10 @@ def run_foundations(out: Path, work: Path, plan: FoundationPlan, only: Optional[
             args = ["fit", f"configs/foundations/{f.recipe}.yaml", f"out_dir={run}",
                     f"data.train={data}/train-{{000000..000003}}.tar", f"data.val={data}/val-000000.tar",
                     "resume=never", "logger=csv"]
-            if f.stage == "ldm" and out != DEFAULT_OUT:  # the recipe reads the VAE and CLIP from foundations/tiny/
-                args += [f"model.pretrained={out / 'sd'}", f"model.clip.pretrained={out / 'clip' / 'open_clip_model.safetensors'}"]
+            if out != DEFAULT_OUT:  # the recipes read the VAE, UNet and CLIP from foundations/tiny/
+                ldm = {"ldm": "model.", "scm": "model.ldm."}.get(f.stage)
+                if ldm is not None:
+                    args += [f"{ldm}pretrained={out / 'sd'}", f"{ldm}clip.pretrained={out / 'clip' / 'open_clip_model.safetensors'}"]
             if steps is not None:
                 args += [f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
                          f"checkpoint.every_n_steps={steps}", "optim.warmup_steps=1"]
@@ -180,7 +186,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--work", default="runs/foundations", help="training runs, exports and data")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every training length (0.01: a smoke run)")
     p.add_argument("--only", nargs="+", choices=list(FOUNDATIONS), default=None,
-                   help="remake only these (the unet is trained on the shipped vae, so remake it after the vae)")
+                   help="remake only these (the unet is trained on the shipped vae and clip, the scm on the unet: "
+                        "remake what depends on a remade one too)")
     a = p.parse_args(argv)
     if a.scale <= 0:
         p.error("--scale must be > 0")

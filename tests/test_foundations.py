@@ -31,7 +31,7 @@ def test_shipped_files_match_the_manifest_and_the_budget():
     files = json.loads((SHIPPED / "MANIFEST.json").read_text())["files"]
     assert sum(f["bytes"] for f in files.values()) <= BUDGET_BYTES
     weights = [name for name in files if name.endswith(".safetensors")]
-    assert len(weights) == len(FOUNDATIONS)  # VAE, CLIP, UNet, restorer
+    assert len(weights) == len(FOUNDATIONS)  # VAE, CLIP, UNet, restorer, SCM
     assert not [p for p in SHIPPED.rglob("*") if p.suffix in (".ckpt", ".pt", ".pth", ".bin", ".pkl")]  # no pickle anywhere
 
 
@@ -76,7 +76,7 @@ def test_vae_reconstructs_held_out_crops_as_its_card_says(tmp_path):
     assert abs(psnr - card_figure("vae")) < 0.05, (psnr, card_figure("vae"))
 
 
-@pytest.mark.parametrize("recipe", ["autoencoder", "clip", "unet", "restorer"])
+@pytest.mark.parametrize("recipe", ["autoencoder", "clip", "unet", "restorer", "scm"])
 def test_recipe_runs_its_first_steps_and_exports(recipe, sample_shards, tmp_path):
     cfg = load_config(REPO / "configs" / "foundations" / f"{recipe}.yaml", [
         f"out_dir={tmp_path / 'run'}", f"data.train={sample_shards}/train-{{000000..000003}}.tar",

@@ -170,3 +170,15 @@ def test_fit_tiny_config(sample_shards, tmp_path):
     assert list((tmp_path / "run" / "samples").glob("val_corrected_*.png"))
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     assert all(k.startswith(("scm.", "degrader.")) or "." not in k for k in ckpt["state_dict"]), list(ckpt["state_dict"])[:5]
+
+
+def test_the_tiny_config_fine_tunes_the_shipped_scm_foundation():
+    """The demo's SCM step: configs/tiny/scm.yaml with model.pretrained at the shipped foundation
+    (the same sizes, every tensor loaded)."""
+    from safetensors.torch import load_file
+
+    path = ROOT / "foundations" / "tiny" / "scm" / "model.safetensors"
+    state = load_file(str(path))
+    stage = make_stage(f"model.pretrained={path}")
+    for k, v in stage.scm.state_dict().items():
+        assert torch.equal(state[f"scm.{k}"], v), k

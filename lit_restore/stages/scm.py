@@ -4,8 +4,10 @@ The LDM (UNet, VAE, prompt contexts) is frozen and kept out of this stage's chec
 optimizer: it is rebuilt in `setup` from `model.ldm` and `model.ldm_checkpoint`. What the SCM
 corrects is, by default, AutoDIR's cheap stand-in for a sampler run: the x0 estimate decoded
 from the GT latent noised to a random timestep. `t_power` > 1 biases that timestep low;
-`ldm_input=sample` runs a short sampler from noise instead (what inference really produces).
-Real use needs the trained LDM; the tiny config uses a random one so the stage runs anywhere.
+`ldm_input=sample` runs the short sampler `restore` runs instead (`sample_steps`,
+`sample_strength`: what inference really produces). Real use needs the trained LDM
+(`model.ldm_checkpoint`); without one the tiny config corrects the untuned tiny foundations.
+`model.pretrained` fine-tunes an SCM (the tiny SCM foundation) instead of a fresh one.
 """
 
 from __future__ import annotations
