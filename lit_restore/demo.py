@@ -11,9 +11,9 @@ of the tiny CLIP foundation (OpenAI's CLIP at full scale), the LDM fine-tunes th
 foundation on the frozen tiny VAE foundation (SD-1.5's), the ConStyle step fine-tunes the encoder of
 the tiny restorer foundation (released ConStyle-NAFNet weights at full scale), the restorer
 fine-tunes that foundation with the demo's encoder frozen, and the SCM fine-tunes the tiny SCM
-foundation on the demo's frozen LDM. The foundations are shipped in `foundations/tiny/` (made by `make foundations`). The figures
-come from minutes of CPU training of tiny models: they show that the method works end to end, not
-what full-size models reach.
+foundation on the demo's frozen LDM. The foundations are shipped in `foundations/tiny/` (made by
+`make foundations`). The figures come from minutes of CPU training of tiny models: they show that
+the method works end to end, not what full-size models reach.
 
 GIR lines for the report: the restorer's early checkpoint is the acceptance line and its final
 weights the excellence line (both run feed-forward, `--fast`); the automatic loop is judged

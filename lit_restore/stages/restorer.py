@@ -46,9 +46,14 @@ def image_mse(pred: Tensor, gt: Tensor) -> Tensor:
     return (pred - gt).pow(2).mean(dim=(1, 2, 3))
 
 
+def image_psnr_loss(pred: Tensor, gt: Tensor) -> Tensor:
+    """(B,) negative PSNR per image, for [0,1] images (the 1e-8 keeps a perfect image finite)."""
+    return (10.0 / math.log(10.0)) * torch.log(image_mse(pred, gt) + 1e-8)
+
+
 def psnr_loss(pred: Tensor, gt: Tensor) -> Tensor:
     """Negative per-image PSNR averaged over the batch (NAFNet's PSNRLoss), for [0,1] images."""
-    return (10.0 / math.log(10.0)) * torch.log(image_mse(pred, gt) + 1e-8).mean()
+    return image_psnr_loss(pred, gt).mean()
 
 
 def psnr_mse_loss(pred: Tensor, gt: Tensor) -> Tensor:

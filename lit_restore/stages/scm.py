@@ -12,7 +12,6 @@ from the GT latent noised to a random timestep. `t_power` > 1 biases that timest
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -26,6 +25,7 @@ from lit_restore.models.ldm import LatentDiffusion, predict_x0
 from lit_restore.models.nafnet import NAFNet
 from lit_restore.stages.base import Stage
 from lit_restore.stages.ldm import DTYPES, NULL_PROMPT, build_latent_diffusion, cfg_dropout, masked_mean, prompt_bank
+from lit_restore.stages.restorer import image_mse, image_psnr_loss
 
 
 # Where a whole StructureCorrection sits: an scm checkpoint's or export's `scm`, or bare.
@@ -162,11 +162,11 @@ class SCMStage(Stage):
         return ldm.decode(x0)[..., :h, :w]
 
     def _loss(self, out: Tensor, gt: Tensor, valid: Tensor) -> Tensor:
-        diff = out - gt
         kind = self.cfg.model.loss
-        per_sample = diff.abs().mean(dim=(1, 2, 3)) if kind == "l1" else diff.pow(2).mean(dim=(1, 2, 3))
         if kind == "psnr":  # negative PSNR per image: a dB on a good image weighs what it does on a bad one
-            per_sample = (10.0 / math.log(10.0)) * torch.log(per_sample + 1e-8)
+            per_sample = image_psnr_loss(out, gt)
+        else:
+            per_sample = (out - gt).abs().mean(dim=(1, 2, 3)) if kind == "l1" else image_mse(out, gt)
         return masked_mean(per_sample, valid)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
