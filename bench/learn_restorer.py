@@ -30,12 +30,14 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from lit_restore.checkpointing import read_weights
 from lit_restore.config import DegradeConfig, load_config
 from lit_restore.data.datamodule import ShardDataModule
 from lit_restore.data.degrade.composer import Degrader
-from lit_restore.data.degrade.types import SYNTHETIC_TYPES
+from lit_restore.data.degrade.types import DEGRADATION_TYPES, SYNTHETIC_TYPES
 from lit_restore.fit import build_stage, fit
 from lit_restore.metrics import psnr
+from lit_restore.stages.constyle import build_encoder
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny" / "restorer.yaml"
@@ -44,7 +46,10 @@ CONSTYLE_CONFIG = ROOT / "configs" / "tiny" / "constyle.yaml"
 PLAIN = ["model.arch=nafnet", "model.width=26", "model.enc_blocks=[1,1,1]", "model.middle_blocks=1",
          "model.dec_blocks=[1,1,1]"]
 MODELS = {"constyle_frozen": ["model.constyle_mode=frozen"], "constyle_joint": ["model.constyle_mode=joint"],
+          # The same restorer as nafnet_same_width, modulated by the frozen pretrained code alone.
+          "constyle_code_frozen": ["model.constyle_mode=frozen", "model.constyle_condition=code"],
           "nafnet_same_width": ["model.arch=nafnet"], "nafnet": PLAIN}
+FROZEN = ("constyle_frozen", "constyle_code_frozen")  # the models that need the pretrained encoder
 
 
 def pretrain_constyle(args: argparse.Namespace, out: Path) -> Path:
@@ -58,6 +63,19 @@ def pretrain_constyle(args: argparse.Namespace, out: Path) -> Path:
     L.seed_everything(cfg.seed, verbose=False)
     fit(cfg)
     return out / "constyle" / "checkpoints" / "last.ckpt"
+
+
+@torch.no_grad()
+def encoder_accuracy(ckpt: Path, args: argparse.Namespace) -> dict[str, float]:
+    """The pretrained encoder's degradation-type accuracy on each held-out set (its classifier head,
+    ConStyle v2's pretext task): how well its code can tell the restorer what it faces."""
+    cfg = load_config(CONFIG, [f"data.val={args.data}/val-000000.tar", "data.val_crop=128", f"seed={args.seed}"])
+    encoder = build_encoder(load_config(CONSTYLE_CONFIG).model).eval()
+    prefix = "moco.encoder_q."
+    encoder.load_state_dict({k[len(prefix):]: v for k, v in read_weights(ckpt).items() if k.startswith(prefix)})
+    _, sets = degraded_sets(cfg, args.seeds)
+    return {name: (encoder(x).logits.argmax(1) == DEGRADATION_TYPES.index(name)).float().mean().item()
+            for name, x in sets.items()}
 
 
 def degraded_sets(cfg, seeds: int) -> tuple[Tensor, dict[str, Tensor]]:
@@ -143,11 +161,17 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp, ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
         models = {name: list(MODELS[name]) for name in args.models}
-        if "constyle_frozen" in models:
+        if any(name in models for name in FROZEN):
             t0 = time.perf_counter()
             encoder = pool.submit(pretrain_constyle, args, Path(tmp)).result()
             print(f"constyle pretraining: {args.pretrain_steps} steps in {time.perf_counter() - t0:.0f} s", flush=True)
-            models["constyle_frozen"].append(f"model.constyle_weights={encoder}")
+            accuracy = encoder_accuracy(encoder, args)
+            print("pretrained encoder, degradation-type accuracy on the held-out sets: "
+                  + ", ".join(f"{t} {a:.2f}" for t, a in accuracy.items())
+                  + f"; mean {sum(accuracy.values()) / len(accuracy):.2f}", flush=True)
+            for name in FROZEN:
+                if name in models:
+                    models[name].append(f"model.constyle_weights={encoder}")
         futures = {pool.submit(run, name, overrides, args, Path(tmp)): name for name, overrides in models.items()}
         done = {}
         for future in as_completed(futures):
@@ -181,7 +205,7 @@ def main() -> None:
               + ", ".join(f"{t} {g.mean().item():+.2f}" for t, g in gains.items())
               + f"); median per image {flat.median().item():+.2f} dB, {(flat > 0).sum().item()}/{len(flat)} improved")
     means = {name: type_means(r["after"])[-1] for name, r in results.items()}
-    for constyle in ("constyle_frozen", "constyle_joint"):
+    for constyle in ("constyle_frozen", "constyle_code_frozen", "constyle_joint"):
         for plain, what in (("nafnet_same_width", "the same restorer width"), ("nafnet", "about equal total parameters")):
             if constyle in means and plain in means:
                 print(f"{constyle} - {plain} = {means[constyle] - means[plain]:+.2f} dB (mean over types), "

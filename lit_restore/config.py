@@ -386,6 +386,11 @@ class RestorerModelConfig:
     dec_blocks: list[int] = field(default_factory=lambda: [7, 8, 9])  # per decoder level, listed from the top level
     loss: str = choice("l1", ("l1", "psnr", "psnr_mse"), "L1 (ConStyle), PSNR loss (NAFNet), or PSNR + MSE (low-PSNR inputs pull harder)")
     constyle_mode: str = choice("frozen", ("frozen", "joint"), "pretrained encoder kept fixed, or trained with the restorer")
+    # How the ConStyle encoder conditions the restorer: IRConStyle's projected feature maps after
+    # each downsampling plus the code at the bottleneck (a 3-level U-Net of its own widths), or the
+    # code alone as a per-level scale and shift (FiLM) of the plain NAFNet of `width`/`*_blocks`.
+    constyle_condition: str = choice("features_and_code", ("features_and_code", "code"),
+                                     "IRConStyle's feature maps and code, or the code alone on the plain NAFNet")
     # Pretrained encoder: a constyle-stage checkpoint (.ckpt), exported folder or model.safetensors.
     # Needed when constyle_mode=frozen.
     constyle_weights: str = ""
@@ -408,7 +413,7 @@ class RestorerModelConfig:
             raise ConfigError(f"model.enc_blocks/dec_blocks: {list(self.enc_blocks)}/{list(self.dec_blocks)} must be >= 0")
         if len(self.enc_blocks) != len(self.dec_blocks):
             raise ConfigError(f"model.dec_blocks: {list(self.dec_blocks)} needs as many levels as model.enc_blocks {list(self.enc_blocks)}")
-        if self.arch == "constyle_nafnet":
+        if self.arch == "constyle_nafnet" and self.constyle_condition == "features_and_code":
             if len(self.enc_blocks) != 3:
                 raise ConfigError(f"model.enc_blocks: {list(self.enc_blocks)}: constyle_nafnet has exactly 3 levels")
             if self.width % 4 != 0:

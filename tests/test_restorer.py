@@ -62,6 +62,33 @@ def test_latent_code_and_feature_maps_change_the_output():
     assert not torch.allclose(base, code_changed) and not torch.allclose(base, feats_changed)
 
 
+def test_code_conditioning_is_the_plain_nafnet_plus_a_film_of_the_code():
+    """`constyle_condition=code`: the plain NAFNet of the same width and blocks, modulated by the
+    code alone; fresh (zero FiLM) it computes exactly the plain net, then the code changes it."""
+    from lit_restore.models.constyle import CodeNAFNet
+    from lit_restore.models.nafnet import NAFNet
+
+    torch.manual_seed(0)
+    net = CodeNAFNet(ConStyleEncoder(base=4, dim=16), width=8, enc_blocks=(1, 1), middle_blocks=1,
+                     dec_blocks=(1, 1)).eval()
+    plain = NAFNet(width=8, enc_blocks=(1, 1), middle_blocks=1, dec_blocks=(1, 1))
+    plain.load_state_dict(net.net.state_dict())
+    x = torch.rand(2, 3, 20, 28)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, NAFBlock):
+                m.beta.normal_(0, 0.5)
+                m.gamma.normal_(0, 0.5)
+        plain.load_state_dict(net.net.state_dict())
+        torch.testing.assert_close(net(x), plain(x))
+        for lin in net.film:
+            lin.weight.normal_(0, 0.5)
+        style = net.encoder(x)
+        assert not torch.allclose(net.restore(x, style), net.restore(x, style._replace(z2=style.z2 + 1.0)))
+    stage = make_stage("model.constyle_condition=code", "model.enc_blocks=[1,1]", "model.dec_blocks=[1,1]")
+    assert isinstance(stage.net, CodeNAFNet) and stage.net.eval()(torch.rand(1, 3, 24, 24)).shape == (1, 3, 24, 24)
+
+
 def test_onnx_export_single_input_dynamic_hw(tmp_path):
     net = tiny_net().eval()
     path = tmp_path / "restorer.onnx"

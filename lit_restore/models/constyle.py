@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lit_restore.models.nafnet import NAFBlock, pad_to_multiple
+from lit_restore.models.nafnet import NAFBlock, NAFNet, pad_to_multiple
 
 
 class Style(NamedTuple):
@@ -55,6 +55,15 @@ class ConStyleEncoder(nn.Module):
         )
         self.feat_channels = (2 * b, 4 * b, 8 * b)
         self.dim = dim
+        # He initialisation for the trunk's LeakyReLU: under PyTorch's default conv init (IRConStyle's)
+        # each of the 8 unnormalised convs shrinks the signal ~4x, so at init the pooled vector is
+        # ~1e-5 and its differences between images ~5e-6: the classifier on it cannot learn, and the
+        # feature maps the restorer concatenates carry almost nothing (docs/benchmarks.md, "Does the
+        # ConStyle prior help the same net?").
+        for m in (self.stage1, self.stage2, self.stage3, self.stage4):
+            for conv in m.modules():
+                if isinstance(conv, nn.Conv2d):
+                    nn.init.kaiming_normal_(conv.weight, a=0.1, nonlinearity="leaky_relu")
 
     def forward(self, x: Tensor) -> Style:
         f1 = self.stage1(x)
@@ -186,7 +195,69 @@ def _project(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.LeakyReLU(0.1, inplace=True))
 
 
-class ConStyleNAFNet(nn.Module):
+class EncoderConditioned(nn.Module):
+    """A restorer conditioned by a ConStyle `encoder` run on its own input; the encoder can be
+    frozen. Subclasses implement `restore(x, style)`."""
+
+    def __init__(self, encoder: ConStyleEncoder) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.freeze_encoder = False
+        self.freeze_encoder_eval = False
+
+    def set_encoder_frozen(self, frozen: bool, eval_mode: bool = False) -> None:
+        """A frozen encoder gets no gradients. Its BatchNorm stays in train mode (batch statistics,
+        as ConStyle v2 and IRConStyle, which only stop gradients) unless `eval_mode`, which keeps
+        it in eval mode with its running statistics fixed."""
+        self.freeze_encoder = frozen
+        self.freeze_encoder_eval = frozen and eval_mode
+        self.encoder.requires_grad_(not frozen)
+        if self.freeze_encoder_eval:
+            self.encoder.eval()
+
+    def train(self, mode: bool = True) -> "EncoderConditioned":
+        super().train(mode)
+        if self.freeze_encoder_eval:
+            self.encoder.eval()
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.restore(x, None)
+
+    def restore(self, x: Tensor, style: Optional[Style]) -> Tensor:
+        raise NotImplementedError
+
+
+class CodeNAFNet(EncoderConditioned):
+    """A plain NAFNet modulated by the ConStyle latent code alone: after every level (encoder,
+    middle, decoder) a linear map of the code gives a per-channel scale and shift (FiLM),
+    zero-initialised so the fresh net is the plain NAFNet. The encoder's feature maps are not used,
+    so the restorer has the plain NAFNet's widths and blocks plus one small linear map per level:
+    the same restorer with and without the prior (`model.constyle_condition=code`)."""
+
+    def __init__(self, encoder: ConStyleEncoder, width: int, enc_blocks: Sequence[int], middle_blocks: int,
+                 dec_blocks: Sequence[int]) -> None:
+        super().__init__(encoder)
+        self.net = NAFNet(width=width, enc_blocks=enc_blocks, middle_blocks=middle_blocks, dec_blocks=dec_blocks)
+        self.film = nn.ModuleList(nn.Linear(encoder.dim, 2 * c) for c in self.net.level_widths)
+        for lin in self.film:
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    @property
+    def ending(self) -> nn.Conv2d:
+        return self.net.ending
+
+    def restore(self, x: Tensor, style: Optional[Style]) -> Tensor:
+        """Restore `x`; `style` is the encoder's output on the input padded to a multiple of 8
+        when the caller already has it (the encoder pools globally, so the padding barely matters)."""
+        if style is None:
+            style = self.encoder(pad_to_multiple(x, 8))
+        film = [lin(style.z2).chunk(2, dim=1) for lin in self.film]
+        return self.net.modulated(x, film)
+
+
+class ConStyleNAFNet(EncoderConditioned):
     """3-level NAFBlock U-Net conditioned by a ConStyle encoder run on its own input.
 
     Widths grow linearly: levels at dim, 2·dim, 3·dim; each downsampling keeps the channels and
@@ -204,14 +275,11 @@ class ConStyleNAFNet(nn.Module):
         middle_blocks: int = 9,
         dec_blocks: Sequence[int] = (7, 8, 9),
     ) -> None:
-        super().__init__()
+        super().__init__(encoder)
         if len(enc_blocks) != 3 or len(dec_blocks) != 3:
             raise ValueError(f"ConStyle-NAFNet has 3 levels: enc_blocks {list(enc_blocks)} and dec_blocks {list(dec_blocks)} need 3 entries")
         if dim % 4 != 0:
             raise ValueError(f"ConStyle-NAFNet width {dim} must be divisible by 4 (downsampling convs use width/4)")
-        self.encoder = encoder
-        self.freeze_encoder = False
-        self.freeze_encoder_eval = False
         self.intro = nn.Conv2d(3, dim, 3, padding=1)
         enc_widths = (dim, 2 * dim, 3 * dim)
         self.enc_levels = nn.ModuleList(nn.Sequential(*[NAFBlock(c) for _ in range(n)]) for c, n in zip(enc_widths, enc_blocks))
@@ -227,25 +295,6 @@ class ConStyleNAFNet(nn.Module):
             nn.Sequential(*[NAFBlock(cout) for _ in range(n)]) for (_, _, cout), n in zip(dec_specs, reversed(dec_blocks))
         )
         self.ending = nn.Conv2d(2 * dim, 3, 3, padding=1)
-
-    def set_encoder_frozen(self, frozen: bool, eval_mode: bool = False) -> None:
-        """A frozen encoder gets no gradients. Its BatchNorm stays in train mode (batch statistics,
-        as ConStyle v2 and IRConStyle, which only stop gradients) unless `eval_mode`, which keeps
-        it in eval mode with its running statistics fixed."""
-        self.freeze_encoder = frozen
-        self.freeze_encoder_eval = frozen and eval_mode
-        self.encoder.requires_grad_(not frozen)
-        if self.freeze_encoder_eval:
-            self.encoder.eval()
-
-    def train(self, mode: bool = True) -> "ConStyleNAFNet":
-        super().train(mode)
-        if self.freeze_encoder_eval:
-            self.encoder.eval()
-        return self
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.restore(x, None)
 
     def restore(self, x: Tensor, style: Optional[Style]) -> Tensor:
         """Restore `x`; `style` is the encoder's output on the padded input when the caller already has it."""

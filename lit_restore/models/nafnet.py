@@ -7,7 +7,7 @@ to ONNX with dynamic height and width.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -114,19 +114,36 @@ class NAFNet(nn.Module):
             ch //= 2
             self.decoders.append(nn.Sequential(*[NAFBlock(ch) for _ in range(n)]))
         self.ending = nn.Conv2d(width, out_channels, 3, padding=1)
+        enc = [width * 2**i for i in range(len(enc_blocks))]
+        # Channels after each encoder level, the middle and each decoder level, in forward order.
+        self.level_widths = [*enc, 2 * enc[-1], *reversed(enc)]
 
     def forward(self, x: Tensor) -> Tensor:
+        # One image argument: the ONNX export names a module's inputs after forward's parameters.
+        return self.modulated(x, None)
+
+    def modulated(self, x: Tensor, film: Optional[Sequence[tuple[Tensor, Tensor]]]) -> Tensor:
+        """Restore `x`; `film` gives a (scale, shift) pair of (B, C) per level (`level_widths`),
+        applied as y·(1 + scale) + shift after that level's blocks (a conditioning code's FiLM)."""
         h, w = x.shape[-2:]
         inp = pad_to_multiple(x, self.multiple)
+        mods = iter(film) if film is not None else None
+
+        def modulate(y: Tensor) -> Tensor:
+            if mods is None:
+                return y
+            scale, shift = next(mods)
+            return y * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
+
         y = self.intro(inp)
         skips = []
         for enc, down in zip(self.encoders, self.downs):
-            y = enc(y)
+            y = modulate(enc(y))
             skips.append(y)
             y = down(y)
-        y = self.middle(y)
+        y = modulate(self.middle(y))
         for up, dec, skip in zip(self.ups, self.decoders, reversed(skips)):
-            y = dec(up(y) + skip)
+            y = modulate(dec(up(y) + skip))
         y = self.ending(y)
         if self.residual:
             y = y + inp

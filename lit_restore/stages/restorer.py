@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from lit_restore.checkpointing import load_module_weights
 from lit_restore.config import ConfigError, RunConfig
-from lit_restore.models.constyle import ConStyleNAFNet, MoCo, check_queue_divisible
+from lit_restore.models.constyle import CodeNAFNet, ConStyleNAFNet, MoCo, check_queue_divisible
 from lit_restore.models.nafnet import NAFNet, pad_to_multiple
 from lit_restore.stages.base import Stage
 from lit_restore.stages.constyle import build_encoder, build_moco, constyle_losses, load_encoder_weights, weighted_total
@@ -97,6 +97,9 @@ class RestorerStage(Stage):
         if m.arch == "nafnet":
             net: nn.Module = NAFNet(width=m.width, enc_blocks=m.enc_blocks, middle_blocks=m.middle_blocks,
                                     dec_blocks=m.dec_blocks)
+        elif m.constyle_condition == "code":
+            net = CodeNAFNet(build_encoder(m.constyle), width=m.width, enc_blocks=m.enc_blocks,
+                             middle_blocks=m.middle_blocks, dec_blocks=m.dec_blocks)
         else:
             net = ConStyleNAFNet(build_encoder(m.constyle), dim=m.width, enc_blocks=m.enc_blocks,
                                  middle_blocks=m.middle_blocks, dec_blocks=m.dec_blocks)
