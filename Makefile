@@ -16,9 +16,9 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(PY) -m lit_restore.demo
 
-# The tiny VAE, CLIP, UNet, restorer and SCM that configs/tiny/ and the demo start from (shipped in
-# foundations/tiny/; this is how they were made: about 1.6 h on a 2-core machine, see the
-# cards in foundations/tiny/).
+# The tiny VAE, CLIP, UNet, LDM, restorer and SCM that configs/tiny/ and the demo start from
+# (shipped in foundations/tiny/; this is how they were made: about 3 h on a 2-core machine, see
+# the cards in foundations/tiny/).
 foundations: $(STAMP)
 	$(PY) -m lit_restore.foundations
 

@@ -1,17 +1,20 @@
 """`make foundations`: the tiny stand-ins for the pretrained models the full configs download.
 
 At full scale every stage starts from a pretrained foundation: OpenAI's CLIP ViT-L/14 (BIQA, and
-the LDM's text context) and Stable Diffusion 1.5's VAE and UNet (LDM, SCM). The tiny pipeline
+the LDM's text context), Stable Diffusion 1.5's VAE and UNet (LDM), or released weights of the
+stage itself to fine-tune (AutoDIR's LDM and SCM, a ConStyle-NAFNet). The tiny pipeline
 (`configs/tiny/`, `make demo`) starts from these instead, each made by this project's own stages
-from the scikit-image sample photos:
+from the scikit-image sample photos, each in the order of the table (a foundation is trained on
+the ones above it):
 
 | foundation | stands in for | recipe | made by stage |
 |---|---|---|---|
 | `sd/vae/` | SD-1.5's VAE | configs/foundations/autoencoder.yaml | autoencoder |
 | `clip/` | OpenAI CLIP | configs/foundations/clip.yaml | biqa (text tower trained too) |
 | `sd/unet/` | SD-1.5's UNet | configs/foundations/unet.yaml | ldm (plain denoiser, on the VAE above) |
+| `ldm/` | released AutoDIR LDM weights | configs/foundations/ldm.yaml | ldm (the UNet above, v-prediction, every type) |
 | `restorer/` | released ConStyle-NAFNet weights | configs/foundations/restorer.yaml | restorer (encoder jointly) |
-| `scm/` | released SCM weights | configs/foundations/scm.yaml | scm (on the untuned LDM foundation) |
+| `scm/` | released SCM weights | configs/foundations/scm.yaml | scm (on the LDM foundation's samples) |
 
 Each step is a real `lit-restore fit` + `lit-restore export`; the exported files are copied into
 `--out` (default `foundations/tiny/`) with a model card each and `MANIFEST.json` (sha256, bytes).
@@ -46,6 +49,11 @@ class Foundation:
     card_dir: str  # under OUT, where the model card goes
     metric: str  # the held-out figure in the run's CSV log
     meaning: str  # how that figure reads
+    # The foundation folder under OUT the recipe's LDM is read from ("sd": VAE and UNet, "ldm": the
+    # LDM foundation), and the recipe's key prefix for it; "" for recipes without an LDM.
+    ldm_source: str = ""
+    ldm_key: str = "model."
+    starts_from: str = "random initialisation"
 
 
 FOUNDATIONS: dict[str, Foundation] = {
@@ -56,13 +64,20 @@ FOUNDATIONS: dict[str, Foundation] = {
                         "open_clip_config.json": "clip/open_clip_config.json"},
                        "clip", "val/acc", "degradation-prompt accuracy (8 classes, val crops, one synthetic type each)"),
     "unet": Foundation("unet", "ldm", "Stable Diffusion 1.5's UNet (UNet2DConditionModel)", {"unet": "sd/unet"},
-                       "sd/unet", "val/loss", "denoising loss (ε-MSE at random timesteps) on the val crops"),
+                       "sd/unet", "val/loss", "denoising loss (ε-MSE at random timesteps) on the val crops",
+                       ldm_source="sd"),
+    "ldm": Foundation("ldm", "ldm", "released AutoDIR LDM weights (SD's UNet fine-tuned to restore)",
+                      {"unet": "ldm/unet", "vae": "ldm/vae", "scheduler": "ldm/scheduler"}, "ldm", "val/psnr",
+                      "restored PSNR (dB) sampled from pure noise (10 Euler-ancestral steps, v-prediction, no SCM) "
+                      "on the 128-px val crops, one synthetic degradation each", ldm_source="sd",
+                      starts_from="the UNet foundation (sd/unet, conv_in widened to take the condition latent)"),
     "restorer": Foundation("restorer", "restorer", "a released restorer (ConStyle-NAFNet) to fine-tune",
                            {"model.safetensors": "restorer/model.safetensors"}, "restorer", "val/psnr",
                            "restored PSNR (dB) on the 128-px val crops, one synthetic degradation each"),
     "scm": Foundation("scm", "scm", "a released structure corrector (AutoDIR's SCM) to fine-tune",
                       {"model.safetensors": "scm/model.safetensors"}, "scm", "val/psnr",
-                      "corrected PSNR (dB) of the untuned tiny LDM's samples (strength 0.3, 10 steps), 32-px val crops"),
+                      "corrected PSNR (dB) of the LDM foundation's samples (from pure noise, 10 steps), 32-px val crops",
+                      ldm_source="ldm", ldm_key="model.ldm."),
 }
 DEFAULT_OUT = REPO / "foundations" / "tiny"
 
@@ -102,7 +117,7 @@ def verify_manifest(out: Path) -> list[str]:
 def model_card(name: str, command: str, fit: str, seconds: float, steps: int, figure: Optional[float],
                machine: str = "a 2-core CPU") -> str:
     f = FOUNDATIONS[name]
-    recipe, stands_in, metric, meaning = f.recipe, f.stands_in, f.metric, f.meaning
+    recipe, stands_in, metric, meaning, start = f.recipe, f.stands_in, f.metric, f.meaning, f.starts_from
     value = "–" if figure is None else f"{figure:.4g}"
     return "\n".join([
         "---",
@@ -112,8 +127,8 @@ def model_card(name: str, command: str, fit: str, seconds: float, steps: int, fi
         "---",
         f"# Tiny {name} foundation",
         "",
-        f"Stands in for {stands_in} in the tiny pipeline (`configs/tiny/`, `make demo`). Trained from random",
-        f"initialisation by this project's own recipe `configs/foundations/{recipe}.yaml` on the",
+        f"Stands in for {stands_in} in the tiny pipeline (`configs/tiny/`, `make demo`). Trained from",
+        f"{start} by this project's own recipe `configs/foundations/{recipe}.yaml` on the",
         "`lit-restore prep-sample` crops of the scikit-image photos, for minutes to an hour of CPU time:",
         "a miniature of the real foundation's role, not of its quality.",
         "",
@@ -145,10 +160,9 @@ def run_foundations(out: Path, work: Path, plan: FoundationPlan, only: Optional[
             args = ["fit", f"configs/foundations/{f.recipe}.yaml", f"out_dir={run}",
                     f"data.train={data}/train-{{000000..000003}}.tar", f"data.val={data}/val-000000.tar",
                     "resume=never", "logger=csv"]
-            if out != DEFAULT_OUT:  # the recipes read the VAE, UNet and CLIP from foundations/tiny/
-                ldm = {"ldm": "model.", "scm": "model.ldm."}.get(f.stage)
-                if ldm is not None:
-                    args += [f"{ldm}pretrained={out / 'sd'}", f"{ldm}clip.pretrained={out / 'clip' / 'open_clip_model.safetensors'}"]
+            if out != DEFAULT_OUT and f.ldm_source:  # the recipes read their LDM and CLIP from foundations/tiny/
+                args += [f"{f.ldm_key}pretrained={out / f.ldm_source}",
+                         f"{f.ldm_key}clip.pretrained={out / 'clip' / 'open_clip_model.safetensors'}"]
             if steps is not None:
                 args += [f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
                          f"checkpoint.every_n_steps={steps}", "optim.warmup_steps=1"]
@@ -186,8 +200,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--work", default="runs/foundations", help="training runs, exports and data")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every training length (0.01: a smoke run)")
     p.add_argument("--only", nargs="+", choices=list(FOUNDATIONS), default=None,
-                   help="remake only these (the unet is trained on the shipped vae and clip, the scm on the unet: "
-                        "remake what depends on a remade one too)")
+                   help="remake only these (the unet is trained on the shipped vae and clip, the ldm on the unet, "
+                        "the scm on the ldm: remake what depends on a remade one too)")
     a = p.parse_args(argv)
     if a.scale <= 0:
         p.error("--scale must be > 0")

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from _batches import device_batch, tiny_stage
-from lit_restore.config import load_config
+from lit_restore.config import ConfigError, load_config
 from lit_restore.models.ldm import (
     LatentDiffusion, ddpm_scheduler, load_unet, load_vae, min_snr_weight, predict_x0, widen_conv_in,
 )
@@ -22,11 +22,12 @@ def ldm(tiny):
                            vae).eval()
 
 
-def test_widen_conv_in_keeps_weights_bias_and_function(tiny):
+def test_widen_conv_in_keeps_weights_bias_and_function():
     torch.manual_seed(0)
-    unet = load_unet(tiny.pretrained, tiny.unet_cfg).eval()  # the tiny UNet foundation, as SD-1.5's
+    plain = load_config("configs/foundations/ldm.yaml").model  # reads the tiny UNet foundation, as SD-1.5's
+    unet = load_unet(plain.pretrained, plain.unet_cfg).eval()
     c = unet.config.in_channels
-    assert c == load_vae(tiny.pretrained, tiny.vae_cfg).config.latent_channels
+    assert c == load_vae(plain.pretrained, plain.vae_cfg).config.latent_channels
     with torch.no_grad():
         unet.conv_in.bias.normal_()  # a nonzero bias, whatever the foundation learnt
     old_w, old_b = unet.conv_in.weight.clone(), unet.conv_in.bias.clone()
@@ -209,6 +210,19 @@ def test_v_prediction_min_snr_and_validation_outputs(tmp_path):
         stage.validation_step(batch, 0)
     assert stage.val_psnr.update_called
     assert len(list((tmp_path / "samples").glob("val_restored_*.png"))) == 1
+
+
+def test_an_ldm_is_refused_under_another_prediction_type():
+    """The tiny LDM foundation was trained for v-prediction (its scheduler config says so): an epsilon
+    config would sample it into blotches without an error, so it is refused in one line. A plain
+    denoiser (the UNet foundation, SD-1.5's UNet) may change objective while it learns the condition."""
+    from lit_restore.stages.ldm import LDMStage
+
+    with pytest.raises(ConfigError, match=r"^model.prediction_type: epsilon, but foundations/tiny/ldm is an LDM trained "
+                                          r"for v_prediction; set model.prediction_type=v_prediction$"):
+        LDMStage(load_config(TINY, ["model.prediction_type=epsilon"])).configure_model()
+    for prediction in ("epsilon", "v_prediction"):
+        LDMStage(load_config("configs/foundations/ldm.yaml", [f"model.prediction_type={prediction}"])).configure_model()
 
 
 def test_cross_attention_width_must_match_the_text_tower():

@@ -8,6 +8,7 @@ scaled-linear betas (0.00085 → 0.012, 1000 steps). Images enter and leave in [
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -51,6 +52,19 @@ def architecture_config(cls: Any, pretrained: str, subfolder: str, key: str = "m
     """The constructor kwargs of `cls` in `pretrained`'s `subfolder`/config.json; no weights read."""
     config = _from_pretrained(cls, pretrained, subfolder, key, config_only=True)
     return {k: v for k, v in config.items() if not k.startswith("_")}  # diffusers' bookkeeping keys
+
+
+def saved_prediction_type(pretrained: str) -> Optional[str]:
+    """The prediction type a local diffusers folder's sampler was saved with
+    (`scheduler/scheduler_config.json`); None for a model id or a folder without one."""
+    path = Path(pretrained) / "scheduler" / "scheduler_config.json"
+    if not pretrained or not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text()).get("prediction_type")
+    except (OSError, ValueError, AttributeError):
+        raise WeightsError(f"{path}: not a readable scheduler config (JSON object)") from None
+    return value if isinstance(value, str) else None
 
 
 def load_unet(pretrained: str, config: Optional[dict[str, Any]] = None, key: str = "model.pretrained") -> UNet2DConditionModel:

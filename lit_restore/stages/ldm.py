@@ -19,7 +19,8 @@ from torch import Tensor, nn
 from lit_restore.config import CLIPTextConfig, ConfigError, LDMModelConfig, RunConfig
 from lit_restore.data.degrade.types import DEGRADATION_TYPES, prompt_for
 from lit_restore.models.clip import PromptCLIP, create_clip
-from lit_restore.models.ldm import LatentDiffusion, load_unet, load_vae, min_snr_weight, widen_conv_in
+from lit_restore.models.ldm import (LatentDiffusion, load_unet, load_vae, min_snr_weight, saved_prediction_type,
+                                   widen_conv_in)
 from lit_restore.stages.base import Stage
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -47,6 +48,15 @@ def prompt_bank(c: CLIPTextConfig, key: str = "model.clip.pretrained") -> Tensor
     return clip.token_states(bank_prompts()).float()
 
 
+def check_prediction_type(configured: str, trained: Optional[str], source: str, key: str) -> None:
+    """An image-conditioned UNet sampled or fine-tuned with another objective than it was trained
+    for gives noise-coloured blotches, not an error: refuse it in one line. (A plain denoiser,
+    e.g. SD-1.5's UNet, may change objective on purpose while it learns the condition.)"""
+    if trained is not None and trained != configured:
+        raise ConfigError(f"{key}.prediction_type: {configured}, but {source} is an LDM trained for {trained}; "
+                          f"set {key}.prediction_type={trained}")
+
+
 def build_latent_diffusion(m: LDMModelConfig, key: str = "model") -> LatentDiffusion:
     """UNet (conv_in widened for the condition latent) + frozen VAE as configured."""
     unet = load_unet(m.pretrained, m.unet_cfg, key=f"{key}.pretrained")
@@ -55,6 +65,8 @@ def build_latent_diffusion(m: LDMModelConfig, key: str = "model") -> LatentDiffu
     if unet.config.out_channels != latent:
         raise ConfigError(f"{key}.unet_cfg: out_channels {unet.config.out_channels} must equal the VAE's "
                           f"latent_channels {latent}")
+    if m.unet_cfg is None and unet.config.in_channels == 2 * latent:
+        check_prediction_type(m.prediction_type, saved_prediction_type(m.pretrained), m.pretrained, key)
     if m.image_condition:
         widen_conv_in(unet, 2 * latent)
     width = text_shape(m.clip)[1]
