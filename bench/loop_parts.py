@@ -1,10 +1,13 @@
-"""Where does one pass of the automatic loop gain or lose? For exported weights and the demo's
-evaluation tasks, prints per task the mean PSNR (dB, as `evaluate` computes it) of
+"""Where does the automatic loop gain or lose? For exported weights and the demo's evaluation tasks,
+prints per task the mean PSNR (dB, as `evaluate` computes it) of
 - `input`: the degraded image;
-- `vae`: its round trip through the LDM's VAE (the ceiling of anything the LDM outputs);
-- `ldm`: the LDM's sample with the task's own prompt (BIQA taken out of the question);
+- `vae`: its round trip through the LDM's VAE (what the LDM's decoder can give back of it);
+- `ldm`: the LDM's sample with the task's own prompt (BIQA taken out of the question), no SCM;
 - `ldm+scm`: that sample corrected by the SCM (when the folder has one);
-for each `--strength` given, as a Markdown table for docs/benchmarks.md.
+- `loop`: the whole automatic loop (BIQA → LDM → SCM, up to `--max-passes` passes, the SCM after
+  a low-resolution pass too unless `--no-scm-every-pass`), as `evaluate` runs it;
+for each `--strength` given, as a Markdown table for docs/benchmarks.md, with the mean over the
+tasks and how many tasks each column beats the input on.
 
     python bench/loop_parts.py --weights demo_out/weights --data demo_out/data/val-000000.tar [--strength 1 0.3]
 """
@@ -18,28 +21,37 @@ import torch
 
 from lit_restore.data.degrade.suite import build_task_set
 from lit_restore.data.degrade.types import prompt_for
-from lit_restore.demo import EVAL_TASKS
+from lit_restore.demo import EVAL_TASKS, DemoPlan
 from lit_restore.evaluate import select_tasks, true_class
 from lit_restore.metrics import psnr, quantize_8bit
-from lit_restore.restore import (SamplerSettings, TileSettings, image_generator, load_biqa, load_diffusion,
-                                 pick_device)
+from lit_restore.restore import (AutoRestorer, SamplerSettings, TileSettings, image_generator, load_biqa,
+                                 load_diffusion, pick_device)
+
+COLUMNS = ("input", "vae", "ldm", "ldm+scm", "loop")
 
 
 def main() -> None:
+    plan = DemoPlan()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--weights", required=True, help="exported weights folder (biqa/, ldm/, scm/)")
     p.add_argument("--data", required=True, help="clean val shard")
-    p.add_argument("--strength", type=float, nargs="+", default=[1.0, 0.3])
-    p.add_argument("--steps", type=int, default=10, help="sampler steps at strength 1")
-    p.add_argument("--images", type=int, default=8, help="per task")
+    p.add_argument("--strength", type=float, nargs="+", default=[plan.strength])
+    p.add_argument("--steps", type=int, default=plan.diffusion_steps, help="sampler steps at strength 1")
+    p.add_argument("--max-passes", type=int, default=plan.max_passes, help="of the whole loop")
+    p.add_argument("--images", type=int, default=plan.eval_images, help="per task")
+    p.add_argument("--scm-every-pass", action=argparse.BooleanOptionalAction, default=plan.scm_every_pass,
+                   help="the loop's SCM also after a low-resolution pass (the demo's setting)")
     a = p.parse_args()
     device = pick_device("cpu")  # threads from the cores this process may use, as `evaluate`
-    classes = load_biqa(a.weights, device).class_names
+    biqa = load_biqa(a.weights, device)
+    classes = biqa.class_names
     tasks = select_tasks("gir", a.data, ",".join(EVAL_TASKS))
-    print("| task | strength | input | vae | ldm | ldm+scm |\n|---|---|---|---|---|---|")
+    print("| task | strength | " + " | ".join(COLUMNS) + " |\n|---|---|" + "---|" * len(COLUMNS))
     for strength in a.strength:
         diffusion = load_diffusion(a.weights, device, SamplerSettings(steps=a.steps, strength=strength), TileSettings())
+        loop = AutoRestorer(biqa, diffusion, device, a.max_passes, a.scm_every_pass)
         ldm = diffusion.ldm
+        means: dict[str, list[float]] = defaultdict(list)
         for task in tasks:
             context = diffusion.contexts([prompt_for(classes[true_class(task, classes)])])
             scores: dict[str, list[float]] = defaultdict(list)
@@ -49,13 +61,23 @@ def main() -> None:
                 with torch.no_grad():
                     vae = ldm.decode(ldm.encode_condition(ldm.pad(lq)) * ldm.vae.config.scaling_factor)[..., :h, :w]
                     out = diffusion.sample(lq, context, image_generator(0, device))
-                    parts = {"input": lq, "vae": vae, "ldm": out}
+                    parts = {"input": lq, "vae": vae, "ldm": out,
+                             "loop": loop.restore(lq, image_generator(0, device))[0]}
                     if diffusion.scm is not None:
                         parts["ldm+scm"] = diffusion.correct(lq, out)
                 for name, image in parts.items():
                     scores[name].append(float(psnr(quantize_8bit(image), gt, 4, False)))
-            cells = [f"{sum(scores[n]) / len(scores[n]):.2f}" if scores[n] else "–" for n in ("input", "vae", "ldm", "ldm+scm")]
+            row = {n: sum(scores[n]) / len(scores[n]) for n in COLUMNS if scores[n]}
+            for n, v in row.items():
+                means[n].append(v)
+            cells = [f"{row[n]:.2f}" if n in row else "–" for n in COLUMNS]
             print(f"| {task.name} | {strength:g} | " + " | ".join(cells) + " |", flush=True)
+        mean = {n: sum(v) / len(v) for n, v in means.items()}
+        cells = [f"**{mean[n]:.2f}**" if n in mean else "–" for n in COLUMNS]
+        print(f"| mean | {strength:g} | " + " | ".join(cells) + " |")
+        beats = [f"{sum(v > i for v, i in zip(means[n], means['input']))}/{len(tasks)}" if n in means else "–"
+                 for n in COLUMNS[1:]]
+        print(f"| tasks above the input | {strength:g} | – | " + " | ".join(beats) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ def _restore(a: argparse.Namespace) -> int:
         weights=a.weights, inputs=a.inputs, out=a.out, prompt=a.prompt, fast=a.fast,
         max_passes=a.max_passes, steps=a.steps, sampler=a.sampler, guidance_text=a.guidance_text,
         guidance_image=a.guidance_image, tile=a.tile, overlap=a.overlap, device=a.device, seed=a.seed,
-        threads=a.threads, strength=a.strength,
+        threads=a.threads, strength=a.strength, scm_every_pass=a.scm_every_pass,
     )
 
 
@@ -89,7 +89,7 @@ def _evaluate(a: argparse.Namespace) -> int:
         line_role=a.line_role, tasks=a.tasks, max_images=a.max_images, crop_border=a.crop_border,
         y_channel=a.y_channel, lpips_weights=a.lpips_weights, fast=a.fast, steps=a.steps, sampler=a.sampler,
         max_passes=a.max_passes, device=a.device, seed=a.seed, threads=a.threads,
-        compare_fast=a.compare_fast, strength=a.strength,
+        compare_fast=a.compare_fast, strength=a.strength, scm_every_pass=a.scm_every_pass,
     )
 
 
@@ -187,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", default=None, help="one pass with this instruction instead of the automatic loop")
     s.add_argument("--fast", action="store_true", help="feed-forward ConStyle restorer only")
     s.add_argument("--max-passes", type=int, default=7, help="automatic loop: passes at most")
+    s.add_argument("--scm-every-pass", action="store_true",
+                   help="automatic loop: run the SCM after a low-resolution pass too (AutoDIR skips it there)")
     s.add_argument("--steps", type=int, default=100, help="diffusion sampling steps (AutoDIR: 100)")
     s.add_argument("--sampler", default="euler_a", help="diffusion sampler: euler_a (Euler ancestral) or ddim")
     s.add_argument("--strength", type=float, default=1.0,
@@ -227,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="1: sample from pure noise (AutoDIR); below 1: start from the input's latent noised to this "
                         "fraction of the schedule and run that fraction of --steps (SDEdit)")
     s.add_argument("--max-passes", type=int, default=7, help="automatic loop: passes at most")
+    s.add_argument("--scm-every-pass", action="store_true",
+                   help="automatic loop: run the SCM after a low-resolution pass too (AutoDIR skips it there)")
     s.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, ...")
     s.add_argument("--threads", type=int, default=0, help="CPU threads (default: one per core this process may use)")
     s.add_argument("--seed", type=int, default=0, help="sampling seed (each image starts from it)")

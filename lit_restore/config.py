@@ -491,6 +491,10 @@ class SCMModelConfig:
     t_power: float = 1.0  # > 1 biases t toward low noise
     sample_steps: int = 10  # sample: Euler-ancestral steps
     sample_strength: float = 1.0  # sample: restore's --strength (1: from pure noise)
+    # Training only: the fraction of samples the LDM is prompted with another, uniformly
+    # drawn class. The loop's prompt is BIQA's, which errs, and a second pass prompts an artifact
+    # on an image the first pass restored: the SCM learns to fall back on its input there.
+    prompt_error: float = 0.0
 
 
 @dataclass

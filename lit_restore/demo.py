@@ -2,13 +2,16 @@
 
 Sample shards → BIQA, ConStyle, restorer, LDM and SCM, each started the way the full configs start
 → export → restore a few degraded images (automatic loop and --fast) → evaluate on one task per
-degradation type → report. Every step is a real `lit-restore` command (run as
+degradation type (two val crops of each of the 8 photos per task) → report. The loop runs as
+AutoDIR runs it: BIQA names the degradation, the LDM samples from pure noise, the SCM corrects,
+and BIQA looks again. Every step is a real `lit-restore` command (run as
 `python -m lit_restore.cli`), so the demo exercises what a user types; each command's output goes
 to `demo_out/logs/<step>.log`.
 
 What each step starts from mirrors the full pipeline, in miniature: BIQA fine-tunes the image tower
-of the tiny CLIP foundation (OpenAI's CLIP at full scale), the LDM fine-tunes the tiny UNet
-foundation on the frozen tiny VAE foundation (SD-1.5's), the ConStyle step fine-tunes the encoder of
+of the tiny CLIP foundation (OpenAI's CLIP at full scale), the LDM fine-tunes the tiny LDM
+foundation (released AutoDIR LDM weights: SD-1.5's UNet fine-tuned to restore, on SD-1.5's frozen
+VAE), the ConStyle step fine-tunes the encoder of
 the tiny restorer foundation (released ConStyle-NAFNet weights at full scale), the restorer
 fine-tunes that foundation with the demo's encoder frozen, and the SCM fine-tunes the tiny SCM
 foundation on the demo's frozen LDM. The foundations are shipped in `foundations/tiny/` (made by
@@ -45,6 +48,12 @@ RESTORE_TASKS = ("noise_s25", "blur_s2", "haze_b1.5")
 # tiny configs' lr from random (the BIQA fine-tune's lr), so the encoder the restorer was trained
 # with moves little.
 FINE_TUNE_LR = 5e-4
+# A quarter of the restorer's samples stay clean with themselves as target: a blind restorer that
+# never saw a clean image "restores" mild or dark ones too (brightening a dark photo as if it were
+# low-light); docs/benchmarks.md, "Demo".
+RESTORER_CLEAN_FRACTION = "degrade.clean_fraction=0.25"
+# Crops of each photo in the val shard (prep-sample --val-crops): the evaluation's images.
+VAL_CROPS = 2
 TINY_NOTE = "tiny models, minutes of CPU training: proof that the method runs end to end, not full-scale quality"
 
 
@@ -56,27 +65,36 @@ class DemoPlan:
     constyle_steps: int = 100
     restorer_steps: int = 200  # checkpoints every quarter: the first is the acceptance line's weights
     ldm_steps: int = 200
-    scm_steps: int = 150
-    eval_images: int = 8  # per task
+    scm_steps: int = 450
+    # Per task: the val shard holds VAL_CROPS crops of each of the 8 photos, so 16 images are two
+    # crops of every photo.
+    eval_images: int = 16
     diffusion_steps: int = 10
-    # The loop's sampler starts from the input's latent noised to 30 % of the schedule (SDEdit; the
-    # full pipeline's default is 1, pure noise): from pure noise the minutes-trained tiny LDM does
-    # not keep the image's structure (docs/benchmarks.md, "Demo").
-    strength: float = 0.3
-    # The evaluation's tasks hold one degradation each, and every pass goes through the VAE again
-    # (a second pass cost 0.47 dB: +0.92 with one, +0.45 with two; docs/benchmarks.md, "Demo").
-    max_passes: int = 1
+    # AutoDIR's loop: the sampler starts from pure noise (strength 1, the full pipeline's default);
+    # `--strength` below 1 (SDEdit) stays an option of restore and evaluate.
+    strength: float = 1.0
+    # BIQA decides after each pass whether another is needed; the evaluation's tasks hold one
+    # degradation each, so a second pass runs only where BIQA still sees one.
+    max_passes: int = 2
+    # The tiny SCM also gains after a low-resolution pass, where AutoDIR's evaluation skips it
+    # (docs/benchmarks.md, "The automatic loop").
+    scm_every_pass: bool = True
 
     def scaled(self, factor: float) -> "DemoPlan":
         def s(n: float) -> int:
             return max(1, round(n * factor))
 
         return DemoPlan(s(self.biqa_steps), s(self.constyle_steps), 4 * s(self.restorer_steps / 4), s(self.ldm_steps),
-                        s(self.scm_steps), self.eval_images, self.diffusion_steps, self.strength, self.max_passes)
+                        s(self.scm_steps), self.eval_images, self.diffusion_steps, self.strength, self.max_passes,
+                        self.scm_every_pass)
 
     @property
     def restorer_early_step(self) -> int:
         return self.restorer_steps // 4
+
+
+def loop_flags(plan: DemoPlan) -> list[str]:
+    return ["--scm-every-pass"] if plan.scm_every_pass else []
 
 
 class StepFailed(RuntimeError):
@@ -167,11 +185,12 @@ def last_metric(run_dir: Path, name: str) -> Optional[float]:
 
 
 def loss_story(run_dir: Path) -> str:
-    """'train/loss a → b' over the run: the mean of its first and last few logged values."""
+    """'train/loss a → b' over the run: the means of its first and last quarter of logged values
+    (a diffusion loss depends on each batch's random timesteps, so a few values say little)."""
     losses = metric_values(run_dir, "train/loss")
     if not losses:
         return "no loss logged"
-    k = max(1, min(3, len(losses) // 4))
+    k = max(1, len(losses) // 4)
     first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
     return f"train/loss {first:.4f} → {last:.4f} ({'down' if last < first else 'NOT down'})"
 
@@ -211,7 +230,7 @@ def run_demo(out: Path, plan: DemoPlan) -> int:
     try:
         r.stage("Sample shards from scikit-image's photos")
         r.cli("prep-sample", "prep-sample", "--out", str(data), "--crop", "128", "--train-crops", "32",
-              "--val-crops", "4", "--overwrite")
+              "--val-crops", str(VAL_CROPS), "--overwrite")
         biqa_ckpt = runs / "biqa" / "checkpoints" / "last.ckpt"
         train("BIQA", "Fine-tune BIQA's image tower", "the tiny CLIP foundation (foundations/tiny/clip), text tower frozen",
               "biqa", plan.biqa_steps)
@@ -222,10 +241,10 @@ def run_demo(out: Path, plan: DemoPlan) -> int:
         train("restorer", "Fine-tune the ConStyle-NAFNet restorer", "the tiny restorer foundation + the ConStyle "
               "encoder above, frozen", "restorer", plan.restorer_steps, f"model.pretrained={restorer}",
               "model.constyle_mode=frozen", f"model.constyle_weights={runs / 'constyle' / 'checkpoints' / 'last.ckpt'}",
-              f"optim.lr={FINE_TUNE_LR}", every=plan.restorer_early_step)
+              f"optim.lr={FINE_TUNE_LR}", RESTORER_CLEAN_FRACTION, every=plan.restorer_early_step)
         train("LDM", "Fine-tune the LDM (InstructPix2Pix-style)",
-              "the tiny UNet foundation (conv_in widened) + the frozen tiny VAE foundation (foundations/tiny/sd), "
-              "BIQA's frozen text tower", "ldm", plan.ldm_steps, f"model.clip.pretrained={biqa_ckpt}")
+              "the tiny LDM foundation (foundations/tiny/ldm: UNet, frozen VAE, v-prediction), BIQA's frozen text tower",
+              "ldm", plan.ldm_steps, f"model.clip.pretrained={biqa_ckpt}")
         # The SCM corrects what the loop's sampler makes at the demo's settings (`ldm_input=sample`),
         # not AutoDIR's one-step estimate from the GT latent: a few minutes of LDM training leave
         # those two far apart.
@@ -246,7 +265,7 @@ def run_demo(out: Path, plan: DemoPlan) -> int:
         write_degraded_inputs(data, out / "inputs")
         r.cli("restore-auto", "restore", str(out / "inputs"), "--weights", str(weights), "--out", str(out / "restored"),
               "--steps", str(plan.diffusion_steps), "--strength", str(plan.strength), "--max-passes", str(plan.max_passes),
-              "--device", "cpu")
+              *loop_flags(plan), "--device", "cpu")
         r.cli("restore-fast", "restore", str(out / "inputs"), "--weights", str(weights), "--out",
               str(out / "restored_fast"), "--fast", "--device", "cpu")
 
@@ -262,8 +281,7 @@ def run_demo(out: Path, plan: DemoPlan) -> int:
               "--save-lines", str(lines), "--line-role", "excellence", *common)
         r.cli("evaluate-auto", "evaluate", "--weights", str(weights), "--out", str(out / "report"), "--lines",
               str(lines), "--steps", str(plan.diffusion_steps), "--strength", str(plan.strength), "--max-passes",
-              str(plan.max_passes), "--compare-fast",
-              *common)
+              str(plan.max_passes), *loop_flags(plan), "--compare-fast", *common)
     except StepFailed:
         return 1
     summarize(r, out, stories, time.perf_counter() - start)

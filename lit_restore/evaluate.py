@@ -96,7 +96,7 @@ def evaluate_command(weights: str, suite: str, data: str, out: str, lines: Optio
                      max_images: int = 0, crop_border: int = 4, y_channel: bool = False,
                      lpips_weights: Optional[str] = None, fast: bool = False, steps: int = 100, sampler: str = "euler_a",
                      max_passes: int = 7, device: str = "auto", seed: int = 0, threads: int = 0,
-                     compare_fast: bool = False, strength: float = 1.0) -> int:
+                     compare_fast: bool = False, strength: float = 1.0, scm_every_pass: bool = False) -> int:
     """Evaluate `weights` on the suite and write metrics.json + report.md/html into `out`.
     Exit codes: 0 done; 1 done, but some images ran out of memory (listed in OUT/failed.txt, left
     out of the metrics); 2 nothing evaluated (missing weights or data, bad arguments, an output
@@ -118,7 +118,7 @@ def evaluate_command(weights: str, suite: str, data: str, out: str, lines: Optio
             raise ValueError(f"--tasks {tasks!r} selects no task")
         reference = read_lines(lines) if lines else {}
         dev = pick_device(device, threads)
-        restorer = build_restorer(weights, dev, None, fast, max_passes, sampling, tiles)
+        restorer = build_restorer(weights, dev, None, fast, max_passes, sampling, tiles, scm_every_pass)
         biqa = restorer.biqa if isinstance(restorer, AutoRestorer) else (
             load_biqa(weights, dev) if has_stage(weights, "biqa") else None)
         # The feed-forward restorer on the same images, for a column beside the automatic loop's.

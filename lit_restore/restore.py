@@ -6,14 +6,16 @@ The automatic loop (AutoDIR's inference): each pass
 3. the LDM samples with the probability-weighted mixture of the prompts' token embeddings as
    text context (each tile of a large image with the same context);
 4. the SCM corrects the LDM output from [input, LDM output], except after a low-resolution pass,
-   where the LDM output itself goes on (the SCM would pull the blurry input's structure back);
+   where the LDM output itself goes on (the SCM would pull the blurry input's structure back;
+   AutoDIR's evaluation). `scm_every_pass` keeps the SCM there too: the tiny SCM, trained on
+   samples of every type, gains after such passes (docs/benchmarks.md, "The automatic loop");
 5. the detected class leaves the prompt set, so each degradation is handled at most once;
 up to `max_passes` passes.
 
 `--prompt TEXT` runs one pass with the text tower's states of the user's own instruction;
 `--fast` runs the feed-forward ConStyle restorer alone. Images larger than `tile` go through
 the LDM, SCM and restorer tile by tile (`lit_restore.tiling`), so the networks' memory is set
-by the tile; BIQA looks at a centre crop at native scale (what it was trained on) and needs no
+by the tile; BIQA scores a grid of native-scale crops (what it was trained on) and needs no
 tiling. The image itself is held as float32 (12 bytes per pixel per copy: the input, each
 pass's LDM output and corrected image) and converted from and to 8 bits band by band:
 measured peak growth (bench/restore_memory.py, 5000² input) ≈ 28 bytes per pixel for --fast,
@@ -44,7 +46,7 @@ from lit_restore.config import RunConfig, load_config
 from lit_restore.data.degrade.types import prompt_for
 from lit_restore.data.images import IMAGE_SUFFIXES, ImageReadError, is_image_file, read_image, write_bytes_atomic, write_png
 from lit_restore.models.clip import PromptCLIP, TransformersTextTower
-from lit_restore.models.ldm import SAMPLERS, LatentDiffusion
+from lit_restore.models.ldm import SAMPLERS, LatentDiffusion, saved_prediction_type
 from lit_restore.tiling import restore_tiled
 
 # A pass that restored this class feeds its LDM output on without the SCM.
@@ -75,12 +77,14 @@ def automatic_loop(
     step: Callable[[Tensor, Tensor], Tensor],
     correct: Optional[Callable[[Tensor, Tensor], Tensor]],
     max_passes: int = 7,
+    scm_every_pass: bool = False,
 ) -> LoopResult:
     """Run the loop on one image (1, 3, H, W) in [0, 1].
 
     `classify(image)` gives (1, K) logits over `classes` (which must hold "no");
     `step(image, weights)` restores with the (K,) prompt mixture weights (zero for classes out of
-    play) and returns the LDM output; `correct(image, ldm_out)` is the SCM (None: no SCM).
+    play) and returns the LDM output; `correct(image, ldm_out)` is the SCM (None: no SCM), skipped
+    after a `SKIP_SCM_AFTER` pass unless `scm_every_pass`.
     """
     classes = list(classes)
     if "no" not in classes:
@@ -97,7 +101,7 @@ def automatic_loop(
             result.stopped = "no artifact"
             return result
         ldm_out = step(result.image, probs)
-        if correct is not None and detected != SKIP_SCM_AFTER:
+        if correct is not None and (scm_every_pass or detected != SKIP_SCM_AFTER):
             result.image = correct(result.image, ldm_out)
             log.scm = True
         else:
@@ -381,7 +385,12 @@ def load_diffusion(weights: str | Path, device: torch.device, sampling: SamplerS
     """The exported LDM with its text tower, and the SCM when one is exported."""
     modules = load_stage(weights, "ldm", device)
     text = load_text_tower(weights, device)
-    ldm = LatentDiffusion(modules["unet"], modules["vae"], exported_config(weights, "ldm").model.prediction_type)
+    prediction = exported_config(weights, "ldm").model.prediction_type
+    saved = saved_prediction_type(str(Path(weights) / "ldm"))
+    if saved is not None and saved != prediction:
+        raise MissingWeightsError(f"{Path(weights) / 'ldm'}: config.yaml says prediction_type {prediction}, "
+                                  f"scheduler/scheduler_config.json {saved}; export the LDM again")
+    ldm = LatentDiffusion(modules["unet"], modules["vae"], prediction)
     scm = load_stage(weights, "scm", device) if has_stage(weights, "scm") else None
     return Diffusion(ldm.eval().to(device), text, scm, device, sampling, tiles)
 
@@ -426,8 +435,10 @@ class AutoRestorer:
 
     mode = "auto"
 
-    def __init__(self, biqa: PromptCLIP, diffusion: Diffusion, device: torch.device, max_passes: int = 7) -> None:
+    def __init__(self, biqa: PromptCLIP, diffusion: Diffusion, device: torch.device, max_passes: int = 7,
+                 scm_every_pass: bool = False) -> None:
         self.biqa, self.diffusion, self.device, self.max_passes = biqa, diffusion, device, max_passes
+        self.scm_every_pass = scm_every_pass
         self.classes = list(biqa.class_names)
         self.prompt_states = diffusion.contexts([prompt_for(c) for c in self.classes])
 
@@ -440,6 +451,7 @@ class AutoRestorer:
             step=lambda x, w: d.sample(x, mix_prompts(w, self.prompt_states), generator),
             correct=d.correct if d.scm is not None else None,
             max_passes=self.max_passes,
+            scm_every_pass=self.scm_every_pass,
         )
         return result.image, {
             "mode": self.mode,
@@ -471,7 +483,7 @@ def restore_file(restorer: Restorer, path: Path, out_dir: Path, taken: set[str],
 
 
 def build_restorer(weights: str, device: torch.device, prompt: Optional[str], fast: bool, max_passes: int,
-                   sampling: SamplerSettings, tiles: TileSettings) -> Restorer:
+                   sampling: SamplerSettings, tiles: TileSettings, scm_every_pass: bool = False) -> Restorer:
     """The restorer of the chosen mode from the exported weights (MissingWeightsError when a needed
     stage is not there)."""
     if fast:
@@ -479,7 +491,7 @@ def build_restorer(weights: str, device: torch.device, prompt: Optional[str], fa
     if prompt is not None:
         return PromptRestorer(load_diffusion(weights, device, sampling, tiles), prompt)
     biqa = load_biqa(weights, device)
-    return AutoRestorer(biqa, load_diffusion(weights, device, sampling, tiles), device, max_passes)
+    return AutoRestorer(biqa, load_diffusion(weights, device, sampling, tiles), device, max_passes, scm_every_pass)
 
 
 def image_generator(seed: int, device: torch.device) -> torch.Generator:
@@ -504,7 +516,7 @@ def progress_bar(label: str):
 def restore_command(weights: str, inputs: Sequence[str], out: str, prompt: Optional[str] = None, fast: bool = False,
                     max_passes: int = 7, steps: int = 100, sampler: str = "euler_a", guidance_text: float = 1.0,
                     guidance_image: float = 1.0, tile: int = 512, overlap: int = 64, device: str = "auto",
-                    seed: int = 0, threads: int = 0, strength: float = 1.0) -> int:
+                    seed: int = 0, threads: int = 0, strength: float = 1.0, scm_every_pass: bool = False) -> int:
     """Restore every image of `inputs` into `out`; exit code as in the module docstring."""
 
     sampling = SamplerSettings(steps, sampler, guidance_text, guidance_image, strength)
@@ -531,7 +543,7 @@ def restore_command(weights: str, inputs: Sequence[str], out: str, prompt: Optio
         return 2
     dev = pick_device(device, threads)
     try:
-        restorer = build_restorer(weights, dev, prompt, fast, max_passes, sampling, tiles)
+        restorer = build_restorer(weights, dev, prompt, fast, max_passes, sampling, tiles, scm_every_pass)
     except (MissingWeightsError, ValueError) as e:
         _error(str(e))
         return 2

@@ -57,6 +57,13 @@ def test_loop_drops_handled_types_skips_scm_after_lowres_and_stops_on_no():
     assert len(s.corrections) == 2 and torch.all(s.corrections[1][0] == 10)
 
 
+def test_loop_can_keep_the_scm_after_a_lowres_pass():
+    s = Script([[0.0, 0.0, 0.0, 5.0], [9.0, 0.0, 0.0, 0.0]])
+    r = automatic_loop(torch.zeros(1, 3, 4, 4), s.classify, CLASSES, s.step, s.correct, scm_every_pass=True)
+    assert [(p.detected, p.scm) for p in r.passes] == [("lowres", True), ("no", False)]
+    assert torch.all(r.image == 10) and len(s.corrections) == 1
+
+
 def test_loop_stops_at_max_passes():
     s = Script([[0.0, 3.0, 2.0, 1.0]] * 3)
     r = automatic_loop(torch.zeros(1, 3, 4, 4), s.classify, CLASSES, s.step, None, max_passes=2)
@@ -335,6 +342,10 @@ def test_automatic_loop_and_prompt_on_exported_weights(full_weights, inputs, tmp
         assert all(p["scm"] == (p["detected"] not in ("no", "lowres")) for p in log["passes"])
     assert Image.open(out / "large.png").size == (90, 70) and Image.open(out / "gray16.png").mode == "L"
     assert "restored 3 of 3" in capsys.readouterr().out
+    every = tmp_path / "every"
+    assert run_restore([inputs / "rgb.png", "--out", every, "--scm-every-pass", *args]) == 0
+    log = json.loads((every / "rgb.json").read_text())
+    assert all(p["scm"] == (p["detected"] != "no") for p in log["passes"])
 
     out = tmp_path / "prompt"
     assert run_restore([inputs / "rgb.png", "--out", out, "--prompt", "A photo needs haze artifact reduction", *args]) == 0
@@ -351,3 +362,18 @@ def test_ldm_without_its_text_encoder_is_refused(full_weights, tmp_path, inputs,
     code = run_restore([inputs / "rgb.png", "--weights", broken, "--out", tmp_path / "o", "--device", "cpu"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "no text_encoder/" in err
+
+
+def test_an_ldm_whose_config_and_scheduler_disagree_on_the_prediction_type_is_refused(full_weights, tmp_path, inputs,
+                                                                                      capsys):
+    import shutil
+
+    broken = tmp_path / "weights"
+    shutil.copytree(full_weights, broken)
+    path = broken / "ldm" / "scheduler" / "scheduler_config.json"
+    scheduler = json.loads(path.read_text())
+    scheduler["prediction_type"] = "epsilon" if scheduler["prediction_type"] == "v_prediction" else "v_prediction"
+    path.write_text(json.dumps(scheduler))
+    code = run_restore([inputs / "rgb.png", "--weights", broken, "--out", tmp_path / "o", "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "prediction_type" in err and "export the LDM again" in err

@@ -9,7 +9,7 @@ import torch
 from _batches import device_batch, tiny_stage
 from _untrusted import code_running_checkpoint
 from lit_restore.checkpointing import WeightsError
-from lit_restore.config import ConfigError, load_config
+from lit_restore.config import ConfigError, load_config, to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny" / "scm.yaml")
@@ -133,7 +133,7 @@ def test_loads_the_ldm_from_an_ldm_checkpoint(tmp_path):
             p.add_(0.01)  # the EMA differs from the raw UNet: the SCM must take the EMA
         ldm_stage.context_bank.add_(1.0)
     path = tmp_path / "ldm.ckpt"
-    torch.save({"state_dict": ldm_stage.state_dict()}, path)
+    torch.save({"state_dict": ldm_stage.state_dict(), "hyper_parameters": {"config": to_dict(ldm_stage.cfg)}}, path)
     stage = make_stage(f"model.ldm_checkpoint={path}")
     for k, v in ldm_stage.ema.module.state_dict().items():
         assert torch.equal(stage.frozen.ldm.unet.state_dict()[k], v), k
@@ -142,6 +142,13 @@ def test_loads_the_ldm_from_an_ldm_checkpoint(tmp_path):
     assert torch.equal(stage.frozen.context_bank, ldm_stage.context_bank)
     with pytest.raises(WeightsError, match="model.ldm_checkpoint: .*not found"):
         make_stage(f"model.ldm_checkpoint={tmp_path / 'missing.ckpt'}")
+    epsilon = tmp_path / "epsilon.ckpt"  # an ldm run trained for the other objective: refused, not misread
+    config = to_dict(ldm_stage.cfg)
+    config["model"]["prediction_type"] = "epsilon"
+    torch.save({"state_dict": ldm_stage.state_dict(), "hyper_parameters": {"config": config}}, epsilon)
+    with pytest.raises(ConfigError, match=r"^model.ldm.prediction_type: v_prediction, but .*epsilon.ckpt is an LDM "
+                                          r"trained for epsilon; set model.ldm.prediction_type=epsilon$"):
+        make_stage(f"model.ldm_checkpoint={epsilon}")
     marker = tmp_path / "ran"  # an ldm checkpoint from a stranger whose pickle would run code
     evil = code_running_checkpoint(tmp_path / "evil.ckpt", marker, ldm_stage.state_dict())
     with pytest.raises(WeightsError, match="model.ldm_checkpoint: .*refused"):
@@ -154,6 +161,21 @@ def test_bad_timestep_settings():
         make_stage("model.t_max=0")
     with pytest.raises(ConfigError, match="model.sample_strength"):
         make_stage("model.sample_strength=0")
+    with pytest.raises(ConfigError, match="model.prompt_error"):
+        make_stage("model.prompt_error=1")
+
+
+def test_wrong_labels_swap_the_given_fraction_for_other_classes():
+    from lit_restore.stages.scm import wrong_labels
+
+    labels = torch.arange(8).repeat(2000)
+    out = wrong_labels(labels, 0.3, 8, torch.Generator().manual_seed(0))
+    changed = out != labels
+    assert 0.28 < changed.float().mean() < 0.32 and 0 <= int(out.min()) and int(out.max()) < 8
+    # A swapped label is any other class alike: its offset from the true one is uniform over 1..7.
+    offsets = torch.bincount((out - labels)[changed] % 8, minlength=8)
+    assert offsets[0] == 0 and offsets[1:].min() > 0.8 * offsets[1:].max()
+    assert torch.equal(wrong_labels(labels, 0.0, 8), labels)
 
 
 def test_fit_tiny_config(sample_shards, tmp_path):

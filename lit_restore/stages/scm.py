@@ -19,12 +19,13 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.image import PeakSignalNoiseRatio
 
-from lit_restore.checkpointing import WeightsError, load_module_weights, read_weights
+from lit_restore.checkpointing import WeightsError, load_checkpoint, load_module_weights
 from lit_restore.config import ConfigError, RunConfig
 from lit_restore.models.ldm import LatentDiffusion, predict_x0
 from lit_restore.models.nafnet import NAFNet
 from lit_restore.stages.base import Stage
-from lit_restore.stages.ldm import DTYPES, NULL_PROMPT, build_latent_diffusion, cfg_dropout, masked_mean, prompt_bank
+from lit_restore.stages.ldm import (DTYPES, NULL_PROMPT, build_latent_diffusion, cfg_dropout, check_prediction_type,
+                                    masked_mean, prompt_bank)
 from lit_restore.stages.restorer import image_mse, image_psnr_loss
 
 
@@ -58,14 +59,29 @@ class FrozenLDM:
     context_bank: Tensor
 
 
+def wrong_labels(labels: Tensor, fraction: float, classes: int, generator: Optional[torch.Generator] = None) -> Tensor:
+    """`labels` with each replaced, with probability `fraction`, by one of the other `classes`
+    drawn uniformly."""
+    u = torch.rand(labels.shape, device=labels.device, generator=generator)
+    other = torch.randint(1, classes, labels.shape, device=labels.device, generator=generator)
+    return torch.where(u < fraction, (labels + other) % classes, labels)
+
+
 def load_ldm_checkpoint(ldm: LatentDiffusion, path: str) -> Tensor:
-    """Load an ldm stage checkpoint's UNet (its EMA when it has one) and VAE; return its prompt contexts."""
+    """Load an ldm stage checkpoint's UNet (its EMA when it has one) and VAE; return its prompt
+    contexts. The checkpoint's prediction type must be the one `ldm` samples with."""
     try:
-        state = read_weights(path)
+        ckpt = load_checkpoint(path)
     except WeightsError as e:
         raise WeightsError(f"model.ldm_checkpoint: {e} (give an ldm stage .ckpt)") from None
-    if "context_bank" not in state:
+    state = ckpt.get("state_dict")
+    if not isinstance(state, dict) or "context_bank" not in state:
         raise WeightsError(f"model.ldm_checkpoint: {path} is not an ldm stage checkpoint (no context_bank)")
+    trained: object = ckpt
+    for key in ("hyper_parameters", "config", "model", "prediction_type"):  # what the run was configured with
+        trained = trained.get(key) if isinstance(trained, dict) else None
+    check_prediction_type(ldm.scheduler.config.prediction_type, trained if isinstance(trained, str) else None,
+                          path, "model.ldm")
     unet_prefix = "ema.module." if any(k.startswith("ema.module.") for k in state) else "ldm.unet."
     for module, prefix in ((ldm.unet, unet_prefix), (ldm.vae, "ldm.vae.")):
         sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
@@ -91,6 +107,8 @@ class SCMStage(Stage):
             raise ConfigError(f"model.sample_steps: {m.sample_steps} must be >= 1")
         if not 0.0 < m.sample_strength <= 1.0:
             raise ConfigError(f"model.sample_strength: {m.sample_strength} must be in (0, 1]")
+        if not 0.0 <= m.prompt_error < 1.0:
+            raise ConfigError(f"model.prompt_error: {m.prompt_error} must be in [0, 1)")
         self.scm: StructureCorrection | None = None
         self.frozen: FrozenLDM | None = None
         self.val_psnr_ldm = PeakSignalNoiseRatio(data_range=1.0, reduction="elementwise_mean", dim=(1, 2, 3))
@@ -145,7 +163,10 @@ class SCMStage(Stage):
         ldm, bank = f.ldm, f.context_bank
         lq, gt = batch["lq"], batch["gt"]
         h, w = lq.shape[-2:]
-        context = bank[batch["label"]]
+        labels = batch["label"]
+        if self.training and m.prompt_error > 0:
+            labels = wrong_labels(labels, m.prompt_error, NULL_PROMPT, generator)
+        context = bank[labels]
         if m.ldm_input == "sample":
             return ldm.sample(lq, context, bank[NULL_PROMPT:], steps=m.sample_steps, sampler="euler_a",
                               generator=generator, strength=m.sample_strength)
