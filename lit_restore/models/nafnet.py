@@ -101,22 +101,24 @@ class NAFNet(nn.Module):
         self.intro = nn.Conv2d(in_channels, width, 3, padding=1)
         self.encoders = nn.ModuleList()
         self.downs = nn.ModuleList()
+        # Channels after each encoder level, the middle and each decoder level, in forward order.
+        self.level_widths: list[int] = []
         ch = width
         for n in enc_blocks:
             self.encoders.append(nn.Sequential(*[NAFBlock(ch) for _ in range(n)]))
+            self.level_widths.append(ch)
             self.downs.append(nn.Conv2d(ch, 2 * ch, 2, stride=2))
             ch *= 2
         self.middle = nn.Sequential(*[NAFBlock(ch) for _ in range(middle_blocks)])
+        self.level_widths.append(ch)
         self.ups = nn.ModuleList()
         self.decoders = nn.ModuleList()
         for n in dec_blocks:
             self.ups.append(nn.Sequential(nn.Conv2d(ch, 2 * ch, 1, bias=False), nn.PixelShuffle(2)))
             ch //= 2
             self.decoders.append(nn.Sequential(*[NAFBlock(ch) for _ in range(n)]))
+            self.level_widths.append(ch)
         self.ending = nn.Conv2d(width, out_channels, 3, padding=1)
-        enc = [width * 2**i for i in range(len(enc_blocks))]
-        # Channels after each encoder level, the middle and each decoder level, in forward order.
-        self.level_widths = [*enc, 2 * enc[-1], *reversed(enc)]
 
     def forward(self, x: Tensor) -> Tensor:
         # One image argument: the ONNX export names a module's inputs after forward's parameters.
