@@ -19,7 +19,7 @@ import time
 import torch
 
 from lit_restore.config import DegradeConfig
-from lit_restore.data.degrade import Degrader
+from lit_restore.data.degrade.composer import Degrader
 from lit_restore.data.degrade.composer import _Draw
 
 

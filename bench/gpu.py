@@ -46,7 +46,7 @@ import full_configs  # noqa: E402
 from _tiny_weights import export_tiny  # noqa: E402
 from learn_restorer import degraded_sets, score, type_means  # noqa: E402
 from lit_restore.config import DegradeConfig, RunConfig, load_config  # noqa: E402
-from lit_restore.data.degrade import Degrader  # noqa: E402
+from lit_restore.data.degrade.composer import Degrader  # noqa: E402
 from lit_restore.fit import build_stage, build_strategy, fit  # noqa: E402
 from lit_restore.guards import NonFiniteGuard  # noqa: E402
 from lit_restore.metrics import psnr  # noqa: E402

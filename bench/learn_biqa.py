@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from lit_restore.config import DegradeConfig, load_config
 from lit_restore.data.datamodule import ShardDataModule
-from lit_restore.data.degrade import Degrader
+from lit_restore.data.degrade.composer import Degrader
 from lit_restore.data.degrade.types import SYNTHETIC_TYPES
 from lit_restore.fit import fit
 from lit_restore.stages.biqa import BIQAStage

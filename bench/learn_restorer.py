@@ -30,14 +30,14 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from lit_restore.checkpointing import read_weights
+from lit_restore.weights import read_weights
 from lit_restore.config import DegradeConfig, load_config
 from lit_restore.data.datamodule import ShardDataModule
 from lit_restore.data.degrade.composer import Degrader
 from lit_restore.data.degrade.types import DEGRADATION_TYPES, SYNTHETIC_TYPES
 from lit_restore.fit import build_stage, fit
 from lit_restore.metrics import psnr
-from lit_restore.stages.constyle import build_encoder
+from lit_restore.models.constyle import build_encoder
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny" / "restorer.yaml"

@@ -731,8 +731,8 @@ def schema_for(stage: str) -> DictConfig:
     return schema
 
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """YAML file (optional) + `key=value` overrides → validated RunConfig."""
+def _read_yaml(path: str | Path | None) -> DictConfig:
+    """A YAML mapping from `path` (an empty one for None); ConfigError with one line otherwise."""
     import yaml
 
     try:
@@ -747,6 +747,26 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         raise ConfigError(f"{path}: cannot parse YAML: {e}".splitlines()[0]) from None
     if not isinstance(raw, DictConfig):
         raise ConfigError(f"{path}: the top level must be a mapping")
+    return raw
+
+
+def _merge(schema: DictConfig, raw: DictConfig, prefix: str = "") -> Any:
+    """`raw` merged into the typed `schema` → its dataclass; ConfigError naming the key path."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(schema, raw))
+    except ConfigKeyError as e:
+        key = prefix + str(e.full_key or e.key or "?")
+        allowed = _allowed_keys(schema, key[len(prefix):])
+        hint = f"; allowed here: {', '.join(allowed)}" if allowed else ""
+        raise ConfigError(f"{key}: unknown key{hint}") from None
+    except OmegaConfBaseException as e:
+        key = prefix + str(getattr(e, "full_key", None) or "?")
+        raise ConfigError(f"{key}: {str(e).splitlines()[0]}") from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """YAML file (optional) + `key=value` overrides → validated RunConfig."""
+    raw = _read_yaml(path)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value")
@@ -757,24 +777,34 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     _check_env_reads(OmegaConf.to_container(raw, resolve=False))
     stage = raw.get("stage", "biqa")
     _normalize_sources(raw)
-    schema = schema_for(str(stage))
-    try:
-        merged = OmegaConf.merge(schema, raw)
-        cfg: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    except ConfigKeyError as e:
-        key = e.full_key or e.key or "?"
-        allowed = _allowed_keys(schema, str(key))
-        hint = f"; allowed here: {', '.join(allowed)}" if allowed else ""
-        raise ConfigError(f"{key}: unknown key{hint}") from None
-    except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or "?"
-        raise ConfigError(f"{key}: {str(e).splitlines()[0]}") from None
+    cfg: RunConfig = _merge(schema_for(str(stage)), raw)
     if not isinstance(cfg.model, MODEL_CONFIGS[cfg.stage]):
         raise ConfigError(f"model: {cfg.model!r} is not allowed; give the {cfg.stage} model's keys, or leave model "
                           "out for its defaults")
     _check_choices(cfg)
     _check_values(cfg)
     return cfg
+
+
+def load_model_config(path: str | Path) -> tuple[str, Any]:
+    """The `stage` and typed `model:` section of a run's or an export's config.yaml, for building
+    its networks. The other sections (data, optim, trainer, ...) are training's and are not read:
+    weights stay loadable after the installed Lightning changes what `trainer:` may hold."""
+    raw = _read_yaml(path)
+    stage = str(raw.get("stage", "biqa"))
+    if stage not in MODEL_CONFIGS:
+        raise ConfigError(f"{path}: stage: {stage!r} is not allowed; choose one of {', '.join(STAGES)}")
+    model = raw.get("model")
+    model = model if model is not None else OmegaConf.create({})
+    if not isinstance(model, DictConfig):
+        raise ConfigError(f"{path}: model: must be a mapping of the {stage} model's keys")
+    _check_env_reads(OmegaConf.to_container(model, resolve=False), "model.")
+    try:
+        m = _merge(OmegaConf.structured(MODEL_CONFIGS[stage]), model, "model.")
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    _check_choices(m, "model.")
+    return stage, m
 
 
 def to_yaml(cfg: RunConfig) -> str:

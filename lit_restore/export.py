@@ -10,7 +10,7 @@ encoder, tokenizer and sampler), open_clip models as `open_clip_model.safetensor
 SCM `model.onnx` with dynamic batch, height and width, checked against onnxruntime. Optimizer state is never written. A sharded (FSDP/DCP)
 checkpoint folder is consolidated in memory first.
 
-`load_exported(weights_dir, stage)` rebuilds a stage's inference modules from such a folder.
+`lit_restore.exported.load_exported` reads such a folder back for inference.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ from omegaconf.errors import OmegaConfBaseException
 from safetensors.torch import save_file
 from torch import nn
 
-from lit_restore.checkpointing import WeightsError, load_checkpoint, load_sharded_checkpoint, read_weights
-from lit_restore.config import CLIPTextConfig, ConfigError, RunConfig, load_config, schema_for, to_yaml
+from lit_restore.config import CLIPTextConfig, ConfigError, RunConfig, schema_for, to_yaml
+from lit_restore.exported import offline_model
+from lit_restore.weights import WeightsError, load_checkpoint, load_sharded_checkpoint
 
 # Stages whose exported modules are convolutional image-to-image nets: also written as ONNX.
 ONNX_STAGES = ("restorer", "scm")
@@ -64,32 +65,9 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
         raise ConfigError(f"the checkpoint's config: {str(e).splitlines()[0]}") from None
 
 
-def without_downloads(cfg: RunConfig, folder: Optional[Path] = None) -> RunConfig:
-    """The same architecture built with random weights: every weight comes from the checkpoint or
-    the export, so nothing pretrained needs to be fetched. The LDM's UNet and VAE architectures
-    come from the exported `folder`'s diffusers configs, else from `model.pretrained`'s
-    config.json files (read, not their weights)."""
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model))
-    m = cfg.model
-    if cfg.stage == "biqa":
-        m.pretrained = ""
-    if cfg.stage == "ldm":
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-
-        from lit_restore.models.ldm import architecture_config
-
-        source = str(folder) if folder is not None else m.pretrained
-        if m.unet_cfg is None:
-            m.unet_cfg = architecture_config(UNet2DConditionModel, source, "unet", "model.pretrained")
-        if m.vae_cfg is None:
-            m.vae_cfg = architecture_config(AutoencoderKL, source, "vae", "model.pretrained")
-        m.pretrained = ""
-        m.clip = dataclasses.replace(m.clip, pretrained="")
-    if cfg.stage == "scm":
-        m.ldm = dataclasses.replace(m.ldm, clip=dataclasses.replace(m.ldm.clip, pretrained=""))
-        m.ldm_checkpoint = ""
-        m.pretrained = ""
-    return cfg
+def without_downloads(cfg: RunConfig) -> RunConfig:
+    """The same run with a model config that builds its architecture offline (`offline_model`)."""
+    return dataclasses.replace(cfg, model=offline_model(cfg.stage, cfg.model))
 
 
 def build_modules(cfg: RunConfig, ema: bool) -> tuple[nn.Module, dict[str, nn.Module]]:
@@ -250,7 +228,7 @@ def model_card(cfg: RunConfig, step: int, ema: bool, files: list[str], metrics: 
     if cfg.stage in CARD_USAGE and any(f in files for f in CARD_USAGE[cfg.stage][0]):
         lines += ["", "## Use", "", "```python", *CARD_USAGE[cfg.stage][1], "```"]
     lines += ["", "## Files", ""] + [f"- `{f}`" for f in files]
-    lines += ["", "`config.yaml` is the resolved training config. Load with `lit_restore.export.load_exported`.", ""]
+    lines += ["", "`config.yaml` is the resolved training config. Load with `lit_restore.exported.load_exported`.", ""]
     return "\n".join(lines)
 
 
@@ -348,7 +326,7 @@ def ldm_text_tower(clip: CLIPTextConfig, context_bank: torch.Tensor) -> Optional
     CLIPTextModel, checked against the prompt contexts the checkpoint holds; None when the LDM
     trained with a random tower (nothing to rebuild it from)."""
     from lit_restore.models.clip import PromptCLIP, create_clip, transformers_text_model
-    from lit_restore.stages.ldm import bank_prompts
+    from lit_restore.models.ldm import bank_prompts
 
     if not clip.pretrained:
         return None
@@ -405,28 +383,3 @@ def open_clip_config(cfg: RunConfig, model: nn.Module) -> dict[str, Any]:
     if cfg.stage == "biqa":
         out.update(classes=list(m.classes), prompts=[prompt_for(c) for c in m.classes], native_scale_crop=not m.resize)
     return out
-
-
-# ------------------------------------------------------------------ loading
-
-
-def load_exported(weights_dir: str | Path, stage: str) -> nn.Module:
-    """The inference modules of `weights_dir/<stage>/` (an export), in eval mode: the module itself
-    when the stage exports one, else an nn.ModuleDict by name."""
-    folder = Path(weights_dir) / stage
-    if not (folder / "model.safetensors").is_file():
-        raise FileNotFoundError(f"no exported {stage} weights in {folder} (run `lit-restore export CKPT --out {weights_dir}`)")
-    cfg = load_config(folder / "config.yaml")
-    if cfg.stage != stage:
-        raise ValueError(f"{folder}/config.yaml is for stage {cfg.stage}, not {stage}")
-    _, modules = build_modules(without_downloads(cfg, folder), ema=False)
-    state = read_weights(folder / "model.safetensors")
-    for name, module in modules.items():
-        part = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
-        try:
-            module.load_state_dict(part)
-        except RuntimeError as e:
-            raise WeightsError(f"{folder}/model.safetensors does not fit its config.yaml ({name}): "
-                               f"{str(e).splitlines()[-1].strip()[:200]}") from None
-        module.eval().requires_grad_(False)
-    return next(iter(modules.values())) if len(modules) == 1 else nn.ModuleDict(modules)

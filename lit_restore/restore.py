@@ -42,9 +42,9 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from lit_restore.config import RunConfig, load_config
 from lit_restore.data.degrade.types import prompt_for
 from lit_restore.data.images import IMAGE_SUFFIXES, ImageReadError, is_image_file, read_image, write_bytes_atomic, write_png
+from lit_restore.exported import exported_model_config, load_exported
 from lit_restore.models.clip import PromptCLIP, TransformersTextTower
 from lit_restore.models.ldm import SAMPLERS, LatentDiffusion, saved_prediction_type
 from lit_restore.tiling import restore_tiled
@@ -250,8 +250,6 @@ def has_stage(weights: str | Path, stage: str) -> bool:
 
 def load_stage(weights: str | Path, stage: str, device: torch.device) -> nn.Module:
     """An exported stage's inference module on `device`; `MissingWeightsError` when it is absent."""
-    from lit_restore.export import load_exported
-
     if not Path(weights).is_dir():
         raise MissingWeightsError(f"weights folder not found: {weights} (an `lit-restore export --out` folder)")
     if not has_stage(weights, stage):
@@ -260,14 +258,10 @@ def load_stage(weights: str | Path, stage: str, device: torch.device) -> nn.Modu
     return load_exported(weights, stage).to(device)
 
 
-def exported_config(weights: str | Path, stage: str) -> RunConfig:
-    return load_config(Path(weights) / stage / "config.yaml")
-
-
 def load_biqa(weights: str | Path, device: torch.device) -> PromptCLIP:
     """The exported BIQA CLIP scoring the prompts of the classes it was trained on."""
     model = load_stage(weights, "biqa", device)
-    m = exported_config(weights, "biqa").model
+    m = exported_model_config(weights, "biqa")
     return PromptCLIP(model, m.classes, resize=m.resize).eval().to(device)
 
 
@@ -385,7 +379,7 @@ def load_diffusion(weights: str | Path, device: torch.device, sampling: SamplerS
     """The exported LDM with its text tower, and the SCM when one is exported."""
     modules = load_stage(weights, "ldm", device)
     text = load_text_tower(weights, device)
-    prediction = exported_config(weights, "ldm").model.prediction_type
+    prediction = exported_model_config(weights, "ldm").prediction_type
     saved = saved_prediction_type(str(Path(weights) / "ldm"))
     if saved is not None and saved != prediction:
         raise MissingWeightsError(f"{Path(weights) / 'ldm'}: config.yaml says prediction_type {prediction}, "

@@ -13,7 +13,8 @@ from diffusers import AutoencoderKL
 from lit_restore.config import ConfigError, load_config, to_dict
 from lit_restore.export import export_command
 from lit_restore.fit import build_stage
-from lit_restore.stages.autoencoder import kl_per_pixel, reconstruction_loss
+from lit_restore.losses import image_loss
+from lit_restore.stages.autoencoder import kl_per_pixel
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "configs" / "foundations" / "autoencoder.yaml"
@@ -29,8 +30,8 @@ def stage(*overrides: str):
 def test_losses_are_per_sample_and_weighted_like_sd():
     target = torch.zeros(2, 3, 4, 4)
     recon = torch.stack([torch.zeros(3, 4, 4), torch.full((3, 4, 4), 0.5)])
-    assert reconstruction_loss(recon, target, "l1").tolist() == [0.0, 0.5]
-    assert reconstruction_loss(recon, target, "mse").tolist() == [0.0, 0.25]
+    assert image_loss("l1", recon, target).tolist() == [0.0, 0.5]
+    assert image_loss("mse", recon, target).tolist() == [0.0, 0.25]
 
     class Posterior:  # KL summed over the latent, as diffusers' DiagonalGaussianDistribution.kl()
         def kl(self):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from _untrusted import code_running_checkpoint
-from lit_restore.checkpointing import WeightsError
+from lit_restore.weights import WeightsError
 from lit_restore.config import load_config
 from lit_restore.data.degrade.types import DEGRADATION_TYPES, prompt_for
 from lit_restore.models.clip import PromptCLIP, create_clip, pad_with_eot, tokenize

@@ -126,7 +126,7 @@ def test_yaml_errors_keep_line_and_column(tmp_path):
 
 def test_user_errors_are_one_line_exit_2_before_any_model(tmp_path, capsys):
     """Each was a traceback (the missing shards only after the model was built)."""
-    from lit_restore.checkpointing import WeightsError
+    from lit_restore.weights import WeightsError
     from lit_restore.cli import main
 
     out = tmp_path / "run"

@@ -11,14 +11,8 @@ import torch.nn.functional as F
 
 from _batches import device_batch, tiny_stage
 from lit_restore.config import load_config
-from lit_restore.models.constyle import (
-    ConStyleEncoder,
-    MoCo,
-    check_queue_divisible,
-    gram,
-    info_nce,
-    style_loss,
-)
+from lit_restore.losses import gram, info_nce, style_loss
+from lit_restore.models.constyle import ConStyleEncoder, MoCo, check_queue_divisible
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny" / "constyle.yaml")

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from lit_restore.config import ConfigError, DegradeConfig, load_config
-from lit_restore.data.degrade import DEGRADATION_TYPES, Degrader
+from lit_restore.data.degrade.composer import Degrader
+from lit_restore.data.degrade.types import DEGRADATION_TYPES
 from lit_restore.data.degrade.types import type_index
 
 B, H = 12, 64

@@ -13,7 +13,7 @@ from _tiny_weights import export_tiny
 from lit_restore.cli import main
 from lit_restore.data.degrade.suite import build_task_set, load_suite
 from lit_restore.evaluate import select_tasks
-from lit_restore.export import load_exported
+from lit_restore.exported import load_exported
 from lit_restore.lines import read_lines
 from lit_restore.metrics import psnr, quantize_8bit
 

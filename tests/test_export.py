@@ -15,9 +15,10 @@ from huggingface_hub import ModelCard
 from safetensors import safe_open
 
 from _untrusted import RunsCode, code_running_checkpoint
-from lit_restore.checkpointing import WeightsError
+from lit_restore.weights import WeightsError
 from lit_restore.config import load_config, to_dict
-from lit_restore.export import export_command, load_exported
+from lit_restore.export import export_command
+from lit_restore.exported import load_exported
 from lit_restore.fit import build_stage
 
 REPO = Path(__file__).resolve().parent.parent
@@ -106,7 +107,6 @@ def test_biqa_export_loads_in_open_clip(tmp_path):
     import json
 
     import open_clip
-    from safetensors.torch import load_file
 
     torch.manual_seed(0)
     cfg = load_config(REPO / "configs/tiny/biqa.yaml")

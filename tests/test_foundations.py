@@ -85,7 +85,7 @@ def test_ldm_foundation_restores_from_pure_noise(tmp_path):
     from lit_restore.data.degrade.suite import degrade_for_task, find_task, load_suite
     from lit_restore.data.degrade.types import DEGRADATION_TYPES
     from lit_restore.metrics import psnr
-    from lit_restore.stages.ldm import build_latent_diffusion, prompt_bank
+    from lit_restore.models.ldm import build_latent_diffusion, prompt_bank
 
     assert prep_sample(str(tmp_path), crop=128, train_crops=1, val_crops=1, seed=0, overwrite=False) == 0
     with tarfile.open(tmp_path / "val-000000.tar") as tar:

@@ -23,7 +23,7 @@ from lit_restore.fit import build_on_meta
 from lit_restore.models.clip import TEXT_PARTS, create_clip
 from lit_restore.models.constyle import check_queue_divisible
 from lit_restore.models.nafnet import NAFNet
-from lit_restore.stages.ldm import build_latent_diffusion, prompt_bank, text_shape
+from lit_restore.models.ldm import build_latent_diffusion, prompt_bank, text_shape
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -107,7 +107,7 @@ def test_strength_starts_from_the_inputs_latent_and_runs_that_share_of_the_steps
                              unet=counting, strength=strength)
             return out, len(calls)
 
-        (full, n_full), (part, n_part), (weak, _) = run(1.0), run(0.3), run(0.1)
+        (full, n_full), (_, n_part), (weak, _) = run(1.0), run(0.3), run(0.1)
         assert (n_full, n_part) == (10, 3), sampler
         assert (weak - recon).pow(2).mean() < 0.25 * (full - recon).pow(2).mean(), sampler
     for bad in (0.0, 1.5):
@@ -186,7 +186,7 @@ def test_stage_trains_the_unet_only_and_keeps_an_ema():
 @pytest.mark.parametrize("drop, text_dropped, image_dropped", [
     ("model.drop_text=1", True, False), ("model.drop_both=1", True, True), ("model.drop_image=1", False, True)])
 def test_classifier_free_dropout_bands(drop, text_dropped, image_dropped):
-    from lit_restore.stages.ldm import NULL_PROMPT
+    from lit_restore.models.ldm import NULL_PROMPT
 
     zero = ["model.drop_text=0", "model.drop_both=0", "model.drop_image=0"]
     stage = make_stage(*zero, drop)

@@ -127,8 +127,6 @@ def test_collect_inputs_from_files_folders_and_globs(tmp_path):
 
 def test_output_stems_are_unique():
     taken = set()
-    from pathlib import Path
-
     assert [output_stem(Path(p), taken) for p in ("x/a.png", "y/a.jpg", "a.tif", "b.png")] == ["a", "a_2", "a_3", "b"]
 
 
@@ -205,7 +203,7 @@ def test_fast_restores_every_mode_and_counts_the_unreadable_file(weights, inputs
 
 
 def test_fast_output_is_the_restorer_output(weights, inputs, tmp_path):
-    from lit_restore.export import load_exported
+    from lit_restore.exported import load_exported
 
     out = tmp_path / "out"
     assert run_restore([inputs / "rgb.png", "--weights", weights, "--out", out, "--fast", "--device", "cpu"]) == 0
@@ -377,3 +375,36 @@ def test_an_ldm_whose_config_and_scheduler_disagree_on_the_prediction_type_is_re
     code = run_restore([inputs / "rgb.png", "--weights", broken, "--out", tmp_path / "o", "--device", "cpu"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "prediction_type" in err and "export the LDM again" in err
+
+
+def test_restore_runs_without_training_code_and_ignores_the_exports_trainer_section(full_weights, inputs, tmp_path):
+    """Inference builds its networks from the exports' `model:` sections: a fresh interpreter that
+    runs --fast and the automatic loop never imports Lightning, `fit` or a stage, and a `trainer:`
+    key the installed Lightning does not know (weights made under another version) changes nothing."""
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+
+    weights = tmp_path / "weights"
+    shutil.copytree(full_weights, weights)
+    export_tiny("restorer", weights, tmp_path)
+    for config in weights.glob("*/config.yaml"):
+        cfg = yaml.safe_load(config.read_text())
+        cfg["trainer"]["an_argument_of_a_future_lightning"] = 1
+        config.write_text(yaml.safe_dump(cfg))
+    script = f"""
+import sys
+from lit_restore.cli import main
+common = [{str(inputs / 'rgb.png')!r}, "--weights", {str(weights)!r}, "--device", "cpu"]
+fast = main(["restore", *common, "--out", {str(tmp_path / 'fast')!r}, "--fast"])
+auto = main(["restore", *common, "--out", {str(tmp_path / 'auto')!r}, "--steps", "2", "--max-passes", "2"])
+training = sorted(m for m in sys.modules if m.split(".")[0] in ("lightning", "pytorch_lightning")
+                  or m.startswith(("lit_restore.fit", "lit_restore.stages", "lit_restore.checkpointing")))
+print("RESULT", fast, auto, training)
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "RESULT 0 0 []" in run.stdout, run.stdout[-2000:] + run.stderr[-2000:]
+    assert (tmp_path / "fast" / "rgb.png").is_file() and (tmp_path / "auto" / "rgb.png").is_file()

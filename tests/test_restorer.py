@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from _batches import device_batch, tiny_stage
 from _untrusted import code_running_checkpoint
-from lit_restore.checkpointing import WeightsError
+from lit_restore.weights import WeightsError
 from lit_restore.config import ConfigError, load_config
 from lit_restore.models.constyle import ConStyleEncoder, ConStyleNAFNet
 from lit_restore.models.nafnet import NAFBlock
@@ -104,30 +104,6 @@ def test_onnx_export_single_input_dynamic_hw(tmp_path):
         np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
 
 
-def test_psnr_loss_is_negative_psnr():
-    from lit_restore.stages.restorer import psnr_loss
-
-    gt = torch.zeros(2, 3, 8, 8)
-    pred = torch.full_like(gt, 0.1)  # mse 0.01 → 20 dB
-    assert math.isclose(float(psnr_loss(pred, gt)), -20.0, rel_tol=1e-5)
-
-
-@pytest.mark.parametrize("db", [10.0, 20.0, 35.0])
-def test_psnr_mse_loss_weighs_low_psnr_images_up(db):
-    from lit_restore.stages import restorer
-    from lit_restore.stages.restorer import psnr_loss, psnr_mse_loss
-
-    gt = torch.zeros(1, 3, 8, 8)
-    grads = []
-    for loss in (psnr_loss, psnr_mse_loss):
-        pred = torch.full_like(gt, 10.0 ** (-db / 20.0)).requires_grad_()  # PSNR = db
-        loss(pred, gt).backward()
-        grads.append(pred.grad.abs().sum().item())
-    # Extra pull over the PSNR loss: 1 + mse / crossover mse (x2 at the crossover, ~x1 far above).
-    expected = 1.0 + 10.0 ** ((restorer.PSNR_MSE_CROSSOVER_DB - db) / 10.0)
-    assert math.isclose(grads[1] / grads[0], expected, rel_tol=1e-3)
-
-
 # ----------------------------------------------------------------------------- weights
 
 
@@ -147,7 +123,7 @@ def _encoder_file(tmp_path: Path, kind: str) -> tuple[str, ConStyleEncoder]:
 
 @pytest.mark.parametrize("kind", ["ckpt", "export"])
 def test_load_encoder_weights(tmp_path, kind):
-    from lit_restore.stages.constyle import load_encoder_weights
+    from lit_restore.models.constyle import load_encoder_weights
 
     path, ref = _encoder_file(tmp_path, kind)
     enc = ConStyleEncoder(base=4, dim=16)
@@ -157,7 +133,7 @@ def test_load_encoder_weights(tmp_path, kind):
 
 
 def test_load_encoder_weights_errors(tmp_path):
-    from lit_restore.stages.constyle import load_encoder_weights
+    from lit_restore.models.constyle import load_encoder_weights
 
     with pytest.raises(WeightsError, match="ConStyle weights: .*not found"):
         load_encoder_weights(ConStyleEncoder(base=4, dim=16), str(tmp_path / "missing.ckpt"))

@@ -13,10 +13,11 @@ import torch
 
 from _probe import Probe, ProbeData, probe_config
 from _untrusted import code_running_checkpoint
-from lit_restore.checkpointing import (AtomicCheckpointIO, RunTerminated, WeightsError, find_resume_checkpoint, load_checkpoint,
-                                      prune_hpc, remove_stale_temporaries, resume_path)
+from lit_restore.checkpointing import (AtomicCheckpointIO, RunTerminated, find_resume_checkpoint, prune_hpc,
+                                      remove_stale_temporaries, resume_path)
 from lit_restore.config import ConfigError
 from lit_restore.fit import fit
+from lit_restore.weights import WeightsError, load_checkpoint
 
 
 def touch(path, mtime_ns: int, data: bytes | None = None) -> None:

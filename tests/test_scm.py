@@ -8,7 +8,7 @@ import torch
 
 from _batches import device_batch, tiny_stage
 from _untrusted import code_running_checkpoint
-from lit_restore.checkpointing import WeightsError
+from lit_restore.weights import WeightsError
 from lit_restore.config import ConfigError, load_config, to_dict
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,9 +18,9 @@ from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 from open_clip.transformer import text_global_pool
 from torch import Tensor, nn
 
-from lit_restore.checkpointing import WeightsError, read_weights
 from lit_restore.config import ConfigError
 from lit_restore.data.degrade.types import prompt_for
+from lit_restore.weights import WeightsError, read_weights
 
 # Attributes of open_clip.CLIP that make up its text tower (the per-token states the LDM reads
 # come out of ln_final; text_projection only maps the pooled state into the joint space).

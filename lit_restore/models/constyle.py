@@ -19,7 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lit_restore.config import ConStyleNetConfig, RestorerModelConfig
+from lit_restore.data.degrade.types import DEGRADATION_TYPES
 from lit_restore.models.nafnet import NAFBlock, NAFNet, pad_to_multiple
+from lit_restore.weights import WeightsError, read_weights, tensors_under_prefix
 
 
 class Style(NamedTuple):
@@ -134,32 +137,6 @@ def check_queue_divisible(queue_size: int, batch_size: int, world_size: int, key
             f"{key}={queue_size} is not divisible by the global batch {global_batch} "
             f"(data.batch_size={batch_size} x {world_size} devices); use a multiple of {global_batch}"
         )
-
-
-def info_nce(q: Tensor, k: Tensor, negatives: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
-    """InfoNCE with the positive at index 0. Returns (loss, top-1 accuracy of the positive)."""
-    pos = (q * k).sum(dim=1, keepdim=True)
-    neg = q @ negatives.t()
-    logits = torch.cat([pos, neg], dim=1) / temperature
-    target = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
-    acc = (logits.argmax(dim=1) == 0).float().mean()
-    return F.cross_entropy(logits, target), acc
-
-
-def content_loss(q: Tensor, k: Tensor) -> Tensor:
-    """Pulls the degraded image's code onto the clean image's key code."""
-    return F.mse_loss(q, k)
-
-
-def gram(x: Tensor) -> Tensor:
-    """(B, D) → (B, B) Gram matrix over the batch axis, normalised by B·D."""
-    return x @ x.t() / x.numel()
-
-
-def style_loss(z1: Tensor, z2: Tensor, n_cur: Tensor, n_next: Tensor) -> Tensor:
-    """Gram-matrix distance between current codes and two blocks of queued codes (ConStyle v1
-    pairs z1 with the next block and z2 with the current one). The caller chooses the sign."""
-    return F.mse_loss(gram(z1), gram(n_next)) + F.mse_loss(gram(z2), gram(n_cur))
 
 
 # --------------------------------------------------------------------------------------
@@ -315,3 +292,51 @@ class ConStyleNAFNet(EncoderConditioned):
             y = level(up(y, skip))
         y = self.ending(y) + inp
         return y[..., :h, :w]
+
+
+def build_encoder(m: ConStyleNetConfig) -> ConStyleEncoder:
+    """The ConStyle encoder of `m` (random weights), with a type classifier head when `cls_weight` > 0."""
+    num_classes = len(DEGRADATION_TYPES) if m.cls_weight > 0 else 0
+    return ConStyleEncoder(base=m.base_channels, dim=m.dim, num_classes=num_classes)
+
+
+def build_restorer(m: RestorerModelConfig) -> nn.Module:
+    """The restorer network of `model:` (random weights): the plain NAFNet, or one conditioned by
+    a ConStyle encoder through its feature maps and code, or through the code alone."""
+    if m.arch == "nafnet":
+        return NAFNet(width=m.width, enc_blocks=m.enc_blocks, middle_blocks=m.middle_blocks, dec_blocks=m.dec_blocks)
+    if m.constyle_condition == "code":
+        return CodeNAFNet(build_encoder(m.constyle), width=m.width, enc_blocks=m.enc_blocks,
+                          middle_blocks=m.middle_blocks, dec_blocks=m.dec_blocks)
+    return ConStyleNAFNet(build_encoder(m.constyle), dim=m.width, enc_blocks=m.enc_blocks,
+                          middle_blocks=m.middle_blocks, dec_blocks=m.dec_blocks)
+
+
+def build_moco(m: ConStyleNetConfig, encoder: ConStyleEncoder) -> MoCo:
+    """MoCo around `encoder` (the query encoder; the key encoder is its copy) as `m` configures it."""
+    return MoCo(encoder, queue_size=m.queue_size, momentum=m.momentum, normalize=m.l2_normalize)
+
+
+# Where a ConStyle encoder's weights sit in the files we accept: the constyle stage's own EMA,
+# its query encoder, an exported `encoder` module, a restorer's (EMA, checkpoint, export) encoder,
+# or a bare encoder state dict.
+_ENCODER_PREFIXES = ("ema.module.", "moco.encoder_q.", "encoder.", "ema.module.encoder.", "net.encoder.",
+                     "restorer.encoder.", "")
+
+
+def load_encoder_weights(encoder: nn.Module, path: str) -> None:
+    """Load a ConStyle encoder from `path` (a constyle or restorer .ckpt, exported folder or model.safetensors);
+    the classifier head, if the file has one, is ignored."""
+    try:
+        state = read_weights(path)
+    except WeightsError as e:
+        raise WeightsError(f"ConStyle weights: {e} (give a constyle .ckpt, exported folder or model.safetensors)") from None
+    wanted = {k for k in encoder.state_dict() if not k.startswith("classifier.")}
+    sub = tensors_under_prefix(state, wanted, _ENCODER_PREFIXES)
+    if sub is None:
+        raise WeightsError(f"{path}: no ConStyle encoder weights found (looked for keys under {', '.join(repr(p) for p in _ENCODER_PREFIXES)})")
+    try:
+        encoder.load_state_dict(sub, strict=not any(k.startswith("classifier.") for k in encoder.state_dict()))
+    except RuntimeError as e:
+        raise WeightsError(f"{path}: ConStyle encoder shapes differ from model.constyle "
+                           f"(base_channels/dim): {str(e).splitlines()[-1].strip()}") from None

@@ -12,14 +12,19 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
+import open_clip
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, EulerAncestralDiscreteScheduler, UNet2DConditionModel
 from torch import Tensor, nn
 
-from lit_restore.checkpointing import WeightsError
+from lit_restore.config import CLIPTextConfig, ConfigError, LDMModelConfig
+from lit_restore.data.degrade.types import DEGRADATION_TYPES, prompt_for
+from lit_restore.models.clip import PromptCLIP, create_clip
+from lit_restore.weights import WeightsError
 
 SAMPLERS = ("euler_a", "ddim")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def ddpm_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
@@ -255,3 +260,72 @@ class LatentDiffusion(nn.Module):
                 eps = self.denoise(unet, x, t, cond, context)
             z = sched.step(eps, t, z, generator=generator).prev_sample
         return self.decode(z)[..., :h, :w]
+
+
+def text_shape(c: CLIPTextConfig) -> tuple[int, int]:
+    """(context length, width) of the text tower's token states, read from its config only."""
+    model_cfg = c.model_cfg if c.model_cfg is not None else open_clip.get_model_config(c.arch)
+    if model_cfg is None:
+        raise ConfigError(f"model.clip.arch: unknown open_clip architecture {c.arch!r}")
+    text = model_cfg["text_cfg"]
+    return int(text.get("context_length", 77)), int(text.get("width", 512))
+
+
+def check_prediction_type(configured: str, trained: Optional[str], source: str, key: str) -> None:
+    """An image-conditioned UNet sampled or fine-tuned with another objective than it was trained
+    for gives noise-coloured blotches, not an error: refuse it in one line. (A plain denoiser,
+    e.g. SD-1.5's UNet, may change objective on purpose while it learns the condition.)"""
+    if trained is not None and trained != configured:
+        raise ConfigError(f"{key}.prediction_type: {configured}, but {source} is an LDM trained for {trained}; "
+                          f"set {key}.prediction_type={trained}")
+
+
+def build_latent_diffusion(m: LDMModelConfig, key: str = "model") -> LatentDiffusion:
+    """UNet (conv_in widened for the condition latent) + frozen VAE as configured."""
+    unet = load_unet(m.pretrained, m.unet_cfg, key=f"{key}.pretrained")
+    vae = load_vae(m.pretrained, m.vae_cfg, key=f"{key}.pretrained")
+    latent = vae.config.latent_channels
+    if unet.config.out_channels != latent:
+        raise ConfigError(f"{key}.unet_cfg: out_channels {unet.config.out_channels} must equal the VAE's "
+                          f"latent_channels {latent}")
+    if m.unet_cfg is None and unet.config.in_channels == 2 * latent:
+        check_prediction_type(m.prediction_type, saved_prediction_type(m.pretrained), m.pretrained, key)
+    if m.image_condition:
+        widen_conv_in(unet, 2 * latent)
+    width = text_shape(m.clip)[1]
+    if unet.config.cross_attention_dim != width:
+        raise ConfigError(f"{key}.unet_cfg: cross_attention_dim {unet.config.cross_attention_dim} must equal "
+                          f"the CLIP text width {width}")
+    vae.requires_grad_(False)
+    if vae.dtype != DTYPES[m.frozen_dtype]:
+        vae.to(DTYPES[m.frozen_dtype])
+    return LatentDiffusion(unet, vae, m.prediction_type).train()
+
+
+# The prompt bank: the text contexts an LDM trains with, one row per degradation type, then the
+# empty prompt (row NULL_PROMPT) that classifier-free guidance and condition dropout use.
+NULL_PROMPT = len(DEGRADATION_TYPES)
+
+
+def bank_prompts() -> list[str]:
+    """The prompts of `prompt_bank`'s rows: each type's prompt, then the empty prompt."""
+    return [prompt_for(t) for t in DEGRADATION_TYPES] + [""]
+
+
+@torch.no_grad()
+def prompt_bank(c: CLIPTextConfig, key: str = "model.clip.pretrained") -> Tensor:
+    """(len(DEGRADATION_TYPES) + 1, L, D) token states of `bank_prompts()`."""
+    clip = PromptCLIP(create_clip(c.arch, c.pretrained, c.model_cfg, key=key), DEGRADATION_TYPES).eval()
+    return clip.token_states(bank_prompts()).float()
+
+
+def condition_dropout(cond: Tensor, context: Tensor, null_context: Tensor, drop_text: float, drop_both: float,
+                      drop_image: float, generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
+    """Classifier-free dropout per sample: the text context → the empty prompt's (`null_context`,
+    (L, D)), the condition latent → zeros, in bands of u ~ U(0,1) as InstructPix2Pix/AutoDIR:
+    [text][text+image][image]."""
+    u = torch.rand(cond.shape[0], device=cond.device, generator=generator)
+    no_text = u < drop_text + drop_both
+    no_image = (u >= drop_text) & (u < drop_text + drop_both + drop_image)
+    context = torch.where(no_text[:, None, None], null_context, context)
+    return cond * (~no_image).to(cond.dtype)[:, None, None, None], context

@@ -16,14 +16,8 @@ from diffusers import AutoencoderKL
 from torch import Tensor, nn
 
 from lit_restore.config import ConfigError, RunConfig
+from lit_restore.losses import image_loss, masked_mean
 from lit_restore.stages.base import Stage
-
-
-def reconstruction_loss(recon: Tensor, target: Tensor, kind: str) -> Tensor:
-    """Per-sample mean L1 or squared error."""
-    diff = recon.float() - target.float()
-    per_pixel = diff.abs() if kind == "l1" else diff.pow(2)
-    return per_pixel.mean(dim=(1, 2, 3))
 
 
 def kl_per_pixel(posterior, pixels: int) -> Tensor:
@@ -67,7 +61,7 @@ class AutoencoderStage(Stage):
         posterior = self.vae.encode(x).latent_dist
         z = posterior.sample() if sample else posterior.mode()
         recon = self.vae.decode(z).sample
-        rec = reconstruction_loss(recon, x, self.cfg.model.loss)
+        rec = image_loss(self.cfg.model.loss, recon.float(), x.float())
         kl = kl_per_pixel(posterior, x[0].numel())
         return ((recon.float() + 1) / 2).clamp(0, 1), rec, kl, z
 
@@ -85,7 +79,7 @@ class AutoencoderStage(Stage):
         valid = batch["valid"]
         recon, rec, kl, z = self.losses(batch["gt"], sample=False)
         w = valid.to(rec.dtype)
-        self.log("val/loss", (rec * w).sum() / w.sum().clamp(min=1), batch_size=int(valid.shape[0]))
+        self.log("val/loss", masked_mean(rec, valid), batch_size=int(valid.shape[0]))
         self.log_restoration_metrics(recon, batch["gt"], valid)
         zv = z.float() * w[:, None, None, None]
         self._val_sum += float(zv.sum())

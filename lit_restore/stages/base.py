@@ -22,7 +22,7 @@ from torchmetrics.image import PeakSignalNoiseRatio
 from torchvision.utils import make_grid, save_image
 
 from lit_restore.config import RunConfig, to_dict
-from lit_restore.data.degrade import Degrader
+from lit_restore.data.degrade.composer import Degrader
 from lit_restore.data.degrade.types import DEGRADATION_TYPES
 from lit_restore.guards import is_logging_step
 from lit_restore.metrics import ssim
@@ -245,6 +245,11 @@ class Stage(L.LightningModule):
             self.log("data/corrupt_samples", float(self._corrupt_seen), rank_zero_only=True)
         if self.ema is not None:
             self.ema.update_parameters(self.ema_source())
+
+    @property
+    def ranks(self) -> tuple[int, int]:
+        """(this process's rank, the number of processes); (0, 1) outside a Trainer."""
+        return (self.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
 
     def log_train_loss(self, loss: torch.Tensor) -> None:
         """`train/loss` every step (a device tensor: no host read), and `loss` in the progress bar

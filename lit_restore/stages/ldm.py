@@ -12,90 +12,15 @@ from __future__ import annotations
 
 from typing import Optional
 
-import open_clip
 import torch
 from torch import Tensor, nn
 
-from lit_restore.config import CLIPTextConfig, ConfigError, LDMModelConfig, RunConfig
-from lit_restore.data.degrade.types import DEGRADATION_TYPES, prompt_for
-from lit_restore.models.clip import PromptCLIP, create_clip
-from lit_restore.models.ldm import (LatentDiffusion, load_unet, load_vae, min_snr_weight, saved_prediction_type,
-                                   widen_conv_in)
+from lit_restore.config import ConfigError, RunConfig
+from lit_restore.data.degrade.types import DEGRADATION_TYPES
+from lit_restore.losses import masked_mean
+from lit_restore.models.ldm import (NULL_PROMPT, LatentDiffusion, build_latent_diffusion, condition_dropout, min_snr_weight,
+                                   prompt_bank, text_shape)
 from lit_restore.stages.base import Stage
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-NULL_PROMPT = len(DEGRADATION_TYPES)  # the bank row of the empty prompt, after one row per type
-
-
-def text_shape(c: CLIPTextConfig) -> tuple[int, int]:
-    """(context length, width) of the text tower's token states, read from its config only."""
-    model_cfg = c.model_cfg if c.model_cfg is not None else open_clip.get_model_config(c.arch)
-    if model_cfg is None:
-        raise ConfigError(f"model.clip.arch: unknown open_clip architecture {c.arch!r}")
-    text = model_cfg["text_cfg"]
-    return int(text.get("context_length", 77)), int(text.get("width", 512))
-
-
-def bank_prompts() -> list[str]:
-    """The prompts of `prompt_bank`'s rows: each type's prompt, then the empty prompt."""
-    return [prompt_for(t) for t in DEGRADATION_TYPES] + [""]
-
-
-@torch.no_grad()
-def prompt_bank(c: CLIPTextConfig, key: str = "model.clip.pretrained") -> Tensor:
-    """(len(DEGRADATION_TYPES) + 1, L, D) token states of `bank_prompts()`."""
-    clip = PromptCLIP(create_clip(c.arch, c.pretrained, c.model_cfg, key=key), DEGRADATION_TYPES).eval()
-    return clip.token_states(bank_prompts()).float()
-
-
-def check_prediction_type(configured: str, trained: Optional[str], source: str, key: str) -> None:
-    """An image-conditioned UNet sampled or fine-tuned with another objective than it was trained
-    for gives noise-coloured blotches, not an error: refuse it in one line. (A plain denoiser,
-    e.g. SD-1.5's UNet, may change objective on purpose while it learns the condition.)"""
-    if trained is not None and trained != configured:
-        raise ConfigError(f"{key}.prediction_type: {configured}, but {source} is an LDM trained for {trained}; "
-                          f"set {key}.prediction_type={trained}")
-
-
-def build_latent_diffusion(m: LDMModelConfig, key: str = "model") -> LatentDiffusion:
-    """UNet (conv_in widened for the condition latent) + frozen VAE as configured."""
-    unet = load_unet(m.pretrained, m.unet_cfg, key=f"{key}.pretrained")
-    vae = load_vae(m.pretrained, m.vae_cfg, key=f"{key}.pretrained")
-    latent = vae.config.latent_channels
-    if unet.config.out_channels != latent:
-        raise ConfigError(f"{key}.unet_cfg: out_channels {unet.config.out_channels} must equal the VAE's "
-                          f"latent_channels {latent}")
-    if m.unet_cfg is None and unet.config.in_channels == 2 * latent:
-        check_prediction_type(m.prediction_type, saved_prediction_type(m.pretrained), m.pretrained, key)
-    if m.image_condition:
-        widen_conv_in(unet, 2 * latent)
-    width = text_shape(m.clip)[1]
-    if unet.config.cross_attention_dim != width:
-        raise ConfigError(f"{key}.unet_cfg: cross_attention_dim {unet.config.cross_attention_dim} must equal "
-                          f"the CLIP text width {width}")
-    vae.requires_grad_(False)
-    if vae.dtype != DTYPES[m.frozen_dtype]:
-        vae.to(DTYPES[m.frozen_dtype])
-    return LatentDiffusion(unet, vae, m.prediction_type).train()
-
-
-def cfg_dropout(cond: Tensor, context: Tensor, null_context: Tensor, drop_text: float, drop_both: float,
-                drop_image: float, generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
-    """Classifier-free dropout per sample: the text context → the empty prompt's (`null_context`,
-    (L, D)), the condition latent → zeros, in bands of u ~ U(0,1) as InstructPix2Pix/AutoDIR:
-    [text][text+image][image]."""
-    u = torch.rand(cond.shape[0], device=cond.device, generator=generator)
-    no_text = u < drop_text + drop_both
-    no_image = (u >= drop_text) & (u < drop_text + drop_both + drop_image)
-    context = torch.where(no_text[:, None, None], null_context, context)
-    return cond * (~no_image).to(cond.dtype)[:, None, None, None], context
-
-
-def masked_mean(per_sample: Tensor, valid: Tensor) -> Tensor:
-    """Mean over the valid samples (padding samples of the last val batch carry no weight)."""
-    w = valid.to(per_sample.dtype)
-    return (per_sample * w).sum() / w.sum().clamp(min=1)
-
 
 class LDMStage(Stage):
     """Trains the UNet of a latent diffusion model to restore, conditioned on the degraded latent
@@ -148,7 +73,7 @@ class LDMStage(Stage):
         context = self.context_bank[label]
         if drop:
             m = self.cfg.model
-            cond, context = cfg_dropout(cond, context, self.context_bank[NULL_PROMPT], m.drop_text, m.drop_both,
+            cond, context = condition_dropout(cond, context, self.context_bank[NULL_PROMPT], m.drop_text, m.drop_both,
                                         m.drop_image, generator)
         return cond, context
 

@@ -12,18 +12,15 @@ ConStyle modes (`model.constyle_mode`):
 
 from __future__ import annotations
 
-import math
-
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lit_restore.checkpointing import load_module_weights
 from lit_restore.config import ConfigError, RunConfig
-from lit_restore.models.constyle import CodeNAFNet, ConStyleNAFNet, MoCo, check_queue_divisible
-from lit_restore.models.nafnet import NAFNet, pad_to_multiple
+from lit_restore.losses import batch_loss, constyle_losses, constyle_total
+from lit_restore.models.constyle import (ConStyleNAFNet, MoCo, build_moco, build_restorer, check_queue_divisible,
+                                         load_encoder_weights)
+from lit_restore.models.nafnet import pad_to_multiple
 from lit_restore.stages.base import Stage
-from lit_restore.stages.constyle import build_encoder, build_moco, constyle_losses, load_encoder_weights, weighted_total
+from lit_restore.weights import load_module_weights
 
 # Where a whole restorer sits: a restorer checkpoint's EMA or network, an exported `restorer`, bare.
 _RESTORER_PREFIXES = ("ema.module.", "net.", "restorer.", "")
@@ -32,41 +29,6 @@ _RESTORER_PREFIXES = ("ema.module.", "net.", "restorer.", "")
 def load_restorer_weights(net: nn.Module, path: str) -> None:
     """Load a whole restorer (a restorer .ckpt, exported folder or model.safetensors) into `net`."""
     load_module_weights(net, path, _RESTORER_PREFIXES, "restorer")
-
-
-# psnr_mse: the PSNR at which an image's MSE term pulls as hard as its PSNR term. Above it
-# (noise, blur, jpeg, lowres inputs) the PSNR loss's 1/MSE weight keeps mild inputs intact; below
-# it (haze, rain, dark lowlight) the MSE term takes over, so images far from their GT pull in
-# proportion to their error instead of barely at all.
-PSNR_MSE_CROSSOVER_DB = 20.0
-
-
-def image_mse(pred: Tensor, gt: Tensor) -> Tensor:
-    """(B,) mean squared error per image."""
-    return (pred - gt).pow(2).mean(dim=(1, 2, 3))
-
-
-def image_psnr_loss(pred: Tensor, gt: Tensor) -> Tensor:
-    """(B,) negative PSNR per image, for [0,1] images (the 1e-8 keeps a perfect image finite)."""
-    return (10.0 / math.log(10.0)) * torch.log(image_mse(pred, gt) + 1e-8)
-
-
-def psnr_loss(pred: Tensor, gt: Tensor) -> Tensor:
-    """Negative per-image PSNR averaged over the batch (NAFNet's PSNRLoss), for [0,1] images."""
-    return image_psnr_loss(pred, gt).mean()
-
-
-def psnr_mse_loss(pred: Tensor, gt: Tensor) -> Tensor:
-    """PSNR loss plus MSE weighted so that d/d(mse) of both terms match at PSNR_MSE_CROSSOVER_DB."""
-    weight = (10.0 / math.log(10.0)) * 10.0 ** (PSNR_MSE_CROSSOVER_DB / 10.0)
-    return psnr_loss(pred, gt) + weight * image_mse(pred, gt).mean()
-
-
-def reconstruction_loss(name: str, pred: Tensor, gt: Tensor) -> Tensor:
-    """The `model.loss` named `name` between restored and GT images."""
-    if name == "l1":
-        return F.l1_loss(pred, gt)
-    return psnr_mse_loss(pred, gt) if name == "psnr_mse" else psnr_loss(pred, gt)
 
 
 class RestorerStage(Stage):
@@ -94,17 +56,9 @@ class RestorerStage(Stage):
         if self.net is not None:
             return
         m = self.cfg.model
-        if m.arch == "nafnet":
-            net: nn.Module = NAFNet(width=m.width, enc_blocks=m.enc_blocks, middle_blocks=m.middle_blocks,
-                                    dec_blocks=m.dec_blocks)
-        elif m.constyle_condition == "code":
-            net = CodeNAFNet(build_encoder(m.constyle), width=m.width, enc_blocks=m.enc_blocks,
-                             middle_blocks=m.middle_blocks, dec_blocks=m.dec_blocks)
-        else:
-            net = ConStyleNAFNet(build_encoder(m.constyle), dim=m.width, enc_blocks=m.enc_blocks,
-                                 middle_blocks=m.middle_blocks, dec_blocks=m.dec_blocks)
-            if m.constyle_mode == "frozen":
-                net.set_encoder_frozen(True, eval_mode=m.frozen_encoder_bn == "eval")
+        net = build_restorer(m)
+        if isinstance(net, ConStyleNAFNet) and m.constyle_mode == "frozen":
+            net.set_encoder_frozen(True, eval_mode=m.frozen_encoder_bn == "eval")
         # Zero output conv: with the global residual the fresh restorer is the identity, so it
         # starts at the input's PSNR instead of adding noise it must first unlearn (short runs
         # otherwise lose dB on the mild types for hundreds of steps).
@@ -158,16 +112,16 @@ class RestorerStage(Stage):
             # One encoder pass serves the restorer and the ConStyle losses.
             style = self.net.encoder(pad_to_multiple(lq, 8))
             pred = self.net.restore(lq, style)
-            losses, acc = constyle_losses(self, self.moco, style, pad_to_multiple(gt, 8), m.constyle,
-                                          "model.constyle.queue_size")
+            losses, acc = constyle_losses(self.moco, style, pad_to_multiple(gt, 8), m.constyle, *self.ranks,
+                                          gather=self.all_gather, queue_key="model.constyle.queue_size")
             self.log("train/contrastive_acc", acc)
         else:
             if self.joint and not self.net.freeze_encoder:
                 # IRConStyle v1's switch after constyle_iters
                 self.net.set_encoder_frozen(True, eval_mode=m.frozen_encoder_bn == "eval")
             pred = self.net(lq)
-        rec = reconstruction_loss(m.loss, pred, gt)
-        loss = rec + weighted_total(losses, m.constyle) if losses else rec
+        rec = batch_loss(m.loss, pred, gt)
+        loss = rec + constyle_total(losses, m.constyle) if losses else rec
         self.log_train_loss(loss)
         self.log(f"train/{m.loss}", rec)
         for name, value in losses.items():

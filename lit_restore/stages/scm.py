@@ -19,36 +19,17 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.image import PeakSignalNoiseRatio
 
-from lit_restore.checkpointing import WeightsError, load_checkpoint, load_module_weights
 from lit_restore.config import ConfigError, RunConfig
-from lit_restore.models.ldm import LatentDiffusion, predict_x0
-from lit_restore.models.nafnet import NAFNet
+from lit_restore.losses import image_loss, masked_mean
+from lit_restore.models.ldm import (DTYPES, NULL_PROMPT, LatentDiffusion, build_latent_diffusion, check_prediction_type,
+                                   condition_dropout, predict_x0, prompt_bank)
+from lit_restore.models.scm import StructureCorrection, build_scm
 from lit_restore.stages.base import Stage
-from lit_restore.stages.ldm import (DTYPES, NULL_PROMPT, build_latent_diffusion, cfg_dropout, check_prediction_type,
-                                    masked_mean, prompt_bank)
-from lit_restore.stages.restorer import image_mse, image_psnr_loss
+from lit_restore.weights import WeightsError, load_checkpoint, load_module_weights
 
 
 # Where a whole StructureCorrection sits: an scm checkpoint's or export's `scm`, or bare.
 _SCM_PREFIXES = ("scm.", "")
-
-
-class StructureCorrection(nn.Module):
-    """out = ldm_out + w · N([lq ‖ ldm_out]): the NAFNet sees both images and adds a scaled residual.
-    Inputs and output are [0,1]; with `signed` the NAFNet works on [-1,1] images (AutoDIR), so its
-    residual is in those units."""
-
-    def __init__(self, net: NAFNet, w: float = 1.0, signed: bool = True) -> None:
-        super().__init__()
-        self.net = net
-        self.w = w
-        self.signed = signed
-
-    def forward(self, lq: Tensor, ldm_out: Tensor) -> Tensor:
-        if not self.signed:
-            return ldm_out + self.w * self.net(torch.cat([lq, ldm_out], dim=1))
-        lq, ldm_out = lq * 2 - 1, ldm_out * 2 - 1
-        return (ldm_out + self.w * self.net(torch.cat([lq, ldm_out], dim=1)) + 1) / 2
 
 
 @dataclass
@@ -117,14 +98,13 @@ class SCMStage(Stage):
         if self.scm is not None:
             return
         m = self.cfg.model
-        net = NAFNet(in_channels=6, out_channels=3, width=m.width, enc_blocks=m.enc_blocks,
-                     middle_blocks=m.middle_blocks, dec_blocks=m.dec_blocks, global_residual=False)
+        scm = build_scm(m)
         # A zero last conv: a fresh SCM passes the LDM output through and learns its correction from
         # there; a random one adds a random image of its inputs that 150 tiny-demo steps did not undo
         # (val PSNR 19.4 dB against the LDM output's own 20.5; docs/benchmarks.md, "LDM / SCM learning").
-        nn.init.zeros_(net.ending.weight)
-        nn.init.zeros_(net.ending.bias)
-        self.scm = StructureCorrection(net, m.w, signed=m.signed_range)
+        nn.init.zeros_(scm.net.ending.weight)
+        nn.init.zeros_(scm.net.ending.bias)
+        self.scm = scm
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
@@ -173,7 +153,7 @@ class SCMStage(Stage):
         z0, cond = ldm.encode_pair(ldm.pad(gt), ldm.pad(lq), generator)
         if drop:
             d = m.ldm
-            cond, context = cfg_dropout(cond, context, bank[NULL_PROMPT], d.drop_text, d.drop_both, d.drop_image,
+            cond, context = condition_dropout(cond, context, bank[NULL_PROMPT], d.drop_text, d.drop_both, d.drop_image,
                                         generator)
         u = torch.rand(z0.shape[0], device=z0.device, generator=generator)
         t = (m.t_max * u.pow(m.t_power)).long().clamp(max=ldm.scheduler.config.num_train_timesteps - 1)
@@ -183,12 +163,7 @@ class SCMStage(Stage):
         return ldm.decode(x0)[..., :h, :w]
 
     def _loss(self, out: Tensor, gt: Tensor, valid: Tensor) -> Tensor:
-        kind = self.cfg.model.loss
-        if kind == "psnr":  # negative PSNR per image: a dB on a good image weighs what it does on a bad one
-            per_sample = image_psnr_loss(out, gt)
-        else:
-            per_sample = (out - gt).abs().mean(dim=(1, 2, 3)) if kind == "l1" else image_mse(out, gt)
-        return masked_mean(per_sample, valid)
+        return masked_mean(image_loss(self.cfg.model.loss, out, gt), valid)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         ldm_out = self.ldm_output(batch, drop=self.cfg.model.cond_dropout)

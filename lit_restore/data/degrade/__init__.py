@@ -1,6 +1,3 @@
-"""Degradation synthesis on the device: ops, the `Degrader` that composes them, the GIR suite."""
-
-from lit_restore.data.degrade.composer import Degrader
-from lit_restore.data.degrade.types import DEGRADATION_TYPES, SYNTHETIC_TYPES
-
-__all__ = ["DEGRADATION_TYPES", "SYNTHETIC_TYPES", "Degrader"]
+"""Degradation synthesis on the device: ops, the `Degrader` that composes them (`composer`), the
+GIR suite. Importing the package loads none of them, so inference can read the type names
+(`types`) without the synthesis code."""
