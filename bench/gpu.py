@@ -388,6 +388,7 @@ def section_commands(args, device: torch.device, work: Path) -> dict:
 
     from lit_restore.evaluate import evaluate_command
     from lit_restore.restore import restore_command
+    from lit_restore.settings import LoopSettings, RunSettings, SamplerSettings, TileSettings
 
     tmp = work / "tiny_exports"
     tmp.mkdir(parents=True, exist_ok=True)
@@ -407,14 +408,17 @@ def section_commands(args, device: torch.device, work: Path) -> dict:
     for mode, extra in (("restore automatic", {}), ("restore --fast", {"fast": True})):
         start = time.perf_counter()
         code = restore_command(str(weights), [str(image)], str(work / "restored" / mode.split()[-1]),
-                               steps=4 if cuda else 2, max_passes=7 if cuda else 2, tile=64 if cuda else 32,
-                               overlap=16 if cuda else 8, device=device.type, **extra)
+                               sampling=SamplerSettings(steps=4 if cuda else 2),
+                               tiles=TileSettings(tile=64 if cuda else 32, overlap=16 if cuda else 8),
+                               loop=LoopSettings(max_passes=7 if cuda else 2), run_settings=RunSettings(device=device.type),
+                               **extra)
         out[mode] = {"exit": code, "seconds": round(time.perf_counter() - start, 2)}
     start = time.perf_counter()
     code = evaluate_command(str(weights), str(ROOT / "configs/gir_suite.yaml"), f"{data}/val-000000.tar",
                             str(work / "evaluate"), tasks="noise_s25,blur_s2" if cuda else "noise_s25",
-                            max_images=2 if cuda else 1, steps=4 if cuda else 2, max_passes=2,
-                            lpips_weights=str(work / "no-lpips.pth"), device=device.type)
+                            max_images=2 if cuda else 1, lpips_weights=str(work / "no-lpips.pth"),
+                            sampling=SamplerSettings(steps=4 if cuda else 2), loop=LoopSettings(max_passes=2),
+                            run_settings=RunSettings(device=device.type))
     out["evaluate"] = {"exit": code, "seconds": round(time.perf_counter() - start, 2)}
     return out
 

@@ -24,8 +24,8 @@ from lit_restore.data.degrade.types import prompt_for
 from lit_restore.demo import EVAL_TASKS, DemoPlan
 from lit_restore.evaluate import select_tasks, true_class
 from lit_restore.metrics import psnr, quantize_8bit
-from lit_restore.restore import (AutoRestorer, SamplerSettings, TileSettings, image_generator, load_biqa,
-                                 load_diffusion, pick_device)
+from lit_restore.restore import AutoRestorer, image_generator, load_biqa, load_diffusion, pick_device
+from lit_restore.settings import LoopSettings, SamplerSettings, TileSettings
 
 COLUMNS = ("input", "vae", "ldm", "ldm+scm", "loop")
 
@@ -49,7 +49,7 @@ def main() -> None:
     print("| task | strength | " + " | ".join(COLUMNS) + " |\n|---|---|" + "---|" * len(COLUMNS))
     for strength in a.strength:
         diffusion = load_diffusion(a.weights, device, SamplerSettings(steps=a.steps, strength=strength), TileSettings())
-        loop = AutoRestorer(biqa, diffusion, device, a.max_passes, a.scm_every_pass)
+        loop = AutoRestorer(biqa, diffusion, device, LoopSettings(a.max_passes, a.scm_every_pass))
         ldm = diffusion.ldm
         means: dict[str, list[float]] = defaultdict(list)
         for task in tasks:

@@ -73,12 +73,8 @@ def _export(a: argparse.Namespace) -> int:
 def _restore(a: argparse.Namespace) -> int:
     from lit_restore.restore import restore_command
 
-    return restore_command(
-        weights=a.weights, inputs=a.inputs, out=a.out, prompt=a.prompt, fast=a.fast,
-        max_passes=a.max_passes, steps=a.steps, sampler=a.sampler, guidance_text=a.guidance_text,
-        guidance_image=a.guidance_image, tile=a.tile, overlap=a.overlap, device=a.device, seed=a.seed,
-        threads=a.threads, strength=a.strength, scm_every_pass=a.scm_every_pass,
-    )
+    return restore_command(weights=a.weights, inputs=a.inputs, out=a.out, prompt=a.prompt, fast=a.fast,
+                           **_settings_from(a))
 
 
 def _evaluate(a: argparse.Namespace) -> int:
@@ -87,10 +83,36 @@ def _evaluate(a: argparse.Namespace) -> int:
     return evaluate_command(
         weights=a.weights, suite=a.suite, data=a.data, out=a.out, lines=a.lines, save_lines_path=a.save_lines,
         line_role=a.line_role, tasks=a.tasks, max_images=a.max_images, crop_border=a.crop_border,
-        y_channel=a.y_channel, lpips_weights=a.lpips_weights, fast=a.fast, steps=a.steps, sampler=a.sampler,
-        max_passes=a.max_passes, device=a.device, seed=a.seed, threads=a.threads,
-        compare_fast=a.compare_fast, strength=a.strength, scm_every_pass=a.scm_every_pass,
+        y_channel=a.y_channel, lpips_weights=a.lpips_weights, fast=a.fast, compare_fast=a.compare_fast,
+        **_settings_from(a),
     )
+
+
+def _settings_classes() -> dict[str, type]:
+    """The keyword each inference settings dataclass is passed as, to restore and evaluate."""
+    from lit_restore.settings import LoopSettings, RunSettings, SamplerSettings, TileSettings
+
+    return {"sampling": SamplerSettings, "tiles": TileSettings, "loop": LoopSettings, "run_settings": RunSettings}
+
+
+def _add_settings(parser: argparse.ArgumentParser) -> None:
+    """One flag per field of the inference settings, with the field's default and help."""
+    import dataclasses
+
+    for cls in _settings_classes().values():
+        for f in dataclasses.fields(cls):
+            flag, help_text = "--" + f.name.replace("_", "-"), f.metadata["help"]
+            if f.default is False:
+                parser.add_argument(flag, action="store_true", help=help_text)
+            else:
+                parser.add_argument(flag, type=type(f.default), default=f.default, help=f"{help_text} (default: {f.default})")
+
+
+def _settings_from(a: argparse.Namespace) -> dict[str, object]:
+    import dataclasses
+
+    return {key: cls(**{f.name: getattr(a, f.name) for f in dataclasses.fields(cls)})
+            for key, cls in _settings_classes().items()}
 
 
 def _sbatch(a: argparse.Namespace) -> int:
@@ -186,21 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--prompt", default=None, help="one pass with this instruction instead of the automatic loop")
     s.add_argument("--fast", action="store_true", help="feed-forward ConStyle restorer only")
-    s.add_argument("--max-passes", type=int, default=7, help="automatic loop: passes at most")
-    s.add_argument("--scm-every-pass", action="store_true",
-                   help="automatic loop: run the SCM after a low-resolution pass too (AutoDIR skips it there)")
-    s.add_argument("--steps", type=int, default=100, help="diffusion sampling steps (AutoDIR: 100)")
-    s.add_argument("--sampler", default="euler_a", help="diffusion sampler: euler_a (Euler ancestral) or ddim")
-    s.add_argument("--strength", type=float, default=1.0,
-                   help="1: sample from pure noise (AutoDIR); below 1: start from the input's latent noised to this "
-                        "fraction of the schedule and run that fraction of --steps (SDEdit)")
-    s.add_argument("--guidance-text", type=float, default=1.0, help="text guidance scale (1: plain conditional)")
-    s.add_argument("--guidance-image", type=float, default=1.0, help="image guidance scale (1: plain conditional)")
-    s.add_argument("--tile", type=int, default=512, help="images larger than this go through the nets tile by tile")
-    s.add_argument("--overlap", type=int, default=64, help="tile overlap in pixels")
-    s.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
-    s.add_argument("--threads", type=int, default=0, help="CPU threads (default: one per core this process may use)")
-    s.add_argument("--seed", type=int, default=0, help="sampling seed (each image starts from it)")
+    _add_settings(s)
     s.set_defaults(func=_restore)
 
     s = sub.add_parser("evaluate", help="evaluate weights on the GIR suite and write a report",
@@ -223,17 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fast", action="store_true", help="evaluate the feed-forward restorer instead of the loop")
     s.add_argument("--compare-fast", action="store_true",
                    help="also run the feed-forward restorer on the same images: a column in the table and contact sheets")
-    s.add_argument("--steps", type=int, default=100, help="diffusion sampling steps (AutoDIR: 100)")
-    s.add_argument("--sampler", default="euler_a", help="diffusion sampler: euler_a (Euler ancestral) or ddim")
-    s.add_argument("--strength", type=float, default=1.0,
-                   help="1: sample from pure noise (AutoDIR); below 1: start from the input's latent noised to this "
-                        "fraction of the schedule and run that fraction of --steps (SDEdit)")
-    s.add_argument("--max-passes", type=int, default=7, help="automatic loop: passes at most")
-    s.add_argument("--scm-every-pass", action="store_true",
-                   help="automatic loop: run the SCM after a low-resolution pass too (AutoDIR skips it there)")
-    s.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, ...")
-    s.add_argument("--threads", type=int, default=0, help="CPU threads (default: one per core this process may use)")
-    s.add_argument("--seed", type=int, default=0, help="sampling seed (each image starts from it)")
+    _add_settings(s)
     s.set_defaults(func=_evaluate)
 
     s = sub.add_parser("sbatch", help="render (and submit) a SLURM job for a config",

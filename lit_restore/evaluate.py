@@ -29,12 +29,13 @@ from torch import Tensor
 
 from lit_restore.data.degrade.suite import Task, build_task_set, find_task, load_suite, real_tasks_from_shards
 from lit_restore.data.images import write_bytes_atomic
-from lit_restore.lines import LinesError, line_stats, read_lines, save_lines
+from lit_restore.lines import Lines, LinesError, line_stats, read_lines, save_lines
 from lit_restore.metrics import LPIPSWeightsError, load_lpips, psnr, quantize_8bit, ssim
+from lit_restore.models.clip import PromptCLIP
 from lit_restore.report import BIQAResult, Conventions, EvalResult, TaskResult, contact_sheet, write_report
-from lit_restore.restore import (AutoRestorer, FastRestorer, MissingWeightsError, SamplerSettings, TileSettings,
-                                 biqa_logits, build_restorer, check_out_dir, check_settings, has_stage, image_generator,
-                                 load_biqa, pick_device, progress_bar)
+from lit_restore.restore import (AutoRestorer, FastRestorer, MissingWeightsError, Restorer, biqa_logits, build_restorer,
+                                 check_out_dir, has_stage, image_generator, load_biqa, pick_device, progress_bar)
+from lit_restore.settings import LoopSettings, RunSettings, SamplerSettings, TileSettings, check_settings
 
 __all__ = ["psnr", "ssim", "evaluate_command", "select_tasks"]
 
@@ -91,47 +92,118 @@ def _error(message: str) -> int:
     return 2
 
 
+@dataclass
+class Evaluation:
+    """What `setup` gathers before any image is restored."""
+
+    tasks: list[Task]
+    reference: Lines
+    device: torch.device
+    restorer: Restorer
+    biqa: Optional[PromptCLIP]
+    fast_restorer: Optional[FastRestorer]  # --compare-fast: the feed-forward restorer on the same images
+    lpips_model: Optional[torch.nn.Module]
+    lpips_note: str
+
+
+@dataclass
+class Measured:
+    """What `run` measured: per-task scores, BIQA's confusion matrix, images that failed."""
+
+    scores: dict[str, TaskScores]
+    classes: list[str]
+    confusion: list[list[int]]
+    failed: list[str]
+    seconds: float
+
+
 def evaluate_command(weights: str, suite: str, data: str, out: str, lines: Optional[str] = None,
                      save_lines_path: Optional[str] = None, line_role: str = "acceptance", tasks: Optional[str] = None,
                      max_images: int = 0, crop_border: int = 4, y_channel: bool = False,
-                     lpips_weights: Optional[str] = None, fast: bool = False, steps: int = 100, sampler: str = "euler_a",
-                     max_passes: int = 7, device: str = "auto", seed: int = 0, threads: int = 0,
-                     compare_fast: bool = False, strength: float = 1.0, scm_every_pass: bool = False) -> int:
+                     lpips_weights: Optional[str] = None, fast: bool = False, compare_fast: bool = False,
+                     sampling: Optional[SamplerSettings] = None, tiles: Optional[TileSettings] = None,
+                     loop: Optional[LoopSettings] = None, run_settings: Optional[RunSettings] = None) -> int:
     """Evaluate `weights` on the suite and write metrics.json + report.md/html into `out`.
     Exit codes: 0 done; 1 done, but some images ran out of memory (listed in OUT/failed.txt, left
     out of the metrics); 2 nothing evaluated (missing weights or data, bad arguments, an output
     folder that holds an input)."""
-
-    from lit_restore.data.shards import check_local_shards, expand_urls, is_local
-
-    sampling, tiles = SamplerSettings(steps=steps, sampler=sampler, strength=strength), TileSettings()
+    sampling, tiles = sampling or SamplerSettings(), tiles or TileSettings()
+    loop, run_settings = loop or LoopSettings(), run_settings or RunSettings()
     try:
-        check_settings(sampling, tiles, max_passes)
-        if crop_border < 0:
-            raise ValueError(f"--crop-border {crop_border} must be >= 0")
-        shards = expand_urls(data)
-        check_local_shards(shards, "--data")
-        given = [weights, *(u for u in shards if is_local(u)), lines, suite if suite != "gir" else None]
-        check_out_dir(Path(out), [Path(p) for p in given if p])
-        selected = select_tasks(suite, data, tasks)
-        if not selected:
-            raise ValueError(f"--tasks {tasks!r} selects no task")
-        reference = read_lines(lines) if lines else {}
-        dev = pick_device(device, threads)
-        restorer = build_restorer(weights, dev, None, fast, max_passes, sampling, tiles, scm_every_pass)
-        biqa = restorer.biqa if isinstance(restorer, AutoRestorer) else (
-            load_biqa(weights, dev) if has_stage(weights, "biqa") else None)
-        # The feed-forward restorer on the same images, for a column beside the automatic loop's.
-        fast_restorer = FastRestorer(weights, dev, tiles) if compare_fast and not fast else None
+        ev = setup(weights, suite, data, out, lines, tasks, crop_border, lpips_weights, fast, compare_fast, sampling,
+                   tiles, loop, run_settings)
     except (MissingWeightsError, FileNotFoundError, ValueError) as e:  # ConfigError and LinesError are ValueErrors
         return _error(str(e))
+    measured = run(ev, data, max_images, crop_border, y_channel, run_settings.seed)
+    results = [measured.scores[t.name].result(t) for t in ev.tasks]
+    evaluated = [r for r in results if r.n_images]
+    if not evaluated:
+        return _error(f"no test image found in {data} for the selected tasks")
+    if fast:
+        method = "feed-forward ConStyle restorer (--fast)"
+    else:
+        scm = " → SCM" if ev.restorer.diffusion.scm is not None else ""
+        start = f" from strength {sampling.strength:g}" if sampling.strength < 1 else ""
+        method = (f"automatic loop (BIQA → LDM{scm}), {sampling.sampler} {sampling.steps} steps{start}, "
+                  f"up to {loop.max_passes} passes")
+    result = report(ev, measured, results, weights, method, fast, crop_border, y_channel)
+    paths = write_report(out, result)
+    if measured.failed:
+        write_bytes_atomic(Path(out) / "failed.txt", ("\n".join(measured.failed) + "\n").encode("utf-8"))
+    if save_lines_path:
+        try:
+            save_lines(save_lines_path, line_role, {r.task: {"psnr": r.psnr, "ssim": r.ssim} for r in evaluated})
+        except (LinesError, ValueError) as e:
+            return _error(str(e))
+        print(f"{line_role} lines: {save_lines_path}")
+    n = sum(r.n_images for r in evaluated)
+    gain = sum(r.psnr - r.input_psnr for r in evaluated) / len(evaluated)
+    print(f"evaluated {len(evaluated)} task(s), {n} image(s) in {measured.seconds:.0f} s; mean PSNR gain over the input "
+          f"{gain:+.2f} dB")
+    if result.biqa is not None and result.biqa.accuracy() is not None:
+        print(f"BIQA accuracy {result.biqa.accuracy():.3f}")
+    print(f"report: {paths['html']} (and {paths['markdown'].name}, {paths['metrics'].name})")
+    if measured.failed:
+        print(f"{len(measured.failed)} image(s) ran out of memory and are not in the metrics "
+              f"(see {Path(out) / 'failed.txt'})")
+    return 1 if measured.failed else 0
+
+
+def setup(weights: str, suite: str, data: str, out: str, lines: Optional[str], tasks: Optional[str], crop_border: int,
+          lpips_weights: Optional[str], fast: bool, compare_fast: bool, sampling: SamplerSettings, tiles: TileSettings,
+          loop: LoopSettings, run_settings: RunSettings) -> Evaluation:
+    """Check the arguments, select the tasks, load the networks; one-line errors (ValueError,
+    FileNotFoundError, MissingWeightsError) before any image is restored."""
+    from lit_restore.data.shards import check_local_shards, expand_urls, is_local
+
+    check_settings(sampling, tiles, loop)
+    if crop_border < 0:
+        raise ValueError(f"--crop-border {crop_border} must be >= 0")
+    shards = expand_urls(data)
+    check_local_shards(shards, "--data")
+    given = [weights, *(u for u in shards if is_local(u)), lines, suite if suite != "gir" else None]
+    check_out_dir(Path(out), [Path(p) for p in given if p])
+    selected = select_tasks(suite, data, tasks)
+    if not selected:
+        raise ValueError(f"--tasks {tasks!r} selects no task")
+    reference = read_lines(lines) if lines else {}
+    dev = pick_device(run_settings.device, run_settings.threads)
+    restorer = build_restorer(weights, dev, None, fast, sampling, tiles, loop)
+    biqa = restorer.biqa if isinstance(restorer, AutoRestorer) else (
+        load_biqa(weights, dev) if has_stage(weights, "biqa") else None)
+    fast_restorer = FastRestorer(weights, dev, tiles) if compare_fast and not fast else None
     try:
-        lpips_model = load_lpips(lpips_weights, dev)
-        lpips_note = "LPIPS AlexNet v0.1"
+        lpips_model, lpips_note = load_lpips(lpips_weights, dev), "LPIPS AlexNet v0.1"
     except LPIPSWeightsError as e:
         lpips_model, lpips_note = None, f"not computed ({e})"
         print(f"lit-restore evaluate: LPIPS {lpips_note}", file=sys.stderr)
+    return Evaluation(selected, reference, dev, restorer, biqa, fast_restorer, lpips_model, lpips_note)
 
+
+def run(ev: Evaluation, data: str, max_images: int, crop_border: int, y_channel: bool, seed: int) -> Measured:
+    """Degrade, restore and measure every test image of every task; BIQA names each degraded
+    image of a one-type task and each clean GT once."""
+    biqa, dev = ev.biqa, ev.device
     classes = list(biqa.class_names) if biqa is not None else []
     confusion = [[0] * len(classes) for _ in classes]
     gt_seen: set[str] = set()
@@ -139,15 +211,15 @@ def evaluate_command(weights: str, suite: str, data: str, out: str, lines: Optio
     failed: list[str] = []
     start = time.perf_counter()
     with progress_bar("evaluate") as bar:
-        job = bar.add_task("", total=len(selected))
-        for task in selected:
+        job = bar.add_task("", total=len(ev.tasks))
+        for task in ev.tasks:
             bar.update(job, description=task.name)
             s = scores[task.name] = TaskScores()
             target = true_class(task, classes) if biqa is not None else None
             for key, gt8, lq8 in build_task_set(task, data, max_images=max_images):
                 gt, lq = gt8[None].float() / 255, lq8[None].float() / 255
                 try:
-                    restored, log = restorer.restore(lq, image_generator(seed, dev))
+                    restored, log = ev.restorer.restore(lq, image_generator(seed, dev))
                 except (torch.OutOfMemoryError, MemoryError) as e:  # one image too large; the next may fit
                     failed.append(f"{task.name}/{key}: out of memory ({type(e).__name__})")
                     bar.console.print(f"[red]skipped[/red] {failed[-1]}")
@@ -156,17 +228,17 @@ def evaluate_command(weights: str, suite: str, data: str, out: str, lines: Optio
                     continue
                 restored = quantize_8bit(restored)
                 s.psnr.append(float(psnr(restored, gt, crop_border, y_channel)))
-                if fast_restorer is not None:
-                    fast_out = quantize_8bit(fast_restorer.restore(lq, image_generator(seed, dev))[0])
+                if ev.fast_restorer is not None:
+                    fast_out = quantize_8bit(ev.fast_restorer.restore(lq, image_generator(seed, dev))[0])
                     s.compare_psnr.append(float(psnr(fast_out, gt, crop_border, y_channel)))
                 s.ssim.append(float(ssim(restored, gt, crop_border, y_channel)))
                 s.input_psnr.append(float(psnr(lq, gt, crop_border, y_channel)))
                 s.input_ssim.append(float(ssim(lq, gt, crop_border, y_channel)))
-                if lpips_model is not None:
+                if ev.lpips_model is not None:
                     with torch.no_grad():
-                        s.lpips.append(float(lpips_model(restored.to(dev), gt.to(dev), normalize=True).mean()))
+                        s.lpips.append(float(ev.lpips_model(restored.to(dev), gt.to(dev), normalize=True).mean()))
                 if len(s.grid) < GRID_IMAGES:
-                    compare = [(fast_out, f"{s.compare_psnr[-1]:.2f} dB")] if fast_restorer is not None else []
+                    compare = [(fast_out, f"{s.compare_psnr[-1]:.2f} dB")] if ev.fast_restorer is not None else []
                     s.grid.append([(lq, f"{s.input_psnr[-1]:.2f} dB"), (restored, f"{s.psnr[-1]:.2f} dB"), *compare,
                                    (gt, "clean")])
                 if biqa is not None:
@@ -180,47 +252,27 @@ def evaluate_command(weights: str, suite: str, data: str, out: str, lines: Optio
                         gt_seen.add(key)
                         confusion[classes.index("no")][int(biqa_logits(biqa, gt, dev).argmax())] += 1
             bar.advance(job)
-    seconds = time.perf_counter() - start
+    return Measured(scores, classes, confusion, failed, time.perf_counter() - start)
 
-    results = [scores[t.name].result(t) for t in selected]
+
+def report(ev: Evaluation, measured: Measured, results: list[TaskResult], weights: str, method: str, fast: bool,
+           crop_border: int, y_channel: bool) -> EvalResult:
+    """The report's content: per-task results, the lines' statistics, BIQA's confusion matrix,
+    the contact sheets."""
     evaluated = [r for r in results if r.n_images]
-    if not evaluated:
-        return _error(f"no test image found in {data} for the selected tasks")
     stats = {}
     for metric in ("psnr", "ssim"):
-        st = line_stats({r.task: getattr(r, metric) for r in evaluated}, reference, metric)
+        st = line_stats({r.task: getattr(r, metric) for r in evaluated}, ev.reference, metric)
         if st is not None:
             stats[metric] = st
-    columns = ["input", "--fast" if fast else "automatic", *(["--fast"] if fast_restorer else []), "clean"]
-    if fast:
-        method = "feed-forward ConStyle restorer (--fast)"
-    else:
-        method = (f"automatic loop (BIQA → LDM{' → SCM' if restorer.diffusion.scm is not None else ''}), "
-                  f"{sampler} {steps} steps{f' from strength {strength:g}' if strength < 1 else ''}, up to {max_passes} passes")
-    result = EvalResult(
+    columns = ["input", "--fast" if fast else "automatic", *(["--fast"] if ev.fast_restorer else []), "clean"]
+    confusion = measured.confusion
+    return EvalResult(
         weights=str(weights), method=method,
-        conventions=Conventions(crop_border=crop_border, y_channel=y_channel, lpips=lpips_note),
-        tasks=results, lines=reference, line_stats=stats,
-        biqa=BIQAResult(classes, confusion) if biqa is not None and any(map(any, confusion)) else None,
-        grids={t.name: contact_sheet(columns, scores[t.name].grid) for t in selected if scores[t.name].grid},
-        compare_method="--fast restorer" if fast_restorer is not None else "",
+        conventions=Conventions(crop_border=crop_border, y_channel=y_channel, lpips=ev.lpips_note),
+        tasks=results, lines=ev.reference, line_stats=stats,
+        biqa=BIQAResult(measured.classes, confusion) if ev.biqa is not None and any(map(any, confusion)) else None,
+        grids={t.name: contact_sheet(columns, measured.scores[t.name].grid) for t in ev.tasks
+               if measured.scores[t.name].grid},
+        compare_method="--fast restorer" if ev.fast_restorer is not None else "",
     )
-    paths = write_report(out, result)
-    if failed:
-        write_bytes_atomic(Path(out) / "failed.txt", ("\n".join(failed) + "\n").encode("utf-8"))
-    if save_lines_path:
-        try:
-            save_lines(save_lines_path, line_role, {r.task: {"psnr": r.psnr, "ssim": r.ssim} for r in evaluated})
-        except (LinesError, ValueError) as e:
-            return _error(str(e))
-        print(f"{line_role} lines: {save_lines_path}")
-    n = sum(r.n_images for r in evaluated)
-    gain = sum(r.psnr - r.input_psnr for r in evaluated) / len(evaluated)
-    print(f"evaluated {len(evaluated)} task(s), {n} image(s) in {seconds:.0f} s; mean PSNR gain over the input "
-          f"{gain:+.2f} dB")
-    if result.biqa is not None and result.biqa.accuracy() is not None:
-        print(f"BIQA accuracy {result.biqa.accuracy():.3f}")
-    print(f"report: {paths['html']} (and {paths['markdown'].name}, {paths['metrics'].name})")
-    if failed:
-        print(f"{len(failed)} image(s) ran out of memory and are not in the metrics (see {Path(out) / 'failed.txt'})")
-    return 1 if failed else 0

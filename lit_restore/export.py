@@ -31,6 +31,7 @@ from torch import nn
 
 from lit_restore.config import CLIPTextConfig, ConfigError, RunConfig, schema_for, to_yaml
 from lit_restore.exported import offline_model
+from lit_restore.settings import SamplerSettings
 from lit_restore.weights import WeightsError, load_checkpoint, load_sharded_checkpoint
 
 # Stages whose exported modules are convolutional image-to-image nets: also written as ONNX.
@@ -161,7 +162,8 @@ CARD_USAGE: dict[str, tuple[tuple[str, ...], list[str]]] = {
     "ldm": (("model_index.json",), [
         "from diffusers import StableDiffusionInstructPix2PixPipeline",
         'pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained("ldm")',
-        'out = pipe(prompt="A photo needs noise artifact reduction", image=image, num_inference_steps=100,',
+        'out = pipe(prompt="A photo needs noise artifact reduction", image=image, '
+        f'num_inference_steps={SamplerSettings().steps},',
         "           guidance_scale=1.0, image_guidance_scale=1.0).images[0]",
     ]),
     "biqa": (("open_clip_config.json",), [

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Optional
 
 from data_prep.shards import file_sha256
-from lit_restore.demo import REPO, Runner, StepFailed, last_metric
+from lit_restore.jobs import REPO, Runner, StepFailed, last_metric
 
 @dataclass(frozen=True)
 class Foundation:

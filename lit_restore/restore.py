@@ -46,7 +46,8 @@ from lit_restore.data.degrade.types import prompt_for
 from lit_restore.data.images import IMAGE_SUFFIXES, ImageReadError, is_image_file, read_image, write_bytes_atomic, write_png
 from lit_restore.exported import exported_model_config, load_exported
 from lit_restore.models.clip import PromptCLIP, TransformersTextTower
-from lit_restore.models.ldm import SAMPLERS, LatentDiffusion, saved_prediction_type
+from lit_restore.models.ldm import LatentDiffusion, saved_prediction_type
+from lit_restore.settings import LoopSettings, RunSettings, SamplerSettings, TileSettings, check_settings
 from lit_restore.tiling import restore_tiled
 
 # A pass that restored this class feeds its LDM output on without the SCM.
@@ -293,40 +294,6 @@ def biqa_logits(biqa: PromptCLIP, image: Tensor, device: torch.device) -> Tensor
         return biqa.logits(image.to(device)).float().mean(dim=0, keepdim=True).cpu()
 
 
-@dataclass
-class SamplerSettings:
-    """How the LDM samples. AutoDIR: Euler ancestral; guidance scales of 1 are the plain
-    conditional prediction (one UNet pass per step)."""
-
-    steps: int = 100
-    sampler: str = "euler_a"
-    guidance_text: float = 1.0
-    guidance_image: float = 1.0
-    strength: float = 1.0  # 1: from pure noise (AutoDIR); below: from the input's latent noised that far
-
-
-@dataclass
-class TileSettings:
-    """Tiles for images larger than `tile` pixels on a side (LDM, SCM and restorer)."""
-
-    tile: int = 512
-    overlap: int = 64
-
-
-def check_settings(sampling: SamplerSettings, tiles: TileSettings, max_passes: int) -> None:
-    """Argument checks; ValueError with one line."""
-    if sampling.sampler not in SAMPLERS:
-        raise ValueError(f"--sampler {sampling.sampler!r} is not allowed; choose one of {', '.join(SAMPLERS)}")
-    if sampling.steps <= 0:
-        raise ValueError(f"--steps {sampling.steps} must be > 0")
-    if not 0.0 < sampling.strength <= 1.0:
-        raise ValueError(f"--strength {sampling.strength} must be in (0, 1]")
-    if tiles.tile <= 0 or not 0 <= tiles.overlap < tiles.tile:
-        raise ValueError(f"--tile {tiles.tile} / --overlap {tiles.overlap}: need tile > 0 and 0 <= overlap < tile")
-    if max_passes < 1:
-        raise ValueError(f"--max-passes {max_passes} must be >= 1")
-
-
 class Diffusion:
     """The LDM with its text tower (+ the SCM): text contexts, tiled sampling, tiled correction."""
 
@@ -429,10 +396,9 @@ class AutoRestorer:
 
     mode = "auto"
 
-    def __init__(self, biqa: PromptCLIP, diffusion: Diffusion, device: torch.device, max_passes: int = 7,
-                 scm_every_pass: bool = False) -> None:
-        self.biqa, self.diffusion, self.device, self.max_passes = biqa, diffusion, device, max_passes
-        self.scm_every_pass = scm_every_pass
+    def __init__(self, biqa: PromptCLIP, diffusion: Diffusion, device: torch.device,
+                 loop: Optional[LoopSettings] = None) -> None:
+        self.biqa, self.diffusion, self.device, self.loop = biqa, diffusion, device, loop or LoopSettings()
         self.classes = list(biqa.class_names)
         self.prompt_states = diffusion.contexts([prompt_for(c) for c in self.classes])
 
@@ -444,8 +410,8 @@ class AutoRestorer:
             classes=self.classes,
             step=lambda x, w: d.sample(x, mix_prompts(w, self.prompt_states), generator),
             correct=d.correct if d.scm is not None else None,
-            max_passes=self.max_passes,
-            scm_every_pass=self.scm_every_pass,
+            max_passes=self.loop.max_passes,
+            scm_every_pass=self.loop.scm_every_pass,
         )
         return result.image, {
             "mode": self.mode,
@@ -476,8 +442,8 @@ def restore_file(restorer: Restorer, path: Path, out_dir: Path, taken: set[str],
     save_result(out_dir, stem, restored, info, log)
 
 
-def build_restorer(weights: str, device: torch.device, prompt: Optional[str], fast: bool, max_passes: int,
-                   sampling: SamplerSettings, tiles: TileSettings, scm_every_pass: bool = False) -> Restorer:
+def build_restorer(weights: str, device: torch.device, prompt: Optional[str], fast: bool, sampling: SamplerSettings,
+                   tiles: TileSettings, loop: LoopSettings) -> Restorer:
     """The restorer of the chosen mode from the exported weights (MissingWeightsError when a needed
     stage is not there)."""
     if fast:
@@ -485,7 +451,7 @@ def build_restorer(weights: str, device: torch.device, prompt: Optional[str], fa
     if prompt is not None:
         return PromptRestorer(load_diffusion(weights, device, sampling, tiles), prompt)
     biqa = load_biqa(weights, device)
-    return AutoRestorer(biqa, load_diffusion(weights, device, sampling, tiles), device, max_passes, scm_every_pass)
+    return AutoRestorer(biqa, load_diffusion(weights, device, sampling, tiles), device, loop)
 
 
 def image_generator(seed: int, device: torch.device) -> torch.Generator:
@@ -508,39 +474,46 @@ def progress_bar(label: str):
 
 
 def restore_command(weights: str, inputs: Sequence[str], out: str, prompt: Optional[str] = None, fast: bool = False,
-                    max_passes: int = 7, steps: int = 100, sampler: str = "euler_a", guidance_text: float = 1.0,
-                    guidance_image: float = 1.0, tile: int = 512, overlap: int = 64, device: str = "auto",
-                    seed: int = 0, threads: int = 0, strength: float = 1.0, scm_every_pass: bool = False) -> int:
+                    sampling: Optional[SamplerSettings] = None, tiles: Optional[TileSettings] = None,
+                    loop: Optional[LoopSettings] = None, run_settings: Optional[RunSettings] = None) -> int:
     """Restore every image of `inputs` into `out`; exit code as in the module docstring."""
-
-    sampling = SamplerSettings(steps, sampler, guidance_text, guidance_image, strength)
-    tiles = TileSettings(tile, overlap)
-    if fast and prompt is not None:
-        _error("--fast and --prompt exclude each other (--fast runs the restorer alone, without the LDM)")
-        return 2
+    sampling, tiles = sampling or SamplerSettings(), tiles or TileSettings()
+    loop, run = loop or LoopSettings(), run_settings or RunSettings()
     try:
-        check_settings(sampling, tiles, max_passes)
-    except ValueError as e:
+        files, missing, out_dir = setup_inputs(inputs, out, prompt, fast, sampling, tiles, loop)
+        dev = pick_device(run.device, run.threads)
+        restorer = build_restorer(weights, dev, prompt, fast, sampling, tiles, loop)
+    except (MissingWeightsError, ValueError) as e:
         _error(str(e))
         return 2
+    failed = restore_files(restorer, files, out_dir, run.seed, dev)
+    if failed:
+        write_bytes_atomic(out_dir / "failed.txt", ("\n".join(failed) + "\n").encode("utf-8"))
+    note = f"; {len(failed)} failed (see {out_dir / 'failed.txt'})" if failed else ""
+    print(f"restored {len(files) - len(failed)} of {len(files)} image(s) into {out_dir}{note}")
+    return 1 if failed or missing else 0
+
+
+def setup_inputs(inputs: Sequence[str], out: str, prompt: Optional[str], fast: bool, sampling: SamplerSettings,
+                 tiles: TileSettings, loop: LoopSettings) -> tuple[list[Path], list[str], Path]:
+    """The argument checks and the input files: (files, one error line per input that matched
+    nothing, printed here, the output folder); ValueError with one line when nothing can be done."""
+    if fast and prompt is not None:
+        raise ValueError("--fast and --prompt exclude each other (--fast runs the restorer alone, without the LDM)")
+    check_settings(sampling, tiles, loop)
     files, missing = collect_inputs(inputs)
     for line in missing:
         _error(line)
     if not files:
-        _error("no input images")
-        return 2
+        raise ValueError("no input images")
     out_dir = Path(out)
-    try:
-        check_out_dir(out_dir, files)
-    except ValueError as e:
-        _error(str(e))
-        return 2
-    dev = pick_device(device, threads)
-    try:
-        restorer = build_restorer(weights, dev, prompt, fast, max_passes, sampling, tiles, scm_every_pass)
-    except (MissingWeightsError, ValueError) as e:
-        _error(str(e))
-        return 2
+    check_out_dir(out_dir, files)
+    return files, missing, out_dir
+
+
+def restore_files(restorer: Restorer, files: Sequence[Path], out_dir: Path, seed: int, device: torch.device) -> list[str]:
+    """Restore each file into `out_dir`; returns one line per file that failed (unreadable, out of
+    memory), the others are written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     taken: set[str] = set()
     failed: list[str] = []
@@ -551,21 +524,16 @@ def restore_command(weights: str, inputs: Sequence[str], out: str, prompt: Optio
             bar.update(job, description=path.name)
             reason = None
             try:
-                restore_file(restorer, path, out_dir, taken, seed, dev)
+                restore_file(restorer, path, out_dir, taken, seed, device)
             except ImageReadError as e:
                 reason = str(e)
             except (torch.OutOfMemoryError, MemoryError) as e:
                 # One image too large for this machine; the next one may fit.
                 reason = f"{path}: out of memory ({type(e).__name__}); try a smaller --tile or a larger machine"
-                if dev.type == "cuda":
+                if device.type == "cuda":
                     torch.cuda.empty_cache()
             if reason is not None:
                 failed.append(reason)
                 bar.console.print(f"[red]skipped[/red] {reason}")
             bar.advance(job)
-    if failed:
-        write_bytes_atomic(out_dir / "failed.txt", ("\n".join(failed) + "\n").encode("utf-8"))
-    done = len(files) - len(failed)
-    note = f"; {len(failed)} failed (see {out_dir / 'failed.txt'})" if failed else ""
-    print(f"restored {done} of {len(files)} image(s) into {out_dir}{note}")
-    return 1 if failed or missing else 0
+    return failed

@@ -46,3 +46,21 @@ def test_lightning_tips_are_silenced(caplog, monkeypatch):
         quiet_lightning_tips()
         slurm.SLURMEnvironment._validate_srun_used()
     assert not [w for w in caught if "srun" in str(w.message)]
+
+
+def test_restore_and_evaluate_take_the_same_settings_with_one_set_of_defaults():
+    from lit_restore.cli import _settings_from, build_parser
+    from lit_restore.settings import LoopSettings, RunSettings, SamplerSettings, TileSettings
+
+    parser = build_parser()
+    restore = parser.parse_args(["restore", "x.png", "--weights", "w", "--out", "o"])
+    evaluate = parser.parse_args(["evaluate", "--weights", "w", "--data", "d", "--out", "o"])
+    defaults = {"sampling": SamplerSettings(), "tiles": TileSettings(), "loop": LoopSettings(), "run_settings": RunSettings()}
+    assert _settings_from(restore) == _settings_from(evaluate) == defaults
+    flags = ["--steps", "7", "--strength", "0.5", "--tile", "64", "--overlap", "8", "--max-passes", "2",
+             "--scm-every-pass", "--device", "cpu", "--seed", "3", "--guidance-text", "2"]
+    for args in (["restore", "x.png", "--weights", "w", "--out", "o"], ["evaluate", "--weights", "w", "--data", "d", "--out", "o"]):
+        got = _settings_from(parser.parse_args(args + flags))
+        assert got["sampling"] == SamplerSettings(steps=7, strength=0.5, guidance_text=2.0)
+        assert got["tiles"] == TileSettings(64, 8) and got["loop"] == LoopSettings(2, True)
+        assert got["run_settings"] == RunSettings(device="cpu", seed=3)

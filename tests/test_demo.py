@@ -9,7 +9,8 @@ import numpy as np
 from PIL import Image
 
 from lit_restore.config import load_config
-from lit_restore.demo import RESTORE_TASKS, DemoPlan, fit_args, last_metric, write_degraded_inputs
+from lit_restore.demo import RESTORE_TASKS, DemoPlan, fit_args, write_degraded_inputs
+from lit_restore.jobs import last_metric
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -47,7 +48,7 @@ def test_last_metric_reads_the_newest_logged_value(tmp_path):
 
 
 def test_loss_story_and_progress_read_the_run_log(tmp_path):
-    from lit_restore.demo import loss_story, progress_text
+    from lit_restore.jobs import loss_story, progress_text
 
     log = tmp_path / "logs" / "version_0"
     log.mkdir(parents=True)

@@ -261,6 +261,7 @@ def test_ldm_export_is_an_instruct_pix2pix_pipeline_that_reproduces_restore_prom
     from lit_restore.export import read_checkpoint
     from lit_restore.models.ldm import ddpm_scheduler, make_sampler
     from lit_restore.restore import restore_command
+    from lit_restore.settings import RunSettings, SamplerSettings
 
     weights = tmp_path / "weights"
     export_tiny("biqa", weights, tmp_path)
@@ -288,8 +289,8 @@ def test_ldm_export_is_an_instruct_pix2pix_pipeline_that_reproduces_restore_prom
     (tmp_path / "biqa.ckpt").unlink()  # the training config's text tower source is gone
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "in.png")
-    assert restore_command(str(weights), [str(tmp_path / "in.png")], str(tmp_path / "out"), prompt=prompt, steps=3,
-                           device="cpu", seed=0) == 0
+    assert restore_command(str(weights), [str(tmp_path / "in.png")], str(tmp_path / "out"), prompt=prompt,
+                           sampling=SamplerSettings(steps=3), run_settings=RunSettings(device="cpu", seed=0)) == 0
     restored = np.asarray(Image.open(tmp_path / "out" / "in.png"))
     image = torch.from_numpy(np.asarray(Image.open(tmp_path / "in.png"))).permute(2, 0, 1)[None].float() / 255
     for text in ({"prompt": prompt}, {"prompt_embeds": bank[1:2]}):  # its text encoder, or our contexts

@@ -11,6 +11,7 @@ from PIL import Image
 from _tiny_weights import REPO, export_loop, export_tiny
 from lit_restore.restore import (automatic_loop, biqa_logits, collect_inputs, crop_offsets, mix_prompts, output_stem,
                                  save_result)
+from lit_restore.settings import LoopSettings
 
 CLASSES = ["no", "noise", "blur", "lowres"]
 
@@ -285,7 +286,8 @@ def diffusion():
     from lit_restore.config import load_config
     from lit_restore.models.clip import PromptCLIP, create_clip
     from lit_restore.models.ldm import LatentDiffusion, load_unet, load_vae, widen_conv_in
-    from lit_restore.restore import Diffusion, SamplerSettings, TileSettings
+    from lit_restore.restore import Diffusion
+    from lit_restore.settings import SamplerSettings, TileSettings
 
     torch.manual_seed(0)
     ldm_cfg = load_config(REPO / "configs/tiny/ldm.yaml").model
@@ -301,7 +303,7 @@ def test_automatic_loop_on_tiny_models_logs_every_pass(diffusion):
     from lit_restore.restore import AutoRestorer, image_generator
 
     d, biqa = diffusion
-    auto = AutoRestorer(biqa, d, torch.device("cpu"), max_passes=3)
+    auto = AutoRestorer(biqa, d, torch.device("cpu"), LoopSettings(max_passes=3))
     image = torch.rand(1, 3, 40, 70)  # wider than a tile: the LDM and SCM run tile by tile
     out, log = auto.restore(image, image_generator(0, d.device))
     assert out.shape == image.shape and 0 <= float(out.min()) and float(out.max()) <= 1
