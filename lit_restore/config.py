@@ -329,6 +329,16 @@ class BIQAModelConfig:
     train_text: bool = False
     grad_checkpointing: bool = False  # activation checkpointing in the image tower
 
+    def check(self, prefix: str = "model.") -> None:
+        from lit_restore.data.degrade.types import DEGRADATION_TYPES
+
+        unknown = [c for c in self.classes if c not in DEGRADATION_TYPES]
+        if unknown or len(set(self.classes)) != len(self.classes) or len(self.classes) < 2:
+            raise ConfigError(f"{prefix}classes: {list(self.classes)} must be two or more distinct names of "
+                              f"{', '.join(DEGRADATION_TYPES)} (quote 'no' in YAML)")
+        if self.gt_as_no and "no" not in self.classes:
+            raise ConfigError(f"{prefix}gt_as_no: needs 'no' in {prefix}classes")
+
 
 @dataclass
 class ConStyleNetConfig:
@@ -346,9 +356,11 @@ class ConStyleNetConfig:
     content_weight: float = 1.0
     style_weight: float = 1.0  # 0 turns the style term off
     cls_weight: float = 0.0  # > 0 adds a degradation-type classifier head (predicts the Degrader's label)
-    sync_batchnorm: bool = True  # SyncBatchNorm in the projection head when training on more than one device
+    # SyncBatchNorm in the encoder when training on more than one GPU (the constyle stage, and the
+    # restorer's joint mode: the encoders that train under the MoCo losses).
+    sync_batchnorm: bool = True
 
-    def check(self, prefix: str) -> None:
+    def check(self, prefix: str = "model.") -> None:
         positive = {"base_channels": self.base_channels, "dim": self.dim, "queue_size": self.queue_size,
                     "temperature": self.temperature}
         for key, value in positive.items():
@@ -370,9 +382,6 @@ class ConStyleModelConfig(ConStyleNetConfig):
     # Encoder to start from instead of random: a constyle or restorer .ckpt, exported folder or
     # model.safetensors (a restorer's ConStyle encoder); loaded into the query and key encoders.
     pretrained: str = ""
-
-    def __post_init__(self) -> None:
-        self.check("model.")
 
 
 @dataclass
@@ -406,21 +415,25 @@ class RestorerModelConfig:
     frozen_encoder_bn: str = choice("train", ("train", "eval"), "BatchNorm mode of the frozen ConStyle encoder")
     constyle: ConStyleNetConfig = field(default_factory=ConStyleNetConfig)
 
-    def __post_init__(self) -> None:
+    def check(self, prefix: str = "model.") -> None:
+        p = prefix
         if self.width <= 0 or self.middle_blocks < 0:
-            raise ConfigError(f"model.width/middle_blocks: {self.width}/{self.middle_blocks} must be > 0 / >= 0")
+            raise ConfigError(f"{p}width/middle_blocks: {self.width}/{self.middle_blocks} must be > 0 / >= 0")
         if any(n < 0 for n in [*self.enc_blocks, *self.dec_blocks]):
-            raise ConfigError(f"model.enc_blocks/dec_blocks: {list(self.enc_blocks)}/{list(self.dec_blocks)} must be >= 0")
+            raise ConfigError(f"{p}enc_blocks/dec_blocks: {list(self.enc_blocks)}/{list(self.dec_blocks)} must be >= 0")
         if len(self.enc_blocks) != len(self.dec_blocks):
-            raise ConfigError(f"model.dec_blocks: {list(self.dec_blocks)} needs as many levels as model.enc_blocks {list(self.enc_blocks)}")
+            raise ConfigError(f"{p}dec_blocks: {list(self.dec_blocks)} needs as many levels as {p}enc_blocks {list(self.enc_blocks)}")
         if self.arch == "constyle_nafnet" and self.constyle_condition == "features_and_code":
             if len(self.enc_blocks) != 3:
-                raise ConfigError(f"model.enc_blocks: {list(self.enc_blocks)}: constyle_nafnet has exactly 3 levels")
+                raise ConfigError(f"{p}enc_blocks: {list(self.enc_blocks)}: constyle_nafnet has exactly 3 levels")
             if self.width % 4 != 0:
-                raise ConfigError(f"model.width: {self.width} must be divisible by 4 for constyle_nafnet")
+                raise ConfigError(f"{p}width: {self.width} must be divisible by 4 for constyle_nafnet")
         if self.constyle_iters < -1:
-            raise ConfigError(f"model.constyle_iters: {self.constyle_iters} must be >= -1")
-        self.constyle.check("model.constyle.")
+            raise ConfigError(f"{p}constyle_iters: {self.constyle_iters} must be >= -1")
+        if self.arch == "constyle_nafnet" and self.constyle_mode == "frozen" and not self.constyle_weights:
+            raise ConfigError(f"{p}constyle_weights: frozen mode needs pretrained ConStyle weights; give a path "
+                              f"or set {p}constyle_mode=joint to train the encoder with the restorer")
+        self.constyle.check(f"{p}constyle.")
 
 
 @dataclass
@@ -461,6 +474,16 @@ class LDMModelConfig:
     val_steps: int = 20  # sampler steps for validation images and PSNR/SSIM
     val_sampler: str = choice("euler_a", ("euler_a", "ddim"), "validation sampler")
 
+    def check(self, prefix: str = "model.") -> None:
+        drops = {"drop_text": self.drop_text, "drop_both": self.drop_both, "drop_image": self.drop_image}
+        for key, p in drops.items():
+            if not 0.0 <= p <= 1.0:
+                raise ConfigError(f"{prefix}{key}: {p} must be in [0, 1]")
+        if sum(drops.values()) > 1.0:
+            raise ConfigError(f"{prefix}drop_text + drop_both + drop_image: {sum(drops.values())} must be <= 1")
+        if self.val_steps < 1:
+            raise ConfigError(f"{prefix}val_steps: {self.val_steps} must be >= 1")
+
 
 @dataclass
 class SCMModelConfig:
@@ -496,6 +519,19 @@ class SCMModelConfig:
     # on an image the first pass restored: the SCM learns to fall back on its input there.
     prompt_error: float = 0.0
 
+    def check(self, prefix: str = "model.") -> None:
+        if not 1 <= self.t_max <= 1000:
+            raise ConfigError(f"{prefix}t_max: {self.t_max} must be in [1, 1000]")
+        if self.t_power <= 0:
+            raise ConfigError(f"{prefix}t_power: {self.t_power} must be > 0")
+        if self.sample_steps < 1:
+            raise ConfigError(f"{prefix}sample_steps: {self.sample_steps} must be >= 1")
+        if not 0.0 < self.sample_strength <= 1.0:
+            raise ConfigError(f"{prefix}sample_strength: {self.sample_strength} must be in (0, 1]")
+        if not 0.0 <= self.prompt_error < 1.0:
+            raise ConfigError(f"{prefix}prompt_error: {self.prompt_error} must be in [0, 1)")
+        self.ldm.check(f"{prefix}ldm.")
+
 
 @dataclass
 class AutoencoderModelConfig:
@@ -507,6 +543,12 @@ class AutoencoderModelConfig:
     # textures; PSNR is what the restoration stages are scored by, so the default is plain L1.
     loss: str = choice("l1", ("l1", "mse"), "pixel loss against the input")
     kl_weight: float = 1.0e-6  # SD's autoencoder KL weight: a near-deterministic, well-scaled latent
+
+    def check(self, prefix: str = "model.") -> None:
+        if self.kl_weight < 0:
+            raise ConfigError(f"{prefix}kl_weight: {self.kl_weight} must be >= 0")
+        if not self.vae_cfg:
+            raise ConfigError(f"{prefix}vae_cfg: empty; give the AutoencoderKL arguments (block_out_channels, ...)")
 
 
 MODEL_CONFIGS: dict[str, type] = {
@@ -605,7 +647,8 @@ def _check_choices(obj: Any, path: str = "") -> None:
         key = f"{path}{f.name}"
         choices = f.metadata.get("choices")
         if choices is not None and value not in choices:
-            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(map(str, choices))}")
+            doc = f" ({f.metadata['doc']})" if f.metadata.get("doc") else ""
+            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(map(str, choices))}{doc}")
         _check_choices(value, key + ".")
 
 
@@ -658,6 +701,7 @@ def _check_values(cfg: RunConfig) -> None:
         raise ConfigError(f"optim.betas: {list(cfg.optim.betas)} must hold two numbers")
     check_degrade(cfg.degrade)
     check_trainer(cfg.trainer)
+    cfg.model.check("model.")
 
 
 # Trainer arguments `fit` sets itself, and the config key that controls each.
@@ -804,6 +848,7 @@ def load_model_config(path: str | Path) -> tuple[str, Any]:
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     _check_choices(m, "model.")
+    m.check("model.")
     return stage, m
 
 

@@ -28,7 +28,7 @@ from lit_restore.config import RunConfig, load_config, to_dict
 def probe_config(out_dir, *overrides: str) -> RunConfig:
     """A run config for the probe: csv logger, CPU, no validation."""
     base = [
-        "stage=restorer", f"out_dir={out_dir}", "logger=csv", "seed=7",
+        "stage=restorer", "model.constyle_mode=joint", f"out_dir={out_dir}", "logger=csv", "seed=7",
         "trainer.accelerator=cpu", "trainer.devices=1", "trainer.max_steps=12",
         "trainer.limit_val_batches=0", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false", "checkpoint.every_n_steps=4",

@@ -28,7 +28,7 @@ def test_merge_yaml_and_overrides(yaml_file):
 
 def test_stage_selects_model_schema(tmp_path):
     p = tmp_path / "r.yaml"
-    p.write_text("stage: restorer\n")
+    p.write_text("stage: restorer\nmodel: {constyle_mode: joint}\n")
     assert isinstance(load_config(p).model, RestorerModelConfig)
     with pytest.raises(ConfigError, match="model.arch: 'ViT-B-32' is not allowed"):
         load_config(p, ["model.arch=ViT-B-32"])
@@ -56,7 +56,7 @@ def test_errors_name_the_key(yaml_file, override, expected):
 
 def test_weighted_sources(tmp_path):
     p = tmp_path / "c.yaml"
-    p.write_text("stage: restorer\ndata:\n  train:\n    - {url: 'a/{0..1}.tar', weight: 3}\n    - b/0.tar\n")
+    p.write_text("stage: constyle\ndata:\n  train:\n    - {url: 'a/{0..1}.tar', weight: 3}\n    - b/0.tar\n")
     cfg = load_config(p)
     assert [(s.url, s.weight) for s in cfg.data.train] == [("a/{0..1}.tar", 3.0), ("b/0.tar", 1.0)]
 
@@ -152,3 +152,29 @@ def test_closed_pipe_is_quiet():
     proc.stdout.close()  # `| head` that has read enough
     assert proc.wait(timeout=120) == 141
     assert proc.stderr.read() == b""
+
+
+# Values every one of the three entry points must refuse, and the key each error names.
+BAD_CONFIGS = [
+    ("configs/tiny/biqa.yaml", "model.classes=[noise,blur]", "model.gt_as_no"),
+    ("configs/tiny/ldm.yaml", "model.drop_text=0.9", "model.drop_text + drop_both + drop_image"),
+    ("configs/tiny/ldm.yaml", "model.val_steps=0", "model.val_steps"),
+    ("configs/tiny/scm.yaml", "model.t_power=0", "model.t_power"),
+    ("configs/tiny/scm.yaml", "model.ldm.drop_image=2", "model.ldm.drop_image"),
+    ("configs/tiny/restorer.yaml", "model.constyle_mode=frozen", "model.constyle_weights"),
+    ("configs/tiny/restorer.yaml", "model.width=18", "model.width"),
+    ("configs/foundations/autoencoder.yaml", "model.kl_weight=-1", "model.kl_weight"),
+    ("configs/tiny/constyle.yaml", "model.momentum=1.5", "model.momentum"),
+]
+
+
+@pytest.mark.parametrize("config,override,key", BAD_CONFIGS)
+def test_print_config_check_and_fit_refuse_the_same_configs(config, override, key, tmp_path, capsys):
+    from lit_restore.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    for mode in (["--print-config"], ["--check"], []):
+        code = main(["fit", str(root / config), f"out_dir={tmp_path / 'run'}", override, *mode])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and key in err, (mode, err)
+    assert not (tmp_path / "run").exists()  # refused before anything was written

@@ -314,3 +314,25 @@ def test_fit_frozen_encoder_stays_bit_identical(sample_shards, tmp_path):
         for k, v in net.encoder.state_dict().items():  # weights and BN running statistics
             assert torch.equal(v, ref.state_dict()[k]), k
     assert any(not torch.equal(a, b) for a, b in zip(stage.net.intro.parameters(), stage.ema.module.intro.parameters()))
+
+
+@pytest.mark.parametrize("stage_name,overrides", [("restorer", ("model.constyle_mode=joint",)), ("constyle", ())])
+def test_encoders_under_the_moco_losses_get_syncbatchnorm_on_several_gpus(stage_name, overrides):
+    from types import SimpleNamespace
+
+    from lit_restore.fit import build_stage
+
+    def batchnorms(sync: bool, world: int, device: str) -> list[type]:
+        key = "model.constyle" if stage_name == "restorer" else "model"
+        stage = build_stage(load_config(ROOT / "configs" / "tiny" / f"{stage_name}.yaml",
+                                        [*overrides, f"{key}.sync_batchnorm={sync}"]))
+        stage._trainer = SimpleNamespace(world_size=world, global_rank=0,
+                                         strategy=SimpleNamespace(root_device=torch.device(device)))
+        stage.configure_model()
+        encoder = stage.net.encoder if stage_name == "restorer" else stage.moco.encoder_q
+        return [type(m) for m in encoder.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+    assert set(batchnorms(True, 2, "cuda")) == {torch.nn.SyncBatchNorm}
+    for sync, world, device in ((False, 2, "cuda"), (True, 1, "cuda"), (True, 2, "cpu")):
+        kinds = batchnorms(sync, world, device)
+        assert kinds and torch.nn.SyncBatchNorm not in kinds, (sync, world, device)

@@ -71,7 +71,7 @@ def test_queue_stages_do_not_rebroadcast_buffers(tmp_path):
 
     ddp = strategy("constyle", "trainer.devices=2", "trainer.accelerator=cpu")
     assert isinstance(ddp, DDPStrategy) and ddp._ddp_kwargs["broadcast_buffers"] is False
-    assert isinstance(strategy("restorer", "trainer.strategy=ddp"), DDPStrategy)
+    assert isinstance(strategy("restorer", "trainer.strategy=ddp", "model.constyle_mode=joint"), DDPStrategy)
     assert strategy("constyle") == "auto"  # one device: no process group at all
     assert strategy("biqa", "trainer.devices=2", "trainer.accelerator=cpu") == "auto"
 

@@ -15,7 +15,7 @@ import torch
 from diffusers import AutoencoderKL
 from torch import Tensor, nn
 
-from lit_restore.config import ConfigError, RunConfig
+from lit_restore.config import RunConfig
 from lit_restore.losses import image_loss, masked_mean
 from lit_restore.stages.base import Stage
 
@@ -31,10 +31,6 @@ class AutoencoderStage(Stage):
 
     def __init__(self, cfg: RunConfig) -> None:
         super().__init__(cfg)
-        if cfg.model.kl_weight < 0:
-            raise ConfigError(f"model.kl_weight: {cfg.model.kl_weight} must be >= 0")
-        if not cfg.model.vae_cfg:
-            raise ConfigError("model.vae_cfg: empty; give the AutoencoderKL arguments (block_out_channels, ...)")
         self.vae: AutoencoderKL | None = None
         # Latent statistics of the last validation, for the exported scaling_factor.
         self.register_buffer("latent_std", torch.ones(()))

@@ -246,6 +246,14 @@ class Stage(L.LightningModule):
         if self.ema is not None:
             self.ema.update_parameters(self.ema_source())
 
+    def sync_batchnorm(self, module: nn.Module, wanted: bool) -> nn.Module:
+        """`module` with SyncBatchNorm layers when `wanted` and the run has more than one GPU
+        process (per-device batches of 8-16 give noisy BatchNorm statistics and let a MoCo key
+        encoder's BN leak batch identity); torch's DDP refuses SyncBatchNorm on CPU."""
+        if wanted and self.ranks[1] > 1 and self.trainer.strategy.root_device.type == "cuda":
+            return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        return module
+
     @property
     def ranks(self) -> tuple[int, int]:
         """(this process's rank, the number of processes); (0, 1) outside a Trainer."""

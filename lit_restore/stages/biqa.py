@@ -19,7 +19,7 @@ from PIL import Image
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from lit_restore.config import ConfigError, RunConfig
+from lit_restore.config import RunConfig
 from lit_restore.data.degrade.types import DEGRADATION_TYPES
 from lit_restore.models.clip import PromptCLIP, create_clip
 from lit_restore.stages.base import Stage
@@ -68,12 +68,6 @@ class BIQAStage(Stage):
     def __init__(self, cfg: RunConfig) -> None:
         super().__init__(cfg)
         m = cfg.model
-        unknown = [c for c in m.classes if c not in DEGRADATION_TYPES]
-        if unknown or len(set(m.classes)) != len(m.classes) or len(m.classes) < 2:
-            raise ConfigError(f"model.classes: {list(m.classes)} must be two or more distinct names of "
-                              f"{', '.join(DEGRADATION_TYPES)} (quote 'no' in YAML)")
-        if m.gt_as_no and "no" not in m.classes:
-            raise ConfigError("model.gt_as_no: needs 'no' in model.classes")
         self.classes = list(m.classes)
         self.no_class = self.classes.index("no") if "no" in self.classes else -1
         # DEGRADATION_TYPES index → position in `classes`, -1 for types the model does not score.

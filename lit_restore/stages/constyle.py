@@ -43,9 +43,7 @@ class ConStyleStage(Stage):
         m = self.cfg.model
         moco = build_moco(m, build_encoder(m))
         self.track_ema(moco.encoder_q)
-        if m.sync_batchnorm and self.ranks[1] > 1 and self.trainer.strategy.root_device.type == "cuda":
-            moco = nn.SyncBatchNorm.convert_sync_batchnorm(moco)  # torch's DDP allows it on GPUs only
-        self.moco = moco
+        self.moco = self.sync_batchnorm(moco, m.sync_batchnorm)
 
     def setup(self, stage: str) -> None:
         if stage != "fit":

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from lit_restore.config import ConfigError, RunConfig
+from lit_restore.config import RunConfig
 from lit_restore.data.degrade.types import DEGRADATION_TYPES
 from lit_restore.losses import masked_mean
 from lit_restore.models.ldm import (NULL_PROMPT, LatentDiffusion, build_latent_diffusion, condition_dropout, min_snr_weight,
@@ -30,15 +30,6 @@ class LDMStage(Stage):
 
     def __init__(self, cfg: RunConfig) -> None:
         super().__init__(cfg)
-        m = cfg.model
-        drops = {"model.drop_text": m.drop_text, "model.drop_both": m.drop_both, "model.drop_image": m.drop_image}
-        for key, p in drops.items():
-            if not 0.0 <= p <= 1.0:
-                raise ConfigError(f"{key}: {p} must be in [0, 1]")
-        if sum(drops.values()) > 1.0:
-            raise ConfigError(f"model.drop_text + drop_both + drop_image: {sum(drops.values())} must be <= 1")
-        if m.val_steps < 1:
-            raise ConfigError(f"model.val_steps: {m.val_steps} must be >= 1")
         self.ldm: LatentDiffusion | None = None
         self.register_buffer("context_bank", None)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from lit_restore.config import ConfigError, RunConfig
+from lit_restore.config import RunConfig
 from lit_restore.losses import batch_loss, constyle_losses, constyle_total
 from lit_restore.models.constyle import (ConStyleNAFNet, MoCo, build_moco, build_restorer, check_queue_divisible,
                                          load_encoder_weights)
@@ -40,10 +40,6 @@ class RestorerStage(Stage):
 
     def __init__(self, cfg: RunConfig) -> None:
         super().__init__(cfg)
-        m = cfg.model
-        if m.arch == "constyle_nafnet" and m.constyle_mode == "frozen" and not m.constyle_weights:
-            raise ConfigError("model.constyle_weights: frozen mode needs pretrained ConStyle weights; give a path "
-                              "or set model.constyle_mode=joint to train the encoder with the restorer")
         self.net: nn.Module | None = None
         self.moco: MoCo | None = None
 
@@ -66,8 +62,9 @@ class RestorerStage(Stage):
         nn.init.zeros_(net.ending.bias)
         self.track_ema(net)
         if self.joint:
-            # The MoCo wrapper shares the restorer's encoder as its query encoder.
-            self.moco = build_moco(m.constyle, net.encoder)
+            # The MoCo wrapper shares the restorer's encoder as its query encoder, so converting
+            # the wrapper converts the restorer's encoder too.
+            self.moco = self.sync_batchnorm(build_moco(m.constyle, net.encoder), m.constyle.sync_batchnorm)
         self.net = net
 
     def setup(self, stage: str) -> None:

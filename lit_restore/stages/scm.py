@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.image import PeakSignalNoiseRatio
 
-from lit_restore.config import ConfigError, RunConfig
+from lit_restore.config import RunConfig
 from lit_restore.losses import image_loss, masked_mean
 from lit_restore.models.ldm import (DTYPES, NULL_PROMPT, LatentDiffusion, build_latent_diffusion, check_prediction_type,
                                    condition_dropout, predict_x0, prompt_bank)
@@ -79,17 +79,6 @@ class SCMStage(Stage):
 
     def __init__(self, cfg: RunConfig) -> None:
         super().__init__(cfg)
-        m = cfg.model
-        if not 1 <= m.t_max <= 1000:
-            raise ConfigError(f"model.t_max: {m.t_max} must be in [1, 1000]")
-        if m.t_power <= 0:
-            raise ConfigError(f"model.t_power: {m.t_power} must be > 0")
-        if m.sample_steps < 1:
-            raise ConfigError(f"model.sample_steps: {m.sample_steps} must be >= 1")
-        if not 0.0 < m.sample_strength <= 1.0:
-            raise ConfigError(f"model.sample_strength: {m.sample_strength} must be in (0, 1]")
-        if not 0.0 <= m.prompt_error < 1.0:
-            raise ConfigError(f"model.prompt_error: {m.prompt_error} must be in [0, 1)")
         self.scm: StructureCorrection | None = None
         self.frozen: FrozenLDM | None = None
         self.val_psnr_ldm = PeakSignalNoiseRatio(data_range=1.0, reduction="elementwise_mean", dim=(1, 2, 3))
