@@ -157,7 +157,7 @@ def test_closed_pipe_is_quiet():
 # Values every one of the three entry points must refuse, and the key each error names.
 BAD_CONFIGS = [
     ("configs/tiny/biqa.yaml", "model.classes=[noise,blur]", "model.gt_as_no"),
-    ("configs/tiny/ldm.yaml", "model.drop_text=0.9", "model.drop_text + drop_both + drop_image"),
+    ("configs/tiny/ldm.yaml", "model.drop_text=0.95", "model.drop_text + drop_both + drop_image"),
     ("configs/tiny/ldm.yaml", "model.val_steps=0", "model.val_steps"),
     ("configs/tiny/scm.yaml", "model.t_power=0", "model.t_power"),
     ("configs/tiny/scm.yaml", "model.ldm.drop_image=2", "model.ldm.drop_image"),
