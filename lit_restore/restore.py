@@ -294,8 +294,9 @@ def biqa_logits(biqa: PromptCLIP, image: Tensor, device: torch.device) -> Tensor
         return biqa.logits(image.to(device)).float().mean(dim=0, keepdim=True).cpu()
 
 
-class Diffusion:
-    """The LDM with its text tower (+ the SCM): text contexts, tiled sampling, tiled correction."""
+class TiledDiffusion:
+    """The LDM with its text tower (+ the SCM), sampled and corrected tile by tile; gives the text
+    contexts of prompts."""
 
     def __init__(self, ldm: LatentDiffusion, text: PromptCLIP | TransformersTextTower, scm: Optional[nn.Module],
                  device: torch.device, sampling: SamplerSettings, tiles: TileSettings) -> None:
@@ -342,7 +343,7 @@ def load_text_tower(weights: str | Path, device: torch.device) -> TransformersTe
 
 
 def load_diffusion(weights: str | Path, device: torch.device, sampling: SamplerSettings,
-                   tiles: TileSettings) -> Diffusion:
+                   tiles: TileSettings) -> TiledDiffusion:
     """The exported LDM with its text tower, and the SCM when one is exported."""
     modules = load_stage(weights, "ldm", device)
     text = load_text_tower(weights, device)
@@ -353,7 +354,7 @@ def load_diffusion(weights: str | Path, device: torch.device, sampling: SamplerS
                                   f"scheduler/scheduler_config.json {saved}; export the LDM again")
     ldm = LatentDiffusion(modules["unet"], modules["vae"], prediction)
     scm = load_stage(weights, "scm", device) if has_stage(weights, "scm") else None
-    return Diffusion(ldm.eval().to(device), text, scm, device, sampling, tiles)
+    return TiledDiffusion(ldm.eval().to(device), text, scm, device, sampling, tiles)
 
 
 class FastRestorer:
@@ -377,7 +378,7 @@ class PromptRestorer:
 
     mode = "prompt"
 
-    def __init__(self, diffusion: Diffusion, prompt: str) -> None:
+    def __init__(self, diffusion: TiledDiffusion, prompt: str) -> None:
         if not prompt.strip():
             raise ValueError("--prompt is empty; give an instruction such as 'A photo needs noise artifact reduction'")
         self.diffusion, self.prompt = diffusion, prompt
@@ -396,7 +397,7 @@ class AutoRestorer:
 
     mode = "auto"
 
-    def __init__(self, biqa: PromptCLIP, diffusion: Diffusion, device: torch.device,
+    def __init__(self, biqa: PromptCLIP, diffusion: TiledDiffusion, device: torch.device,
                  loop: Optional[LoopSettings] = None) -> None:
         self.biqa, self.diffusion, self.device, self.loop = biqa, diffusion, device, loop or LoopSettings()
         self.classes = list(biqa.class_names)

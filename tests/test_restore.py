@@ -286,7 +286,7 @@ def diffusion():
     from lit_restore.config import load_config
     from lit_restore.models.clip import PromptCLIP, create_clip
     from lit_restore.models.ldm import LatentDiffusion, load_unet, load_vae, widen_conv_in
-    from lit_restore.restore import Diffusion
+    from lit_restore.restore import TiledDiffusion
     from lit_restore.settings import SamplerSettings, TileSettings
 
     torch.manual_seed(0)
@@ -296,7 +296,7 @@ def diffusion():
     ldm = LatentDiffusion(widen_conv_in(load_unet(ldm_cfg.pretrained, ldm_cfg.unet_cfg), 2 * vae.config.latent_channels),
                           vae).eval()
     biqa = PromptCLIP(create_clip("tiny", "", biqa_cfg.model_cfg), biqa_cfg.classes).eval()
-    return Diffusion(ldm, biqa, HalfwaySCM(), torch.device("cpu"), SamplerSettings(steps=2), TileSettings(48, 16)), biqa
+    return TiledDiffusion(ldm, biqa, HalfwaySCM(), torch.device("cpu"), SamplerSettings(steps=2), TileSettings(48, 16)), biqa
 
 
 def test_automatic_loop_on_tiny_models_logs_every_pass(diffusion):

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from lit_restore.config import DegradeConfig, check_degrade
 from lit_restore.data.degrade import ops
-from lit_restore.data.degrade.kernels import DEG, gaussian_kernels, line_kernels
+from lit_restore.data.degrade.kernels import RADIANS_PER_DEGREE, gaussian_kernels, line_kernels
 from lit_restore.data.degrade.suite import Task, find_task, load_suite, task_config
 from lit_restore.data.degrade.types import DEGRADATION_TYPES, type_index
 
@@ -141,9 +141,9 @@ class Degrader(nn.Module):
             size = int(b.kernel_size[1])
             if b.motion_prob > 0:
                 size = max(size, _odd_ceil(b.motion_length[1]))
-            kernels = gaussian_kernels(sigma_x, sigma_y, angle * DEG, ksize, size)
+            kernels = gaussian_kernels(sigma_x, sigma_y, angle * RADIANS_PER_DEGREE, ksize, size)
             if b.motion_prob > 0:
-                streak = line_kernels(length, angle * DEG, torch.full_like(length, 0.5), size)
+                streak = line_kernels(length, angle * RADIANS_PER_DEGREE, torch.full_like(length, 0.5), size)
                 kernels = torch.where(motion.view(-1, 1, 1), streak, kernels)
             # A streak of length L has the spread of a Gaussian of σ = L/√12 along it.
             severity = torch.where(motion, length / math.sqrt(12), torch.sqrt(sigma_x * sigma_y)) / 3
@@ -168,7 +168,7 @@ class Degrader(nn.Module):
             angle, width = draw.uniform(r.angle), draw.uniform(r.width)
             # MiOIR's rotated diagonal can be up to √2 times `length`.
             size = _odd_ceil(r.length[1] * (math.sqrt(2) if r.mioir_geometry else 1)) + 2
-            y = ops.rain(x, amount, length, angle * DEG, width, size, draw.generator, r.mioir_geometry)
+            y = ops.rain(x, amount, length, angle * RADIANS_PER_DEGREE, width, size, draw.generator, r.mioir_geometry)
             return y, {"amount": amount, "length": length, "angle": angle, "width": width}, amount / 99
         if name == "lowlight":
             l = c.lowlight

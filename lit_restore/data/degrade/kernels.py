@@ -99,9 +99,4 @@ def resample_matrices(src: Tensor, dst: Tensor, src_max: int, dst_max: int, mode
     return m * (j < dstf)
 
 
-def odd_size(value: Tensor) -> Tensor:
-    """Nearest odd integer ≥ 1 (kernel supports drawn from a continuous range)."""
-    return (torch.floor(value / 2) * 2 + 1).clamp_min(1)
-
-
-DEG = math.pi / 180.0
+RADIANS_PER_DEGREE = math.pi / 180.0
