@@ -24,7 +24,7 @@ from lit_restore.data.degrade.types import prompt_for
 from lit_restore.demo import EVAL_TASKS, DemoPlan
 from lit_restore.evaluate import select_tasks, true_class
 from lit_restore.metrics import psnr, quantize_8bit
-from lit_restore.restore import AutoRestorer, image_generator, load_biqa, load_diffusion, pick_device
+from lit_restore.restorers import AutoRestorer, image_generator, load_biqa, load_diffusion, pick_device
 from lit_restore.settings import LoopSettings, SamplerSettings, TileSettings
 
 COLUMNS = ("input", "vae", "ldm", "ldm+scm", "loop")

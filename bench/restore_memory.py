@@ -44,7 +44,8 @@ def child(size: int, mode: str, tile: int, folder: Path) -> None:
     import torch
     from torch import nn
 
-    from lit_restore.restore import automatic_loop, restore_file
+    from lit_restore.loop import automatic_loop
+    from lit_restore.restore import restore_file
     from lit_restore.tiling import restore_tiled
 
     torch.set_num_threads(1)
@@ -72,7 +73,7 @@ def child(size: int, mode: str, tile: int, folder: Path) -> None:
     out.mkdir(exist_ok=True)
     base = peak_rss_bytes()
     with torch.no_grad():
-        restore_file(Stand(), path, out, set(), 0)
+        restore_file(Stand(), path, out, set(), 0, torch.device("cpu"))
     grown = peak_rss_bytes() - base
     print(json.dumps({"size": size, "mode": mode, "pixels": size * size, "peak_growth_bytes": grown,
                       "bytes_per_pixel": grown / (size * size)}))

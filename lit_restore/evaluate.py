@@ -33,8 +33,9 @@ from lit_restore.lines import Lines, LinesError, line_stats, read_lines, save_li
 from lit_restore.metrics import LPIPSWeightsError, load_lpips, psnr, quantize_8bit, ssim
 from lit_restore.models.clip import PromptCLIP
 from lit_restore.report import BIQAResult, Conventions, EvalResult, TaskResult, contact_sheet, write_report
-from lit_restore.restore import (AutoRestorer, FastRestorer, MissingWeightsError, Restorer, biqa_logits, build_restorer,
-                                 check_out_dir, has_stage, image_generator, load_biqa, pick_device, progress_bar)
+from lit_restore.restore import check_out_dir, progress_bar
+from lit_restore.restorers import (AutoRestorer, FastRestorer, MissingWeightsError, Restorer, biqa_logits, build_restorer,
+                                   has_stage, image_generator, load_biqa, pick_device)
 from lit_restore.settings import LoopSettings, RunSettings, SamplerSettings, TileSettings, check_settings
 
 __all__ = ["psnr", "ssim", "evaluate_command", "select_tasks"]

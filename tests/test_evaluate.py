@@ -110,7 +110,7 @@ def test_output_folder_holding_an_input_is_refused_and_out_of_memory_images_are_
         assert "holds the input" in err and len(err.splitlines()) == 1, err
     assert not (weights / "metrics.json").exists() and not (sample_shards / "metrics.json").exists()
 
-    from lit_restore.restore import FastRestorer
+    from lit_restore.restorers import FastRestorer
 
     real, calls = FastRestorer.restore, []
 

@@ -10,8 +10,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lit_restore"
 TRAINING = ("lightning", "pytorch_lightning", "torchmetrics", "lit_restore.fit", "lit_restore.stages",
             "lit_restore.checkpointing", "lit_restore.guards", "lit_restore.export", "lit_restore.data.datamodule",
             "lit_restore.demo", "lit_restore.foundations")
-INFERENCE = ["exported.py", "restore.py", "evaluate.py", "metrics.py", "lines.py", "report.py", "tiling.py", "weights.py",
-             "losses.py", "models/*.py", "data/images.py", "data/shards.py", "data/degrade/*.py"]
+INFERENCE = ["exported.py", "loop.py", "restorers.py", "restore.py", "evaluate.py", "settings.py", "metrics.py",
+             "lines.py", "report.py", "tiling.py", "weights.py", "losses.py", "models/*.py", "data/images.py",
+             "data/shards.py", "data/degrade/*.py"]
 
 
 def imported_modules(path: Path) -> set[str]:

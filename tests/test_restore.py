@@ -9,8 +9,9 @@ import torch
 from PIL import Image
 
 from _tiny_weights import REPO, export_loop, export_tiny
-from lit_restore.restore import (automatic_loop, biqa_logits, collect_inputs, crop_offsets, mix_prompts, output_stem,
-                                 save_result)
+from lit_restore.loop import automatic_loop, mix_prompts
+from lit_restore.restore import collect_inputs, output_stem, save_result
+from lit_restore.restorers import biqa_logits, crop_offsets
 from lit_restore.settings import LoopSettings
 
 CLASSES = ["no", "noise", "blur", "lowres"]
@@ -247,7 +248,7 @@ def test_an_output_folder_holding_an_input_is_refused(weights, tmp_path, capsys)
 
 def test_an_image_that_runs_out_of_memory_is_listed_and_the_rest_continue(weights, inputs, tmp_path, capsys,
                                                                            monkeypatch):
-    from lit_restore.restore import FastRestorer
+    from lit_restore.restorers import FastRestorer
 
     real = FastRestorer.restore
 
@@ -286,7 +287,7 @@ def diffusion():
     from lit_restore.config import load_config
     from lit_restore.models.clip import PromptCLIP, create_clip
     from lit_restore.models.ldm import LatentDiffusion, load_unet, load_vae, widen_conv_in
-    from lit_restore.restore import TiledDiffusion
+    from lit_restore.restorers import TiledDiffusion
     from lit_restore.settings import SamplerSettings, TileSettings
 
     torch.manual_seed(0)
@@ -300,7 +301,7 @@ def diffusion():
 
 
 def test_automatic_loop_on_tiny_models_logs_every_pass(diffusion):
-    from lit_restore.restore import AutoRestorer, image_generator
+    from lit_restore.restorers import AutoRestorer, image_generator
 
     d, biqa = diffusion
     auto = AutoRestorer(biqa, d, torch.device("cpu"), LoopSettings(max_passes=3))
@@ -319,7 +320,7 @@ def test_automatic_loop_on_tiny_models_logs_every_pass(diffusion):
 
 
 def test_prompt_mode_uses_the_users_text(diffusion):
-    from lit_restore.restore import PromptRestorer, image_generator
+    from lit_restore.restorers import PromptRestorer, image_generator
 
     d, _ = diffusion
     image = torch.rand(1, 3, 32, 32)
