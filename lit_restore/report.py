@@ -436,8 +436,11 @@ def write_report(out_dir: Union[str, Path], result: EvalResult) -> dict[str, Pat
         blocks.append(Paragraph(f"Lines inverted (the excellence line lies below the acceptance line, so they say "
                                 f"nothing about this model) on {len(inverted)} task(s), left out of AR/ER: "
                                 f"{', '.join(inverted)}."))
-    else:
+    if not result.lines:
         blocks.append(Paragraph("No lines given (evaluate --lines CSV); AR/ER/RPR not computed."))
+    elif not result.line_stats:
+        blocks.append(Paragraph("On every task the lines are closer than 0.1 dB (PSNR) or 0.01 (SSIM), or "
+                                "inverted; AR/ER/RPR not computed."))
     if result.biqa is not None:
         paths["confusion_plot"] = out / "plots" / "confusion.png"
         plot_confusion(result.biqa, paths["confusion_plot"])

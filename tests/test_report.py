@@ -50,6 +50,7 @@ def test_report_files_hold_tables_and_images(tmp_path):
     assert "| noise_15 | synthetic | id | 3 | 24.50 | 31.23 | +6.73 | 0.8812 | 0.6100 | 0.1234 | 30.00 | 32.00 | yes | no |" in md
     assert "| blur\\|jpeg |" in md  # pipes in names are escaped
     assert "| PSNR | 2 | 0 | 0.500 | 0.000 |" in md
+    assert "No lines given" not in md and "not computed" not in md.split("## Acceptance")[1].split("##")[0]
     assert "| noise | 4 | 1.000 |" in md and "| all | 14 | 0.786 |" in md
     assert "65.481" in md and "4 pixel(s)" in md  # conventions paragraph
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
@@ -98,6 +99,11 @@ def test_inverted_lines_are_named_and_left_out_of_the_verdicts(tmp_path):
                         line_stats={"psnr": stats})
     md = write_report(tmp_path, result)["markdown"].read_text()
     assert "| lines inverted | lines inverted |" in md and "left out of AR/ER: haze_a" in md
+    assert "No lines given" not in md  # they were given; one task's are inverted
+    only_inverted = EvalResult(weights="w", method="m", conventions=Conventions(), tasks=tasks[1:],
+                               lines={"haze_a": lines["haze_a"]})
+    md = write_report(tmp_path / "inverted", only_inverted)["markdown"].read_text()
+    assert "No lines given" not in md and "or inverted; AR/ER/RPR not computed" in md
 
 
 def test_contact_sheet_holds_every_size_enlarged_with_captions():
