@@ -161,15 +161,15 @@ def restore_command(weights: str, inputs: Sequence[str], out: str, prompt: Optio
                     loop: Optional[LoopSettings] = None, run_settings: Optional[RunSettings] = None) -> int:
     """Restore every image of `inputs` into `out`; exit code as in the module docstring."""
     sampling, tiles = sampling or SamplerSettings(), tiles or TileSettings()
-    loop, run = loop or LoopSettings(), run_settings or RunSettings()
+    loop, run_settings = loop or LoopSettings(), run_settings or RunSettings()
     try:
         files, missing, out_dir = setup_inputs(inputs, out, prompt, fast, sampling, tiles, loop)
-        dev = pick_device(run.device, run.threads)
+        dev = pick_device(run_settings.device, run_settings.threads)
         restorer = build_restorer(weights, dev, prompt, fast, sampling, tiles, loop)
     except (MissingWeightsError, ValueError) as e:
         _error(str(e))
         return 2
-    failed = restore_files(restorer, files, out_dir, run.seed, dev)
+    failed = restore_files(restorer, files, out_dir, run_settings.seed, dev)
     if failed:
         write_bytes_atomic(out_dir / "failed.txt", ("\n".join(failed) + "\n").encode("utf-8"))
     note = f"; {len(failed)} failed (see {out_dir / 'failed.txt'})" if failed else ""

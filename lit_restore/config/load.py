@@ -19,6 +19,7 @@ from lit_restore.config.degrade import check_degrade
 from lit_restore.config.models import MODEL_CONFIGS
 from lit_restore.config.run import STAGES, RunConfig
 
+
 def _allowed_keys(schema: DictConfig, path: str) -> list[str]:
     node: Any = schema
     for part in [p for p in path.split(".") if p][:-1]:
@@ -193,12 +194,18 @@ def _hint_text(hint: Any) -> str:
     return re.sub(r"\b(typing|lightning\.\w+(\.\w+)*|datetime|pathlib)\.", "", str(hint))
 
 
-def schema_for(stage: str) -> DictConfig:
-    """The typed OmegaConf schema of a stage's RunConfig."""
+def _model_class(stage: str) -> type:
+    """The model dataclass of `stage`; ConfigError for a stage that does not exist."""
     if stage not in MODEL_CONFIGS:
         raise ConfigError(f"stage: {stage!r} is not allowed; choose one of {', '.join(STAGES)}")
+    return MODEL_CONFIGS[stage]
+
+
+def schema_for(stage: str) -> DictConfig:
+    """The typed OmegaConf schema of a stage's RunConfig."""
+    model = _model_class(stage)
     schema = OmegaConf.structured(RunConfig(stage=stage))
-    schema.model = OmegaConf.structured(MODEL_CONFIGS[stage])
+    schema.model = OmegaConf.structured(model)
     return schema
 
 
@@ -263,15 +270,13 @@ def load_model_config(path: str | Path) -> tuple[str, Any]:
     weights stay loadable after the installed Lightning changes what `trainer:` may hold."""
     raw = _read_yaml(path)
     stage = str(raw.get("stage", "biqa"))
-    if stage not in MODEL_CONFIGS:
-        raise ConfigError(f"{path}: stage: {stage!r} is not allowed; choose one of {', '.join(STAGES)}")
     model = raw.get("model")
     model = model if model is not None else OmegaConf.create({})
     if not isinstance(model, DictConfig):
         raise ConfigError(f"{path}: model: must be a mapping of the {stage} model's keys")
     _check_env_reads(OmegaConf.to_container(model, resolve=False), "model.")
     try:
-        m = _merge(OmegaConf.structured(MODEL_CONFIGS[stage]), model, "model.")
+        m = _merge(OmegaConf.structured(_model_class(stage)), model, "model.")
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     _check_choices(m, "model.")
