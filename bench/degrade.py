@@ -20,7 +20,7 @@ import torch
 
 from lit_restore.config import DegradeConfig
 from lit_restore.data.degrade.composer import Degrader
-from lit_restore.data.degrade.composer import _Draw
+from lit_restore.data.degrade.op import Draws
 
 
 def _sync(device: torch.device) -> None:
@@ -75,8 +75,8 @@ def main() -> None:
 
     print("per op on the whole batch, ms (wall, CPU):")
     for name in degrader.chain:
-        draw = _Draw(a.batch, g, device)
-        seconds, op_cpu = timed(lambda: degrader._op(name, gt, draw, None, None), device, a.repeats)
+        draws = Draws(gt.shape, g, device)
+        seconds, op_cpu = timed(lambda name=name, draws=draws: degrader._op(name, gt, draws), device, a.repeats)
         print(f"  {name:9s} {seconds * 1000:7.1f} {op_cpu * 1000:7.1f}")
 
     if device.type == "cuda":

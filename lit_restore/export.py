@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lit_restore.config import CLIPTextConfig, ConfigError, RunConfig, schema_for, to_yaml
+from lit_restore.data.degrade.types import DEGRADATION_TYPES, TYPES_KEY, align_type_rows, recorded_types
 from lit_restore.exported import offline_model
 from lit_restore.settings import SamplerSettings
 from lit_restore.weights import WeightsError, load_checkpoint, load_sharded_checkpoint
@@ -252,8 +253,11 @@ def export_command(ckpt: str, out: str, ema: bool = True, onnx: bool = True) -> 
     cfg = config_from_dict(saved)
     use_ema = ema and cfg.optim.ema_decay > 0
     stage, modules = build_modules(without_downloads(cfg), use_ema)
+    state = stage_state_dict(checkpoint, stage, use_ema)
+    trained_types = recorded_types(checkpoint.get(TYPES_KEY), ckpt)
+    align_type_rows(state, trained_types, stage.state_dict(), ckpt)  # a checkpoint from before an op was added
     try:
-        stage.load_state_dict(stage_state_dict(checkpoint, stage, use_ema))
+        stage.load_state_dict(state)
     except RuntimeError as e:  # shapes that differ from the checkpoint's own config
         raise WeightsError(f"{ckpt}: weights do not fit its config: {str(e).splitlines()[-1].strip()[:200]}") from None
     stage.prepare_export()
@@ -264,12 +268,13 @@ def export_command(ckpt: str, out: str, ema: bool = True, onnx: bool = True) -> 
     files = ["model.safetensors", "config.yaml", "README.md"]
     onnx_diffs: dict[str, float] = {}
     try:
-        meta = {"stage": cfg.stage, "step": str(step), "ema": str(use_ema).lower(), "modules": ",".join(modules)}
+        meta = {"stage": cfg.stage, "step": str(step), "ema": str(use_ema).lower(), "modules": ",".join(modules),
+                TYPES_KEY: ",".join(DEGRADATION_TYPES)}
         save_file(flat_state(modules), str(work / "model.safetensors"), metadata=meta)
         (work / "config.yaml").write_text(to_yaml(cfg))
         files += write_tool_formats(stage, modules, work)
         if cfg.stage == "ldm":
-            files += write_ldm_pipeline(stage, modules, cfg.model.clip, work)
+            files += write_ldm_pipeline(stage, modules, cfg.model.clip, work, trained_types)
         if onnx and cfg.stage in ONNX_STAGES:
             for name, module in modules.items():
                 file = "model.onnx" if len(modules) == 1 else f"{name}.onnx"
@@ -323,17 +328,20 @@ def write_tool_formats(stage: nn.Module, modules: dict[str, nn.Module], folder: 
     return written
 
 
-def ldm_text_tower(clip: CLIPTextConfig, context_bank: torch.Tensor) -> Optional[nn.Module]:
+def ldm_text_tower(clip: CLIPTextConfig, context_bank: torch.Tensor,
+                   trained_types: tuple[str, ...] = DEGRADATION_TYPES) -> Optional[nn.Module]:
     """The LDM's frozen text tower (`model.clip` of its training config) as a transformers
-    CLIPTextModel, checked against the prompt contexts the checkpoint holds; None when the LDM
-    trained with a random tower (nothing to rebuild it from)."""
+    CLIPTextModel, checked against the prompt contexts the checkpoint holds (the rows of the
+    types it was trained with, and the empty prompt's); None when the LDM trained with a random
+    tower (nothing to rebuild it from)."""
     from lit_restore.models.clip import PromptCLIP, create_clip, transformers_text_model
     from lit_restore.models.ldm import bank_prompts
 
     if not clip.pretrained:
         return None
     tower = PromptCLIP(create_clip(clip.arch, clip.pretrained, clip.model_cfg, key="model.clip.pretrained"), ["no"])
-    states = tower.eval().token_states(bank_prompts())
+    rows = [i for i, t in enumerate(DEGRADATION_TYPES) if t in trained_types] + [len(DEGRADATION_TYPES)]
+    states, context_bank = tower.eval().token_states(bank_prompts())[rows], context_bank[rows]
     if not torch.allclose(states, context_bank.float(), atol=1e-3, rtol=1e-3):
         raise ValueError(f"model.clip.pretrained={clip.pretrained}: its text tower does not give the prompt "
                          "contexts this LDM trained with (max difference "
@@ -342,7 +350,7 @@ def ldm_text_tower(clip: CLIPTextConfig, context_bank: torch.Tensor) -> Optional
 
 
 def write_ldm_pipeline(stage: nn.Module, modules: dict[str, nn.Module], clip: CLIPTextConfig,
-                       folder: Path) -> list[str]:
+                       folder: Path, trained_types: tuple[str, ...] = DEGRADATION_TYPES) -> list[str]:
     """The LDM as a diffusers StableDiffusionInstructPix2PixPipeline folder: unet/, vae/,
     scheduler/ (the Euler-ancestral sampler `restore` uses, with its timestep spacing),
     text_encoder/ + tokenizer/ (transformers CLIP, converted from the open_clip text tower) and
@@ -351,7 +359,7 @@ def write_ldm_pipeline(stage: nn.Module, modules: dict[str, nn.Module], clip: CL
     from lit_restore.models.ldm import make_sampler
 
     sampler = make_sampler("euler_a", stage.ldm.scheduler)
-    text = ldm_text_tower(clip, stage.context_bank)
+    text = ldm_text_tower(clip, stage.context_bank, trained_types)
     if text is None:
         sampler.save_pretrained(str(folder / "scheduler"))
         print("  no pretrained text tower (model.clip.pretrained is empty): the ldm folder is not a complete "

@@ -16,7 +16,8 @@ from typing import Any, Optional
 from torch import nn
 
 from lit_restore.config import load_model_config
-from lit_restore.weights import WeightsError, read_weights
+from lit_restore.data.degrade.types import TYPES_KEY, align_type_rows, recorded_types
+from lit_restore.weights import WeightsError, read_weights, safetensors_metadata
 
 
 def offline_model(stage: str, m: Any, folder: Optional[Path] = None) -> Any:
@@ -95,6 +96,11 @@ def load_exported(weights_dir: str | Path, stage: str) -> nn.Module:
     m = offline_model(stage, exported_model_config(weights_dir, stage), folder)
     modules = inference_modules(stage, m)
     state = read_weights(folder / "model.safetensors")
+    # Rows indexed by degradation type follow this install's types (an export from before an op was added).
+    trained_types = recorded_types(safetensors_metadata(folder / "model.safetensors").get(TYPES_KEY),
+                                   f"{folder}/model.safetensors")
+    align_type_rows(state, trained_types, {f"{name}.{k}": v for name, module in modules.items()
+                                           for k, v in module.state_dict().items()}, f"{folder}/model.safetensors")
     for name, module in modules.items():
         part = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
         try:

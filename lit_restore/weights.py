@@ -22,11 +22,7 @@ from typing import AbstractSet, Any, Optional
 import torch
 from torch import nn
 
-from lit_restore.config import UserError
-
-
-class WeightsError(UserError, OSError):
-    """A checkpoint or weights file that is missing or cannot be read as plain data."""
+from lit_restore.errors import WeightsError
 
 
 def _first_line(e: Exception) -> str:
@@ -157,6 +153,17 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict):
         raise WeightsError(f"{path}: its state_dict is a {type(state).__name__}, not a dict of tensors")
     return state
+
+
+def safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a `.safetensors` file (its header only)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:  # SafetensorError, OSError: truncated or not a safetensors file
+        raise WeightsError(f"{path}: not a readable safetensors file: {_first_line(e)}") from None
 
 
 def tensors_under_prefix(state: dict[str, torch.Tensor], wanted: AbstractSet[str], prefixes: tuple[str, ...]

@@ -8,6 +8,7 @@ import torch
 
 from lit_restore.config import ConfigError, DegradeConfig, load_config
 from lit_restore.data.degrade.composer import Degrader
+from lit_restore.data.degrade.suite import task_degrader
 from lit_restore.data.degrade.types import DEGRADATION_TYPES
 from lit_restore.data.degrade.types import type_index
 
@@ -86,7 +87,7 @@ def test_dominant_type_is_the_most_severe(gt):
 
 
 def test_task_mode_uses_fixed_parameters(gt):
-    d = Degrader.for_task("noise_s25")
+    d = task_degrader("noise_s25")
     lq, label, types, params = d(gt, generator=torch.Generator().manual_seed(0))
     assert torch.equal(params["noise.sigma"], torch.full((B,), 25.0))
     assert (label == type_index("noise")).all() and (types.sum(dim=1) == 1).all()
@@ -167,7 +168,7 @@ def test_config_errors_name_the_key(override, expected):
 
 def test_unknown_task_is_a_config_error():
     with pytest.raises(ConfigError, match="degrade.task: 'noise_s999' is not in the suite"):
-        Degrader.for_task("noise_s999")
+        task_degrader("noise_s999")
 
 
 @pytest.mark.parametrize("preset", ["mixed", "single", "ood"])

@@ -15,11 +15,12 @@ from huggingface_hub import ModelCard
 from safetensors import safe_open
 
 from _untrusted import RunsCode, code_running_checkpoint
-from lit_restore.weights import WeightsError
 from lit_restore.config import load_config, to_dict
+from lit_restore.data.degrade.types import DEGRADATION_TYPES
 from lit_restore.export import export_command
 from lit_restore.exported import load_exported
 from lit_restore.fit import build_stage
+from lit_restore.weights import WeightsError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -54,7 +55,8 @@ def test_restorer_export_ema_safetensors_card_onnx(restorer_ckpt, tmp_path, caps
     folder = tmp_path / "restorer"
     assert {p.name for p in folder.iterdir()} == {"model.safetensors", "config.yaml", "README.md", "model.onnx"}
     with safe_open(folder / "model.safetensors", "pt") as f:
-        assert f.metadata() == {"stage": "restorer", "step": "42", "ema": "true", "modules": "restorer"}
+        assert f.metadata() == {"stage": "restorer", "step": "42", "ema": "true", "modules": "restorer",
+                                "degradation_types": ",".join(DEGRADATION_TYPES)}
         keys = set(f.keys())
         assert all(k.startswith("restorer.") for k in keys)  # no optimizer state, no training-only parts
         ema_state = stage.ema.module.state_dict()

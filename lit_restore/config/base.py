@@ -5,16 +5,9 @@ from __future__ import annotations
 from dataclasses import field
 from typing import Any
 
+from lit_restore.errors import ConfigError, UserError
 
-
-class UserError(Exception):
-    """A problem with what the user gave (config, data, weights, arguments), phrased as one line:
-    the CLI prints it and exits 2, without a traceback unless `--debug`. Mixed into the concrete
-    error types (ConfigError is a ValueError, missing shards a FileNotFoundError, ...)."""
-
-
-class ConfigError(UserError, ValueError):
-    """A config problem, phrased as one line that names the key path."""
+__all__ = ["ConfigError", "UserError", "choice"]
 
 
 def choice(default: Any, choices: tuple, doc: str = "") -> Any:

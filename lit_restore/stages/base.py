@@ -22,9 +22,10 @@ from torchmetrics.image import PeakSignalNoiseRatio
 from torchvision.utils import make_grid, save_image
 
 from lit_restore.config import RunConfig, to_dict
-from lit_restore.data.degrade.composer import Degrader
-from lit_restore.data.degrade.types import DEGRADATION_TYPES
+from lit_restore.data.degrade.suite import degrader_for
+from lit_restore.data.degrade.types import DEGRADATION_TYPES, TYPES_KEY, align_type_rows, recorded_types
 from lit_restore.guards import is_logging_step
+from lit_restore.weights import WeightsError
 from lit_restore.metrics import ssim
 
 
@@ -113,7 +114,7 @@ class Stage(L.LightningModule):
         super().__init__()
         self.cfg = cfg
         self.save_hyperparameters({"config": to_dict(cfg)})
-        self.degrader = Degrader(cfg.degrade)
+        self.degrader = degrader_for(cfg.degrade)
         self._compiled_degrader: Callable | None = None  # degrade.compile: made on the first batch
         # Per-image PSNR averaged over images (dim=(1,2,3)), the convention of restoration papers.
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0, reduction="elementwise_mean", dim=(1, 2, 3))
@@ -227,6 +228,31 @@ class Stage(L.LightningModule):
                            hold_steps=o.hold_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[TYPES_KEY] = list(DEGRADATION_TYPES)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Rows indexed by degradation type follow this install's types (a checkpoint made before
+        an op was added still resumes); a trained type classifier cannot, as its optimizer state
+        has the old rows: that stops the run in one line."""
+        saved = recorded_types(checkpoint.get(TYPES_KEY), "checkpoint")
+        if saved == DEGRADATION_TYPES:
+            return
+        state = checkpoint.get("state_dict")
+        if not isinstance(state, dict):
+            raise WeightsError(f"checkpoint: trained with degradation types {', '.join(saved)}; a sharded "
+                               "checkpoint cannot be resumed with other types")
+        changed = align_type_rows(state, saved, self.state_dict(), "checkpoint")
+        trained = set(changed) & {name for name, p in self.named_parameters() if p.requires_grad}
+        if trained and checkpoint.get("optimizer_states"):
+            added = [t for t in DEGRADATION_TYPES if t not in saved]
+            change = f"adds {', '.join(added)}" if added else "orders them otherwise"
+            raise WeightsError(f"checkpoint: {sorted(trained)[0]} was trained for the degradation types "
+                               f"{', '.join(saved)}; this install {change}, and its optimizer state cannot follow: "
+                               "resume with those types, or train a new run")
 
     # ------------------------------------------------------------------ logging
 

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torchmetrics.image import PeakSignalNoiseRatio
 
 from lit_restore.config import RunConfig
+from lit_restore.data.degrade.types import DEGRADATION_TYPES, TYPES_KEY, align_type_rows, recorded_types
 from lit_restore.losses import image_loss, masked_mean
 from lit_restore.models.ldm import (DTYPES, NULL_PROMPT, LatentDiffusion, build_latent_diffusion, check_prediction_type,
                                    condition_dropout, predict_x0, prompt_bank)
@@ -50,7 +51,9 @@ def wrong_labels(labels: Tensor, fraction: float, classes: int, generator: Optio
 
 def load_ldm_checkpoint(ldm: LatentDiffusion, path: str) -> Tensor:
     """Load an ldm stage checkpoint's UNet (its EMA when it has one) and VAE; return its prompt
-    contexts. The checkpoint's prediction type must be the one `ldm` samples with."""
+    contexts, one row per degradation type of this install (a type the LDM was not trained with
+    gets the empty prompt's context), then the empty prompt's. The checkpoint's prediction type
+    must be the one `ldm` samples with."""
     try:
         ckpt = load_checkpoint(path)
     except WeightsError as e:
@@ -71,7 +74,11 @@ def load_ldm_checkpoint(ldm: LatentDiffusion, path: str) -> Tensor:
         except RuntimeError as e:
             raise WeightsError(f"model.ldm_checkpoint: {path} does not match model.ldm "
                              f"({str(e).splitlines()[0]})") from None
-    return state["context_bank"].float()
+    bank = {"context_bank": state["context_bank"].float()}
+    empty = bank["context_bank"][-1:]
+    align_type_rows(bank, recorded_types(ckpt.get(TYPES_KEY), path),
+                    {"context_bank": empty.expand(len(DEGRADATION_TYPES) + 1, *empty.shape[1:])}, path)
+    return bank["context_bank"]
 
 
 class SCMStage(Stage):

@@ -1,3 +1,4 @@
-"""Degradation synthesis on the device: ops, the `Degrader` that composes them (`composer`), the
-GIR suite. Importing the package loads none of them, so inference can read the type names
-(`types`) without the synthesis code."""
+"""Degradation synthesis on the device: what an op declares (`op`), the ops themselves, one
+module each (`ops/`, the table the types, configs, suite and preview derive from), the `Degrader`
+that chains them (`composer`), the GIR suite (`suite`) and pictures of them (`preview`). Importing
+the package loads none of them."""

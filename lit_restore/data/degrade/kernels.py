@@ -61,6 +61,9 @@ def _cubic(t: Tensor, a: float = -0.75) -> Tensor:
     return torch.where(t <= 1, near, torch.where(t < 2, far, torch.zeros_like(t)))
 
 
+RESIZE_MODES = ("nearest", "area", "bilinear", "bicubic")
+
+
 def resample_matrices(src: Tensor, dst: Tensor, src_max: int, dst_max: int, mode: str) -> Tensor:
     """(B, dst_max, src_max) matrices resizing a 1-D signal of per-sample length `src` to `dst`
     with PyTorch's `F.interpolate(size=dst, align_corners=False, antialias=False)` weights
@@ -88,7 +91,7 @@ def resample_matrices(src: Tensor, dst: Tensor, src_max: int, dst_max: int, mode
             elif mode == "bicubic":
                 offsets = torch.arange(-1, 3, device=src.device, dtype=torch.float32).view(1, 1, -1)
             else:
-                raise ValueError(f"unknown resize mode {mode!r}; known: nearest, area, bilinear, bicubic")
+                raise ValueError(f"unknown resize mode {mode!r}; known: {', '.join(RESIZE_MODES)}")
             base = centre.floor()
             taps = base + offsets
             t = centre - taps
@@ -100,3 +103,8 @@ def resample_matrices(src: Tensor, dst: Tensor, src_max: int, dst_max: int, mode
 
 
 RADIANS_PER_DEGREE = math.pi / 180.0
+
+
+def odd_ceil(v: float) -> int:
+    """The smallest odd integer ≥ v."""
+    return 2 * math.ceil((v - 1) / 2) + 1

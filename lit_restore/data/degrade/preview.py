@@ -12,18 +12,9 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from lit_restore.data.degrade.suite import CHAIN_ORDER, degrade_for_task, load_suite, task_from_ops
+from lit_restore.data.degrade.ops import CHAIN_ORDER, OPS
+from lit_restore.data.degrade.suite import degrade_for_task, load_suite, task_from_ops
 
-# Three strengths per op for the grid: the low, middle and top of the in-distribution ranges.
-GRID_LEVELS: dict[str, list[dict[str, Any]]] = {
-    "noise": [{"sigma": 15}, {"sigma": 30}, {"sigma": 50}],
-    "blur": [{"sigma": 1}, {"sigma": 2}, {"sigma": 3}],
-    "jpeg": [{"quality": 70}, {"quality": 40}, {"quality": 10}],
-    "lowres": [{"scale": 2}, {"scale": 3}, {"scale": 4}],
-    "haze": [{"beta": 0.5}, {"beta": 1.5}, {"beta": 2.5}],
-    "rain": [{"amount": 50}, {"amount": 75}, {"amount": 99}],
-    "lowlight": [{"gamma": 1.5}, {"gamma": 2}, {"gamma": 3}],
-}
 THUMB = 256  # longest side of each grid tile
 LABEL_H = 14
 
@@ -107,12 +98,12 @@ def _thumbnail(x: Tensor) -> Tensor:
 
 
 def grid_of_ops(x: Tensor, seed: int = 0, suite: Optional[str] = None) -> Image.Image:
-    """Every op at three strengths (GRID_LEVELS) on image `x` (1, 3, H, W), labelled."""
+    """Every op at its preview strengths (`Op.grid`) on image `x` (1, 3, H, W), labelled."""
     x = _thumbnail(x)
     rows = []
     for op in CHAIN_ORDER:
         row = [("clean", x[0])]
-        for params in GRID_LEVELS[op]:
+        for params in OPS[op].grid:
             task = task_from_ops({op: params}, name=op, seed=seed, path=suite)
             label = f"{op} " + " ".join(f"{k}={v}" for k, v in params.items())
             row.append((label, degrade_for_task(x, task, ["preview"])[0]))

@@ -19,25 +19,16 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor
 
-from lit_restore.config import (BlurOpConfig, ConfigError, DegradeConfig, HazeOpConfig, JpegOpConfig,
-                                LowlightOpConfig, LowresOpConfig, NoiseOpConfig, RainOpConfig, check_degrade)
+from lit_restore.config import ConfigError, DegradeConfig, check_degrade
+from lit_restore.data.degrade.composer import Degrader
+from lit_restore.data.degrade.ops import CHAIN_ORDER, OPS
 from lit_restore.data.degrade.types import DEGRADATION_TYPES
 
 DEFAULT_SUITE = Path(__file__).resolve().parents[3] / "configs" / "gir_suite.yaml"
 SUITE_VERSION = 1
 LEVELS = ("id", "ood")
 KINDS = ("single", "combo", "real")
-OP_CONFIGS: dict[str, type] = {
-    "noise": NoiseOpConfig,
-    "blur": BlurOpConfig,
-    "jpeg": JpegOpConfig,
-    "lowres": LowresOpConfig,
-    "haze": HazeOpConfig,
-    "rain": RainOpConfig,
-    "lowlight": LowlightOpConfig,
-}
-# Tasks apply their ops in the training chain's order, whatever order the YAML lists them in.
-CHAIN_ORDER: tuple[str, ...] = tuple(DegradeConfig().types)
+# Tasks apply their ops in the chain's order (`CHAIN_ORDER`), whatever order the YAML lists them in.
 
 
 @dataclass
@@ -78,7 +69,7 @@ def task_config(task: Task) -> DegradeConfig:
     """The DegradeConfig that applies `task`'s ops (probability 1, fixed values) in chain order."""
     sections = {}
     for op, params in task.ops.items():
-        default = OP_CONFIGS[op]()
+        default = OPS[op].config()
         values = {k: _range(v, getattr(default, k)) for k, v in params.items()}
         sections[op] = dataclasses.replace(default, prob=1.0, **values)
     return DegradeConfig(mode="task", task=task.name, types=list(task.types), **sections)
@@ -109,8 +100,9 @@ def _parse_task(i: int, raw: Any, defaults: dict[str, dict[str, Any]], where: st
         params = {**defaults.get(op, {}), **(ops[op] or {})}
         # Task parameters are the numbers and modes; on/off switches of an op's method (bool
         # fields such as rain.mioir_geometry) keep their defaults.
-        allowed = [f.name for f in dataclasses.fields(OP_CONFIGS[op])
-                   if f.name != "prob" and not isinstance(getattr(OP_CONFIGS[op](), f.name), bool)]
+        default = OPS[op].config()
+        allowed = [f.name for f in dataclasses.fields(default)
+                   if f.name != "prob" and not isinstance(getattr(default, f.name), bool)]
         for p in params:
             if p not in allowed:
                 raise ConfigError(f"{key}.ops.{op}.{p}: unknown key; allowed here: {', '.join(allowed)}")
@@ -119,7 +111,7 @@ def _parse_task(i: int, raw: Any, defaults: dict[str, dict[str, Any]], where: st
             raise ConfigError(f"{key}.ops.{op}.{missing[0]}: missing (not in the task nor in defaults)")
         merged[op] = {p: params[p] for p in allowed}
         for p, value in merged[op].items():
-            _check_type(f"{key}.ops.{op}.{p}", value, getattr(OP_CONFIGS[op](), p))
+            _check_type(f"{key}.ops.{op}.{p}", value, getattr(default, p))
     extra = set(ops) - set(merged)
     if extra:
         raise ConfigError(f"{key}.ops.{sorted(extra)[0]}: unknown op; choose from {', '.join(CHAIN_ORDER)}")
@@ -174,6 +166,19 @@ def task_from_ops(ops: dict[str, dict[str, Any]], name: str = "custom", seed: in
     return _parse_task(0, {"name": name, "level": level, "seed": seed, "ops": ops}, raw.get("defaults") or {}, where)
 
 
+def degrader_for(cfg: DegradeConfig) -> Degrader:
+    """The Degrader of a `degrade:` section; mode=task looks its task up in the suite."""
+    if cfg.mode != "task":
+        return Degrader(cfg)
+    task = find_task(load_suite(cfg.suite or None), cfg.task)
+    return Degrader(task_config(task), task=task)
+
+
+def task_degrader(name: str, suite_path: Optional[str] = None) -> Degrader:
+    """The Degrader applying the fixed parameters of suite task `name`."""
+    return degrader_for(DegradeConfig(mode="task", task=name, suite=suite_path or ""))
+
+
 def find_task(tasks: Sequence[Task], name: str) -> Task:
     for t in tasks:
         if t.name == name:
@@ -194,8 +199,6 @@ def degrade_for_task(gt: Tensor, task: Task, sample_keys: Optional[Sequence[str]
     """Degrade a (B, 3, H, W) float batch for `task`; sample i is seeded from its key (or from
     its index `start_index + i`), so its result does not depend on the rest of the batch.
     One image at a time: this is for building test sets, not for training."""
-    from lit_restore.data.degrade.composer import Degrader
-
     if task.kind == "real":
         raise ValueError(f"task {task.name!r} is a real paired set; its lq images come from {task.source}")
     keys = list(sample_keys) if sample_keys is not None else [str(start_index + i) for i in range(gt.shape[0])]
@@ -296,5 +299,5 @@ def real_tasks_from_shards(urls: str | list[str]) -> list[Task]:
     return tasks
 
 
-__all__ = ["Task", "build_task_set", "degrade_for_task", "find_task", "load_suite", "real_tasks_from_shards",
-           "sample_seed", "task_config", "task_from_ops"]
+__all__ = ["Task", "build_task_set", "degrade_for_task", "degrader_for", "find_task", "load_suite", "real_tasks_from_shards",
+           "sample_seed", "task_config", "task_degrader", "task_from_ops"]
