@@ -1,6 +1,8 @@
 """The Degrader: modes, labels, determinism, no host syncs, config errors."""
 
 import dataclasses
+import math
+import random
 from pathlib import Path
 
 import pytest
@@ -187,3 +189,63 @@ def test_any_image_size(size):
     for mode in ("single", "mixed"):
         lq = run(DegradeConfig(mode=mode), x)[0]
         assert lq.shape == x.shape and lq.min() >= 0 and lq.max() <= 1
+
+
+def _shares(cfg, batches=300, b=16, size=8):
+    """Share of samples that got each op of the chain, and of clean ones, over many batches."""
+    deg = Degrader(cfg)
+    gt = torch.rand(b, 3, size, size, generator=torch.Generator().manual_seed(0))
+    got = torch.zeros(len(deg.chain))
+    clean = 0
+    for seed in range(batches):
+        types = deg(gt, generator=torch.Generator().manual_seed(seed), counts_seed=seed)[2]
+        got += types[:, [type_index(t) for t in deg.chain]].float().sum(dim=0)
+        clean += int((~types.any(dim=1)).sum())
+    return got / (batches * b), clean / (batches * b)
+
+
+def test_mixed_mode_reaches_each_op_as_independent_draws_would():
+    """Stratified assignment keeps the per-op frequency of independent draws with the one-op
+    fallback: p + Π(1−p)·p/Σp of the degraded samples."""
+    cfg = DegradeConfig(mode="mixed", types=["blur", "noise", "jpeg"], clean_fraction=0.25)
+    probs = [0.6, 0.3, 0.1]
+    for name, p in zip(cfg.types, probs):
+        getattr(cfg, name).prob = p
+    shares, clean = _shares(cfg)
+    none = math.prod(1 - p for p in probs)
+    expected = torch.tensor([p + none * p / sum(probs) for p in probs]) * 0.75
+    assert abs(clean - 0.25) < 0.01
+    assert torch.allclose(shares, expected, atol=0.015), (shares, expected)
+
+
+def test_single_mode_splits_the_batch_by_weight():
+    cfg = DegradeConfig(mode="single", types=["blur", "noise", "jpeg"])
+    for name, p in zip(cfg.types, [0.5, 0.3, 0.2]):
+        getattr(cfg, name).prob = p
+    shares, clean = _shares(cfg)
+    assert clean == 0 and torch.allclose(shares, torch.tensor([0.5, 0.3, 0.2]), atol=0.01), shares
+
+
+def test_sub_batch_sizes_are_the_expected_counts_rounded():
+    deg = Degrader(DegradeConfig(mode="mixed", clean_fraction=0.1))
+    seen = set()
+    for seed in range(200):
+        clean, primary, extra = deg.counts(16, random.Random(seed))
+        assert clean in (1, 2) and sum(primary) == 16 - clean
+        degraded = 16 - clean
+        assert all(math.floor(degraded / 7) <= c <= math.ceil(degraded / 7) for c in primary)
+        seen.add(tuple(primary))
+        for c, e in zip(primary, extra):
+            assert c + e <= degraded
+    assert len(seen) > 5  # the rounding moves between ops from batch to batch
+
+
+def test_each_op_runs_only_on_its_samples(monkeypatch):
+    """The op's apply sees a sub-batch: in single mode the sizes add up to the batch."""
+    sizes = []
+    deg = Degrader(DegradeConfig(mode="single"))
+    for name in deg.chain:
+        apply = deg._op_apply[name]
+        deg._op_apply[name] = lambda x, p, c, apply=apply: sizes.append(x.shape[0]) or apply(x, p, c)
+    deg(torch.rand(32, 3, 16, 16), generator=torch.Generator().manual_seed(0), counts_seed=0)
+    assert sum(sizes) == 32 and max(sizes) < 32

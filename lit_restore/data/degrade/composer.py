@@ -1,11 +1,28 @@
-"""`Degrader`: draws per-sample degradation parameters and applies the op chain to a batch.
+"""`Degrader`: picks which ops each sample gets, draws their parameters and applies the chain.
 
-Every op runs on the whole batch and a per-sample mask picks its output (`torch.where`), so no
-decision reads tensor values on the host, and each forward consumes the generator identically
-whatever was drawn: the same seed and input give the same output on the same device.
+Each op runs only on the samples that get it (a sub-batch gathered by index), so a batch costs
+what it applies: in `single` mode one op per sample, in the default `mixed` chain ~2.2 of 7. The
+size of every sub-batch is fixed on the host before anything runs on the device, and which
+samples fill it is drawn on the device (stratified assignment), so nothing reads the device:
 
-Dominance rule (`label`): each applied op gets a severity (its `Op.severity`), normalised so that ≈1 is the top of
-MiOIR's in-distribution range (noise σ 50, blur σ 3, JPEG q 30, ×4 down-sampling, haze β 2.5,
+- `clean_fraction` of the batch is left clean; the rest is split into one block per op, sized by
+  the ops' weights (`<op>.prob`): each degraded sample gets exactly one "primary" op.
+- `mixed` then adds each op to more samples, drawn among those whose primary it is not, so that
+  each op reaches the same share of samples as independent draws would give (included with
+  probability p, and a sample that drew none given one op with probability ∝ p: p + Π(1−p)·p/Σp,
+  never below the primary share since Σp + Π(1−p) ≥ 1).
+- Fractional counts are rounded at random on the host (systematic rounding for the blocks, so
+  they sum to the batch), from `counts_seed`.
+
+Compared with independent per-sample draws, the per-op frequencies are the same in expectation,
+but a batch holds (up to rounding) exactly its expected count of each op instead of a binomial
+count, and which ops share a sample differs slightly (one primary plus extras placed among the
+other samples). `task` mode applies every op of the task to every sample and draws its numbers
+exactly as the suite's test sets were made (suite version 1).
+
+The same seed, input and `counts_seed` give the same output on the same device. Dominance rule
+(`label`): each applied op gets a severity (its `Op.severity`), normalised so that ≈1 is the top
+of MiOIR's in-distribution range (noise σ 50, blur σ 3, JPEG q 30, ×4 down-sampling, haze β 2.5,
 rain value 99, γ 3); the label is the applied type with the highest severity (ties: the earlier
 type in DEGRADATION_TYPES) and "no" (index 0) when nothing was applied.
 """
@@ -13,6 +30,7 @@ type in DEGRADATION_TYPES) and "no" (index 0) when nothing was applied.
 from __future__ import annotations
 
 import math
+import random
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -48,69 +66,110 @@ class Degrader(nn.Module):
                              "lit_restore.data.degrade.suite.degrader_for")
         self.cfg = cfg
         self.chain: tuple[str, ...] = tuple(cfg.types)
+        self._op_apply = {name: OPS[name].apply for name in self.chain}
+
+    def compile_ops(self) -> None:
+        """torch.compile each op's `apply` (a GPU launches fewer kernels; the first batches pay
+        the compile time). Batch dimension dynamic: sub-batch sizes change from batch to batch."""
+        self._op_apply = {name: torch.compile(OPS[name].apply, dynamic=True) for name in self.chain}
 
     def extra_repr(self) -> str:
         return f"mode={self.cfg.mode}, chain={'→'.join(self.chain)}"
 
-    # ------------------------------------------------------------------ which ops run
+    # ------------------------------------------------------------------ which samples get which op
 
-    def _applied(self, draws: Draws) -> Tensor:
-        """(B, len(chain)) bool: which op each sample gets."""
-        n = len(self.chain)
+    def counts(self, b: int, rng: random.Random) -> tuple[int, list[int], list[int]]:
+        """Host-side sizes for a batch of `b`: (clean samples, primary samples per op, extra
+        samples per op), ops in chain order; see the module docstring."""
         probs = [float(getattr(self.cfg, op).prob) for op in self.chain]
-        u, pick_u, clean_u = draws.rand(n), draws.rand(n), draws.rand()
+        clean = _round(b * self.cfg.clean_fraction, rng)
+        degraded, total = b - clean, sum(probs)
+        # Systematic rounding: one uniform offset, so the blocks always sum to `degraded`.
+        offset, cumulative, primary = rng.random(), 0.0, []
+        for p in probs:
+            start = math.floor(cumulative + offset)
+            cumulative += degraded * p / total
+            primary.append(math.floor(cumulative + offset) - start)
+        primary[-1] += degraded - sum(primary)  # float rounding of the last edge
+        extra = [0] * len(probs)
+        if self.cfg.mode == "mixed":
+            none = math.prod(1 - p for p in probs)
+            for j, p in enumerate(probs):
+                extra[j] = min(_round(degraded * p / total * (total + none - 1), rng), degraded - primary[j])
+        return clean, primary, extra
+
+    def assign(self, b: int, draws: Draws, counts_seed: int) -> list[Optional[Tensor]]:
+        """Per op of the chain, the indices of the samples that get it (None: every sample)."""
         if self.cfg.mode == "task":
-            return torch.ones_like(u, dtype=torch.bool)
-        # Weighted choice of one op per sample (Efraimidis-Spirakis keys u^(1/w)); weight 0 never
-        # wins. Columns are built from Python floats: no host→device copy inside a batch.
-        log_u = pick_u.clamp_min(1e-12).log()
-        keys = torch.stack([log_u[:, j] / p if p > 0 else torch.full_like(log_u[:, j], -math.inf)
-                            for j, p in enumerate(probs)], dim=1)
-        one = keys.argmax(dim=1, keepdim=True) == torch.arange(n, device=keys.device)  # one_hot reads max on a CPU
-        if self.cfg.mode == "single":
-            applied = one
-        else:  # mixed: each op with its probability; a sample that drew none gets one
-            applied = torch.stack([u[:, j] < p for j, p in enumerate(probs)], dim=1)
-            applied = torch.where(applied.any(dim=1, keepdim=True), applied, one)
-        return applied & (clean_u >= self.cfg.clean_fraction)[:, None]
+            n = len(self.chain)
+            draws.rand(n), draws.rand(n), draws.rand()  # what the suite's version-1 test images consumed
+            return [None] * n
+        clean, primary, extra = self.counts(b, random.Random(counts_seed))
+        order = draws.rand().argsort()  # a random permutation: clean block, then one block per op
+        picked: list[Optional[Tensor]] = []
+        start = clean
+        for j, (own, more) in enumerate(zip(primary, extra)):
+            block = order[start : start + own]
+            start += own
+            if more:
+                # The extras: the `more` lowest keys among the degraded samples whose primary is not this op.
+                key = draws.rand().index_fill_(0, order[:clean], 2.0).index_fill_(0, block, 2.0)
+                block = torch.cat([block, key.topk(more, largest=False).indices])
+            picked.append(None if block.numel() == b else block)
+        return picked
 
     def _op(self, name: str, x: Tensor, draws: Draws) -> tuple[Tensor, dict[str, Tensor], Tensor]:
-        """Op `name` on every sample: (output, drawn parameters, severity)."""
+        """Op `name` on every sample of `x`: (output, drawn parameters, severity)."""
         op, op_cfg = OPS[name], getattr(self.cfg, name)
         params = op.draw(op_cfg, draws)
-        return op.apply(x, params, op_cfg), params, op.severity(params)
+        return self._op_apply[name](x, params, op_cfg), params, op.severity(params)
 
     # ------------------------------------------------------------------ forward
 
     @torch.no_grad()
     def forward(self, gt: Tensor, generator: Optional[torch.Generator] = None, depth: Optional[Tensor] = None,
-                has_depth: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+                has_depth: Optional[Tensor] = None, counts_seed: Optional[int] = None
+                ) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
         if gt.ndim != 4 or gt.shape[1] != 3:
             raise ValueError(f"Degrader expects gt of shape (B, 3, H, W), got {tuple(gt.shape)}")
         if generator is not None and generator.device.type != gt.device.type:
             raise ValueError(f"generator is on {generator.device}, images on {gt.device}")
+        if counts_seed is None:  # a host value: the generator's seed, else Python's own generator
+            counts_seed = generator.initial_seed() if generator is not None else random.getrandbits(63)
         device, b = gt.device, gt.shape[0]
-        draws = Draws(gt.shape, generator, device, depth, has_depth)
         with torch.autocast(device_type=device.type, enabled=False):  # blur/JPEG drift in half precision
             x = gt.float().clone()  # updated in place below; the caller's batch is left alone
-            applied = self._applied(draws)
+            picked = self.assign(b, Draws(gt.shape, generator, device), counts_seed)
             severity = torch.full((b, len(DEGRADATION_TYPES)), -1.0, device=device)
             types = torch.zeros(b, len(DEGRADATION_TYPES), dtype=torch.bool, device=device)
             params: dict[str, Tensor] = {}
-            for j, name in enumerate(self.chain):
-                on = applied[:, j]
-                y, drawn, sev = self._op(name, x, draws)
+            for name, index in zip(self.chain, picked):
+                if index is not None and index.numel() == 0:
+                    continue
+                sub = x if index is None else x.index_select(0, index)
+                draws = Draws(sub.shape, generator, device, _rows(depth, index), _rows(has_depth, index))
+                y, drawn, sev = self._op(name, sub, draws)
                 if self.cfg.quantize:
                     y = quantize_(y)
-                # x ← y where the op applies. lerp with weights 0/1 is exact (x + 0·(y − x) and
-                # y − (y − x)·0) and ~2.5× faster than torch.where on a CPU; the ops give finite values.
-                x.lerp_(y, on.view(-1, 1, 1, 1).float())
                 col = type_index(name)
-                types[:, col] = on
-                severity[:, col] = torch.where(on, sev, -1.0)
+                if index is None:
+                    x, types[:, col], severity[:, col] = y, True, sev
+                else:
+                    x.index_copy_(0, index, y)
+                    types[:, col].index_fill_(0, index, True)
+                    severity[:, col].index_copy_(0, index, sev.float())
                 for key, value in drawn.items():
                     if value.ndim == 1:  # the drawn values; noise fields and depth maps are not reported
-                        params[f"{name}.{key}"] = torch.where(on, value.float(), math.nan)
+                        params[f"{name}.{key}"] = value.float() if index is None else torch.full(
+                            (b,), math.nan, device=device).index_copy_(0, index, value.float())
             label = torch.where(types.any(dim=1), severity.argmax(dim=1), 0)
             return x.clamp_(0, 1), label, types, params
 
+
+def _round(value: float, rng: random.Random) -> int:
+    """`value` rounded down or up at random, up with probability its fractional part."""
+    return math.floor(value + rng.random())
+
+
+def _rows(t: Optional[Tensor], index: Optional[Tensor]) -> Optional[Tensor]:
+    return t if t is None or index is None else t.index_select(0, index)
