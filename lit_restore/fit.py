@@ -116,10 +116,9 @@ def build_loggers(cfg: RunConfig) -> Union[list[Any], bool]:
     if cfg.logger == "none":
         return False
     if cfg.logger == "csv":
-        from lightning.pytorch.loggers import CSVLogger
+        from lit_restore.csvlog import RunCSVLogger
 
-        # logs/version_N/metrics.csv, one per (re)start: Lightning's CSV writer replaces an existing file.
-        return [CSVLogger(save_dir=out, name="logs")]
+        return [RunCSVLogger(save_dir=out)]  # logs/version_0/metrics.csv, one history across restarts
     from lightning.pytorch.loggers import WandbLogger
 
     # Offline/disabled through WANDB_MODE; the API key stays wandb's business (env or netrc).
@@ -393,4 +392,8 @@ def fit(cfg: RunConfig, stage: Optional[L.LightningModule] = None, datamodule: O
     preemption = next(c for c in callbacks if isinstance(c, PreemptionCheckpoint))
     if preemption.terminated is not None:
         raise RunTerminated(preemption.terminated)
+    if ckpt is not None and getattr(stage, "resumed_step", None) == trainer.global_step and trainer.max_steps > 0:
+        rank_zero_info(f"nothing to train: {ckpt} is at step {trainer.global_step} of trainer.max_steps="
+                       f"{trainer.max_steps}; raise it to train on (e.g. trainer.max_steps={2 * trainer.max_steps}; "
+                       "the LR goes on from where it is, see the README)")
     return trainer

@@ -70,3 +70,46 @@ def test_schedule_holds_then_decays_as_irconstyle():
     assert abs(lr(243312 + 460320 // 2) - (1e-6 + 3e-4) / 2) < 2e-7
     assert abs(lr(703632) - 1e-6) < 1e-10
     assert warmup_cosine(4, 10, 100, 0.0, hold_steps=20) == 0.5  # warmup first, as before
+
+
+def _schedule_after(saved_total: int, new_total: int, step: int, legacy: bool = False):
+    """LRs of a schedule trained for `saved_total` steps and checkpointed at `step`, then resumed
+    with `new_total`: (the LR it had at `step`, the resumed scheduler's LRs from `step` on)."""
+    from types import SimpleNamespace
+
+    stage = build_stage(load_config(ROOT / "configs/tiny/restorer.yaml", ["model.constyle_mode=joint",
+                                                                          "optim.warmup_steps=2"]))
+    stage._trainer = SimpleNamespace(max_steps=saved_total)
+    first = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0),
+                                              stage.lr_schedule())
+    for _ in range(step):
+        first.optimizer.step()
+        first.step()
+    state = first.state_dict()
+    if legacy:  # made before LRSchedule: a function saved no fields, the run's length is in its config
+        state["lr_lambdas"] = [{}]
+    ckpt = {"global_step": step, "lr_schedulers": [state],
+            "hyper_parameters": {"config": {"trainer": {"max_steps": saved_total}}}}
+    stage._trainer = SimpleNamespace(max_steps=new_total)
+    stage._extend_schedule(ckpt)
+    resumed = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0),
+                                                stage.lr_schedule())
+    resumed.load_state_dict(ckpt["lr_schedulers"][0])
+    lrs = []
+    for _ in range(step, new_total + 1):
+        lrs.append(resumed.get_last_lr()[0])
+        resumed.optimizer.step()
+        resumed.step()
+    return first.get_last_lr()[0], lrs
+
+
+def test_a_run_extended_on_resume_goes_on_from_its_lr_without_a_jump():
+    min_ratio = load_config(ROOT / "configs/tiny/restorer.yaml", []).optim.min_lr_ratio
+    for legacy in (False, True):
+        before, after = _schedule_after(30, 60, 15, legacy=legacy)
+        assert after[0] == before  # the step it resumes at keeps its LR
+        assert all(b <= a for a, b in zip(after, after[1:]))  # then only decays ...
+        assert after[-1] == min_ratio  # ... to the floor at the new end
+        assert 0.45 < after[22] / before < 0.65  # halfway through the new stretch
+    unchanged_before, unchanged = _schedule_after(30, 30, 15)
+    assert unchanged[0] == unchanged_before and unchanged[-1] == min_ratio

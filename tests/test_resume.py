@@ -11,11 +11,12 @@ import time
 import pytest
 import torch
 
+from _batches import ROOT
 from _probe import Probe, ProbeData, probe_config
 from _untrusted import code_running_checkpoint
 from lit_restore.checkpointing import (AtomicCheckpointIO, RunTerminated, find_resume_checkpoint, prune_hpc,
                                       remove_stale_temporaries, resume_path)
-from lit_restore.config import ConfigError
+from lit_restore.config import ConfigError, load_config
 from lit_restore.fit import fit
 from lit_restore.weights import WeightsError, load_checkpoint
 
@@ -202,3 +203,31 @@ def test_step_checkpoints_land_on_epoch_boundaries_too(sample_shards, tmp_path):
     fit(cfg)
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step*.ckpt")) == ["step0000004.ckpt",
                                                                                     "step0000008.ckpt"]
+
+
+def test_rerun_extends_the_schedule_keeps_one_csv_history_and_says_when_nothing_is_left(sample_shards, tmp_path,
+                                                                                           caplog):
+    """max_steps 6 → the same again (nothing to do, said so) → 10: the LR goes on without a jump
+    and logs/version_0/metrics.csv holds every step once."""
+    def run(steps: int):
+        cfg = load_config(ROOT / "configs" / "tiny" / "restorer.yaml", [
+            f"out_dir={tmp_path / 'run'}", f"data.train={sample_shards}/train-{{000000..000003}}.tar",
+            f"data.val={sample_shards}/val-000000.tar", "data.num_workers=0", "data.crop=32", "data.batch_size=2",
+            "model.constyle_mode=joint", "optim.warmup_steps=1", f"trainer.max_steps={steps}",
+            "trainer.val_check_interval=100", "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1",
+            "trainer.enable_progress_bar=false", "model.width=8", "model.constyle.base_channels=4",
+            "model.constyle.dim=16", "model.constyle.queue_size=32"])
+        return fit(cfg)
+
+    run(6)
+    with caplog.at_level("INFO"):
+        assert run(6).global_step == 6
+    assert "nothing to train" in caplog.text and "trainer.max_steps=12" in caplog.text
+    assert run(10).global_step == 10
+    assert sorted((tmp_path / "run" / "logs").iterdir()) == [tmp_path / "run" / "logs" / "version_0"]
+    with open(tmp_path / "run" / "logs" / "version_0" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("lr-AdamW")]
+    steps = [int(r["step"]) for r in rows]
+    lrs = [float(r["lr-AdamW"]) for r in rows]
+    assert steps == sorted(set(steps)) and steps[0] == 0 and steps[-1] == 9
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(lrs[1:], lrs[2:]))  # after warmup, never up

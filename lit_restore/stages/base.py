@@ -3,11 +3,12 @@ image grids and throughput logging. Each stage file adds its networks, steps and
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
 import zlib
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -15,6 +16,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 from torchmetrics import MeanMetric
@@ -39,6 +41,32 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: 
         return 1.0
     progress = min(1.0, (step - start) / (total_steps - start))
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass
+class LRSchedule:
+    """The LR multiplier of a step: `warmup_cosine`, as an object whose fields LambdaLR saves in
+    checkpoints. A run resumed with another length (`trainer.max_steps` raised) goes on from the
+    multiplier it had reached: from `from_step` on, a cosine from `from_factor` down to
+    `min_lr_ratio` at the new `total_steps`, so the LR never jumps."""
+
+    warmup_steps: int
+    total_steps: int
+    min_lr_ratio: float
+    hold_steps: int = 0
+    from_step: int = -1  # ≥ 0 once the run was extended at that step
+    from_factor: float = 1.0
+
+    def __call__(self, step: int) -> float:
+        if 0 <= self.from_step <= step:
+            span = max(1, self.total_steps - self.from_step)
+            progress = min(1.0, (step - self.from_step) / span)
+            return self.min_lr_ratio + (self.from_factor - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return warmup_cosine(step, self.warmup_steps, self.total_steps, self.min_lr_ratio, self.hold_steps)
+
+    def extended(self, step: int, total_steps: int) -> "LRSchedule":
+        """This schedule continued from `step` to a new `total_steps`."""
+        return dataclasses.replace(self, total_steps=total_steps, from_step=step, from_factor=self(step))
 
 
 def ema_decay_at(decay: float, warmup: bool, n: int) -> float:
@@ -115,7 +143,8 @@ class Stage(L.LightningModule):
         self.cfg = cfg
         self.save_hyperparameters({"config": to_dict(cfg)})
         self.degrader = degrader_for(cfg.degrade)
-        self._compiled_degrader: Callable | None = None  # degrade.compile: made on the first batch
+        self._degrader_compiled = False  # degrade.compile: its ops are compiled on the first batch
+        self.resumed_step: int | None = None  # the step of the checkpoint a resume loaded
         # Per-image PSNR averaged over images (dim=(1,2,3)), the convention of restoration papers.
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0, reduction="elementwise_mean", dim=(1, 2, 3))
         # Mean of per-image SSIM from lit_restore.metrics: the values `evaluate` reports (MATLAB's
@@ -153,13 +182,19 @@ class Stage(L.LightningModule):
         return batch
 
     def degrade(self, gt: torch.Tensor, **kwargs) -> tuple:
-        """The Degrader, compiled when `degrade.compile` is set (its forward only, so checkpoints
-        keep their keys)."""
-        if not self.cfg.degrade.compile:
-            return self.degrader(gt, **kwargs)
-        if self._compiled_degrader is None:
-            self._compiled_degrader = torch.compile(self.degrader.forward, dynamic=False)
-        return self._compiled_degrader(gt, **kwargs)
+        """The Degrader, its ops compiled when `degrade.compile` is set."""
+        if self.cfg.degrade.compile and not self._degrader_compiled:
+            self.degrader.compile_ops()
+            self._degrader_compiled = True
+        return self.degrader(gt, **kwargs)
+
+    def _counts_seed(self, keys: list[str]) -> int:
+        """The host seed of the Degrader's per-op sample counts: from the batch's keys (and the
+        step, in training), so validation batches are sized the same on every run."""
+        keyed = zlib.crc32("\n".join(keys).encode())
+        if self._is_training():
+            return ((self.cfg.seed * 1_000_003 + self.global_rank * 7_919 + self.global_step) << 32) + keyed
+        return self.cfg.seed + keyed
 
     def clean_batch(self, batch: dict) -> tuple[torch.Tensor, list[str], torch.Tensor]:
         """(gt in [0,1], keys, valid) of a transferred batch."""
@@ -176,7 +211,8 @@ class Stage(L.LightningModule):
         # Degradations in fp32 whatever the training precision (half-precision blur/JPEG drift).
         with torch.autocast(device_type=gt.device.type, enabled=False):
             lq, label, types, params = self.degrade(
-                gt, generator=generator, depth=batch.get("depth"), has_depth=batch.get("has_depth")
+                gt, generator=generator, depth=batch.get("depth"), has_depth=batch.get("has_depth"),
+                counts_seed=self._counts_seed(keys),
             )
         if "lq" in batch:  # paired real samples keep their own lq and task label
             real = batch["has_lq"].to(torch.bool)
@@ -215,6 +251,12 @@ class Stage(L.LightningModule):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def lr_schedule(self) -> LRSchedule:
+        o = self.cfg.optim
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches)
+        return LRSchedule(warmup_steps=o.warmup_steps, total_steps=total, min_lr_ratio=o.min_lr_ratio,
+                          hold_steps=o.hold_steps)
+
     def configure_optimizers(self):
         o = self.cfg.optim
         # Fused: one kernel for the whole update, and it takes the NaN guard's verdict on the
@@ -223,11 +265,30 @@ class Stage(L.LightningModule):
             self.trainable_parameters(), lr=o.lr, betas=(o.betas[0], o.betas[1]), weight_decay=o.weight_decay,
             fused=True,
         )
-        total = self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches)
-        schedule = partial(warmup_cosine, warmup_steps=o.warmup_steps, total_steps=total, min_lr_ratio=o.min_lr_ratio,
-                           hold_steps=o.hold_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_schedule())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _extend_schedule(self, checkpoint: dict) -> None:
+        """A checkpoint resumed with another run length: its saved schedule goes on from the
+        multiplier it had reached (LRSchedule) instead of jumping to the new length's curve."""
+        if self._trainer is None or self.trainer.max_steps <= 0:  # epoch-based lengths: left as Lightning restores them
+            return
+        step = int(checkpoint.get("global_step", 0))
+        current = self.lr_schedule()
+        trained = (checkpoint.get("hyper_parameters") or {}).get("config", {}).get("trainer", {}).get("max_steps")
+        for scheduler in checkpoint.get("lr_schedulers") or []:
+            lambdas = scheduler.get("lr_lambdas") if isinstance(scheduler, dict) else None
+            for saved in lambdas or []:
+                if not isinstance(saved, dict):
+                    continue
+                # Checkpoints from before LRSchedule saved no fields: their length is the run's max_steps.
+                fields = saved if "total_steps" in saved else {"total_steps": trained} if isinstance(trained, int) else {}
+                old = dataclasses.replace(current, **{k: v for k, v in fields.items() if k in vars(current)})
+                if old.total_steps != current.total_steps and old.total_steps > 0:
+                    saved.clear()
+                    saved.update(vars(old.extended(step, current.total_steps)))
+                    rank_zero_info(f"LR schedule: trained for {old.total_steps} steps, now {current.total_steps}; "
+                                   f"from step {step} the cosine goes on from ×{old(step):.3g} of optim.lr")
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -235,9 +296,12 @@ class Stage(L.LightningModule):
         checkpoint[TYPES_KEY] = list(DEGRADATION_TYPES)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Rows indexed by degradation type follow this install's types (a checkpoint made before
-        an op was added still resumes); a trained type classifier cannot, as its optimizer state
-        has the old rows: that stops the run in one line."""
+        """A resume with a longer run extends the LR schedule (`_extend_schedule`). Rows indexed by
+        degradation type follow this install's types (a checkpoint made before an op was added
+        still resumes); a trained type classifier cannot, as its optimizer state has the old rows:
+        that stops the run in one line."""
+        self.resumed_step = int(checkpoint.get("global_step", 0))
+        self._extend_schedule(checkpoint)
         saved = recorded_types(checkpoint.get(TYPES_KEY), "checkpoint")
         if saved == DEGRADATION_TYPES:
             return
