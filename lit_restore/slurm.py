@@ -92,8 +92,14 @@ def sbatch_command(config: str, overrides: list[str], nodes: int, devices_per_no
     """Resolve the config for `nodes` × `devices_per_node`, write it and the job script into the run
     dir (or `out`), print the script path, and submit it with sbatch when asked."""
     placement = [f"trainer.num_nodes={nodes}", f"trainer.devices={devices_per_node}"]
-    if not gpus:
-        placement.append("trainer.accelerator=cpu")
+    accelerator = load_config(config, list(overrides)).trainer.get("accelerator", "auto")
+    if gpus and accelerator == "cpu":
+        raise ConfigError(f"sbatch: the config trains on the CPU (trainer.accelerator=cpu) but the job asks for "
+                          f"{devices_per_node} GPU(s) per node: add --no-gpus for a CPU job, or trainer.accelerator=gpu")
+    if not gpus and accelerator not in ("cpu", "auto"):
+        raise ConfigError(f"sbatch: --no-gpus asks for a CPU job but the config sets trainer.accelerator={accelerator}: "
+                          "drop --no-gpus, or add trainer.accelerator=cpu")
+    placement.append(f"trainer.accelerator={'gpu' if gpus else 'cpu'}")  # "auto" made explicit
     cfg = load_config(config, list(overrides) + placement)
     run_dir = Path(cfg.out_dir).absolute()
     cfg.out_dir = str(run_dir)

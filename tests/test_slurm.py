@@ -106,6 +106,21 @@ def test_sbatch_command_resolves_config_into_run_dir(tmp_path, capsys):
     assert os.access(run / "job.sbatch", os.X_OK)
 
 
+def test_sbatch_refuses_a_cpu_config_with_gpus_and_fills_auto(tmp_path, capsys):
+    cpu_config = str(REPO / "configs/tiny/restorer.yaml")
+    assert cli_main(["sbatch", cpu_config, "--devices-per-node", "4", f"out_dir={tmp_path / 'a'}"]) == 2
+    err = capsys.readouterr().err
+    assert "trainer.accelerator=cpu" in err and "4 GPU(s)" in err and "--no-gpus" in err and "\n" not in err.strip()
+    assert not (tmp_path / "a").exists()
+    gpu_config = str(REPO / "configs/restorer.yaml")
+    assert cli_main(["sbatch", gpu_config, "--no-gpus", f"out_dir={tmp_path / 'b'}"]) == 2
+    assert "trainer.accelerator=gpu" in capsys.readouterr().err
+    assert cli_main(["sbatch", cpu_config, "--devices-per-node", "2", "trainer.accelerator=auto",
+                     f"out_dir={tmp_path / 'c'}"]) == 0
+    assert load_config(tmp_path / "c" / "sbatch_config.yaml").trainer["accelerator"] == "gpu"
+    assert "#SBATCH --gres=gpu:2" in (tmp_path / "c" / "job.sbatch").read_text()
+
+
 @pytest.mark.parametrize("option, value", [
     ("--partition", "gpu\n#SBATCH --output=/tmp/elsewhere"), ("--partition", "gpu;touch pwned"),
     ("--time", "1:00:00\ntouch pwned"), ("--time", "$(touch pwned)"), ("--out", "job.sbatch\ntouch pwned"),
