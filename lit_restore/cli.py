@@ -31,7 +31,7 @@ def _degrade(a: argparse.Namespace) -> int:
     from lit_restore.data.degrade.preview import degrade_command
 
     return degrade_command(image=a.image, out=a.out, ops=a.ops, grid=a.grid, list_tasks=a.list_tasks,
-                           suite=a.suite, seed=a.seed)
+                           suite=a.suite, seed=a.seed, list_ops=a.list_ops)
 
 
 def _fit(a: argparse.Namespace) -> int:
@@ -78,8 +78,15 @@ def _restore(a: argparse.Namespace) -> int:
 
 
 def _evaluate(a: argparse.Namespace) -> int:
-    from lit_restore.evaluate import evaluate_command
+    from lit_restore.evaluate import evaluate_command, list_tasks_command
 
+    if a.list_tasks:
+        return list_tasks_command(a.suite, a.data)
+    missing = [flag for flag, value in (("--weights", a.weights), ("--data", a.data), ("--out", a.out)) if not value]
+    if missing:
+        print(f"lit-restore evaluate: {', '.join(missing)} required (all but --data can be left out with "
+              "--list-tasks)", file=sys.stderr)
+        return 2
     return evaluate_command(
         weights=a.weights, suite=a.suite, data=a.data, out=a.out, lines=a.lines, save_lines_path=a.save_lines,
         line_role=a.line_role, tasks=a.tasks, max_images=a.max_images, crop_border=a.crop_border,
@@ -166,12 +173,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=_prep_sample)
 
-    s = sub.add_parser("degrade", help="preview degradations on an image, or list the GIR tasks",
-                       description="Write a degraded image, a grid of every op at three strengths, or list the suite.")
+    s = sub.add_parser("degrade", help="preview degradations on an image, or list the ops or the GIR tasks",
+                       description="Write a degraded image, a grid of every op at three strengths, or list the ops "
+                                   "(--list-ops) or the suite (--list-tasks).")
     s.add_argument("image", nargs="?", help="input image")
     s.add_argument("--out", help="output image path")
-    s.add_argument("--ops", default="", help='ops with parameters, e.g. "noise:sigma=25,blur:sigma=2"')
+    s.add_argument("--ops", default="", help='ops with parameters, e.g. "noise:sigma=25,blur:sigma=2" (--list-ops '
+                                             'lists every op and parameter)')
     s.add_argument("--grid", action="store_true", help="every op at three strengths, labelled")
+    s.add_argument("--list-ops", action="store_true", help="print every op: its parameters, their defaults and ranges")
     s.add_argument("--list-tasks", action="store_true", help="print the GIR suite: name, types, parameters")
     s.add_argument("--suite", default=None, help="suite YAML (default: configs/gir_suite.yaml)")
     s.add_argument("--seed", type=int, default=0)
@@ -214,16 +224,21 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("evaluate", help="evaluate weights on the GIR suite and write a report",
                        description="Run the synthetic GIR tasks (and paired real tasks) and write metrics and a report.",
                        epilog="exit codes: 0 report written; 2 nothing evaluated (missing weights or data, bad arguments)")
-    s.add_argument("--weights", required=True, help="exported weights folder")
+    s.add_argument("--weights", help="exported weights folder")
     s.add_argument("--suite", default="gir", help="'gir' or a suite YAML")
-    s.add_argument("--data", required=True, help="clean val shard URL pattern (paired shards join as extra tasks)")
-    s.add_argument("--out", required=True, help="report folder")
+    s.add_argument("--data", help="test shard URL pattern: clean images (the synthetic tasks degrade them) and/or "
+                                  "paired shards (one real task per dataset and type)")
+    s.add_argument("--out", help="report folder")
+    s.add_argument("--list-tasks", action="store_true",
+                   help="print every task --tasks accepts (the real ones of --data too) and exit")
     s.add_argument("--lines", default=None, help="CSV with per-task acceptance/excellence lines")
     s.add_argument("--save-lines", default=None, help="write these weights' per-task PSNR/SSIM into this lines CSV "
                    "(as the --line-role columns; other columns of an existing file are kept)")
     s.add_argument("--line-role", default="acceptance", choices=("acceptance", "excellence"),
                    help="which line --save-lines writes")
-    s.add_argument("--tasks", default=None, help="comma-separated task names, or a count N (the first N suite tasks)")
+    s.add_argument("--tasks", default=None,
+                   help="comma-separated task names, groups (real, synthetic, single, combo, id, ood) or degradation "
+                        "types; or a count N (the first N suite tasks); default: every task --data can make")
     s.add_argument("--max-images", type=int, default=0, help="images per task (0: all)")
     s.add_argument("--crop-border", type=int, default=4, help="pixels removed from every border before PSNR/SSIM")
     s.add_argument("--y-channel", action="store_true", help="PSNR/SSIM on the Y channel (BT.601)")

@@ -1,8 +1,8 @@
 """`lit-restore evaluate`: restore the GIR suite's test sets, measure, compare with the lines, report.
 
-For each task (the suite's synthetic tasks, filtered by `--tasks`, plus one real task per
-dataset and type of the paired samples in `--data`), every test image is degraded
-deterministically from its clean val image (`build_task_set`), restored with the exported
+For each task (the suite's synthetic tasks and one real task per dataset and type of the paired
+samples in `--data`, chosen by `--tasks`; see `select_tasks`), every test image is degraded
+deterministically from its clean val image, or read from its pair (`build_task_set`), restored with the exported
 weights (the automatic loop, or `--fast` the feed-forward restorer) and compared with its GT:
 PSNR and SSIM (conventions in `lit_restore.metrics`, written into the report), LPIPS when its
 backbone weights are available (otherwise the report says why it is missing), and the same for
@@ -27,7 +27,9 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from lit_restore.data.degrade.suite import Task, build_task_set, find_task, load_suite, real_tasks_from_shards
+from lit_restore.config import ConfigError
+from lit_restore.data.degrade.suite import Task, build_task_set, find_task, load_suite, survey_shards
+from lit_restore.data.degrade.types import DEGRADATION_TYPES
 from lit_restore.data.images import write_bytes_atomic
 from lit_restore.lines import Lines, LinesError, line_stats, read_lines, save_lines
 from lit_restore.metrics import LPIPSWeightsError, load_lpips, psnr, quantize_8bit, ssim
@@ -38,23 +40,82 @@ from lit_restore.restorers import (AutoRestorer, FastRestorer, MissingWeightsErr
                                    has_stage, image_generator, load_biqa, pick_device)
 from lit_restore.settings import LoopSettings, RunSettings, SamplerSettings, TileSettings, check_settings
 
-__all__ = ["psnr", "ssim", "evaluate_command", "select_tasks"]
+__all__ = ["psnr", "ssim", "evaluate_command", "list_tasks_command", "select_tasks"]
 
 GRID_IMAGES = 4  # contact-sheet rows per task in the report
 
 
+TASK_GROUPS = {
+    "real": lambda t: t.kind == "real",
+    "synthetic": lambda t: t.kind != "real",
+    "single": lambda t: t.kind == "single",
+    "combo": lambda t: t.kind == "combo",
+    "id": lambda t: t.level == "id",
+    "ood": lambda t: t.level == "ood",
+}
+
+
 def select_tasks(suite: str, data: str, tasks: Optional[str]) -> list[Task]:
-    """The suite's tasks ('gir' = configs/gir_suite.yaml, or a suite YAML) plus the real paired
-    tasks found in `data`, filtered by `tasks`: comma-separated names, or a count N (the first N
-    synthetic tasks; real tasks are always kept)."""
+    """The tasks `evaluate` runs: the suite's synthetic tasks ('gir' = configs/gir_suite.yaml, or
+    a suite YAML) and the real paired tasks found in `data`.
+
+    `tasks` is comma-separated: task names, groups (`real`, `synthetic`, `single`, `combo`, `id`,
+    `ood`), degradation types (every task that applies the type), or a count N (the first N
+    synthetic tasks, plus the real ones). Without `tasks`: every task the data can make; a data
+    folder of paired samples only gives its real tasks (synthetic tasks need clean images).
+    Synthetic tasks are left out, with a note, when `data` holds no clean image."""
     synthetic = load_suite(None if suite == "gir" else suite)
-    real = real_tasks_from_shards(data)
+    survey = survey_shards(data)
     if not tasks:
-        return synthetic + real
-    if tasks.strip().isdigit():
-        return synthetic[: int(tasks)] + real
-    everything = synthetic + real
-    return [find_task(everything, name.strip()) for name in tasks.split(",") if name.strip()]
+        chosen = synthetic + survey.real
+    elif tasks.strip().isdigit():
+        chosen = synthetic[: int(tasks)] + survey.real
+    else:
+        chosen = []
+        for item in (name.strip() for name in tasks.split(",")):
+            if item:
+                chosen += [t for t in _match_tasks(synthetic + survey.real, item) if t not in chosen]
+    made = [t for t in chosen if t.kind == "real" or survey.clean]
+    if len(made) < len(chosen):
+        real = ", ".join(t.name for t in survey.real) or "none"
+        note = (f"--data holds no clean image, so its {len(chosen) - len(made)} synthetic task(s) cannot be made "
+                f"(they degrade clean images: add clean shards to --data); its real tasks: {real}")
+        if not made:
+            raise ValueError(note)
+        print(f"lit-restore evaluate: {note}", file=sys.stderr)
+    return made
+
+
+def _match_tasks(tasks: list[Task], item: str) -> list[Task]:
+    """The tasks one `--tasks` item names: a task, a group or a degradation type."""
+    if item in TASK_GROUPS:
+        return [t for t in tasks if TASK_GROUPS[item](t)]
+    if item in DEGRADATION_TYPES:
+        return [t for t in tasks if item in t.types]
+    try:
+        return [find_task(tasks, item)]
+    except ConfigError as e:
+        raise ConfigError(f"--tasks: {e.args[0].split(': ', 1)[1]}; or a group ({', '.join(TASK_GROUPS)}), "
+                          f"a type ({', '.join(t for t in DEGRADATION_TYPES if t != 'no')}) or a count; "
+                          "evaluate --list-tasks --data ... lists them") from None
+
+
+def list_tasks_command(suite: str, data: Optional[str]) -> int:
+    """`evaluate --list-tasks`: every task name `--tasks` accepts, with the real tasks of `data`."""
+    try:
+        synthetic = load_suite(None if suite == "gir" else suite)
+        survey = survey_shards(data) if data else None
+    except (FileNotFoundError, ValueError) as e:
+        return _error(str(e))
+    print("name\ttypes\tlevel\tparameters")
+    for task in synthetic + (survey.real if survey else []):
+        print(task.describe())
+    if survey is None:
+        print("(real tasks: give --data with paired shards to list them)")
+    else:
+        print(f"--data: {survey.clean} clean image(s) for the synthetic tasks, {len(survey.real)} real task(s)")
+    print(f"groups for --tasks: {', '.join(TASK_GROUPS)}, or a degradation type")
+    return 0
 
 
 def true_class(task: Task, classes: Sequence[str]) -> Optional[int]:
@@ -75,7 +136,7 @@ class TaskScores:
     input_ssim: list[float] = field(default_factory=list)
     lpips: list[float] = field(default_factory=list)
     compare_psnr: list[float] = field(default_factory=list)
-    grid: list[list[tuple[Tensor, str]]] = field(default_factory=list)  # contact-sheet rows: (image, caption)
+    grid: list[list[tuple[Tensor, str]]] = field(default_factory=list)  # contact-sheet rows: (uint8 image, caption)
 
     def result(self, task: Task) -> TaskResult:
         def mean(v: list[float]) -> float:
@@ -137,9 +198,14 @@ def evaluate_command(weights: str, suite: str, data: str, out: str, lines: Optio
         return _error(str(e))
     measured = run(ev, data, max_images, crop_border, y_channel, run_settings.seed)
     results = [measured.scores[t.name].result(t) for t in ev.tasks]
-    evaluated = [r for r in results if r.n_images]
+    evaluated = [r for r in results if r.n_images]  # tasks without an image stay out of the report
+    empty = [r.task for r in results if not r.n_images]
     if not evaluated:
-        return _error(f"no test image found in {data} for the selected tasks")
+        return _error(f"no test image found in {data} for the selected tasks ({', '.join(empty[:3])}"
+                      f"{', …' if len(empty) > 3 else ''})")
+    if empty:
+        print(f"lit-restore evaluate: {len(empty)} task(s) found no test image and are left out: "
+              f"{', '.join(empty[:5])}{', …' if len(empty) > 5 else ''}", file=sys.stderr)
     if fast:
         method = "feed-forward ConStyle restorer (--fast)"
     else:
@@ -147,7 +213,7 @@ def evaluate_command(weights: str, suite: str, data: str, out: str, lines: Optio
         start = f" from strength {sampling.strength:g}" if sampling.strength < 1 else ""
         method = (f"automatic loop (BIQA → LDM{scm}), {sampling.sampler} {sampling.steps} steps{start}, "
                   f"up to {loop.max_passes} passes")
-    result = report(ev, measured, results, weights, method, fast, crop_border, y_channel)
+    result = report(ev, measured, evaluated, weights, method, fast, crop_border, y_channel)
     paths = write_report(out, result)
     if measured.failed:
         write_bytes_atomic(Path(out) / "failed.txt", ("\n".join(measured.failed) + "\n").encode("utf-8"))
@@ -238,10 +304,10 @@ def run(ev: Evaluation, data: str, max_images: int, crop_border: int, y_channel:
                 if ev.lpips_model is not None:
                     with torch.no_grad():
                         s.lpips.append(float(ev.lpips_model(restored.to(dev), gt.to(dev), normalize=True).mean()))
-                if len(s.grid) < GRID_IMAGES:
-                    compare = [(fast_out, f"{s.compare_psnr[-1]:.2f} dB")] if ev.fast_restorer is not None else []
-                    s.grid.append([(lq, f"{s.input_psnr[-1]:.2f} dB"), (restored, f"{s.psnr[-1]:.2f} dB"), *compare,
-                                   (gt, "clean")])
+                if len(s.grid) < GRID_IMAGES:  # kept as uint8: a 4K image is 25 MB so, not 100
+                    compare = [(_uint8(fast_out), f"{s.compare_psnr[-1]:.2f} dB")] if ev.fast_restorer is not None else []
+                    s.grid.append([(lq8, f"{s.input_psnr[-1]:.2f} dB"), (_uint8(restored), f"{s.psnr[-1]:.2f} dB"),
+                                   *compare, (gt8, "clean")])
                 if biqa is not None:
                     if target is not None:
                         first = log.get("passes")
@@ -256,14 +322,17 @@ def run(ev: Evaluation, data: str, max_images: int, crop_border: int, y_channel:
     return Measured(scores, classes, confusion, failed, time.perf_counter() - start)
 
 
+def _uint8(image: Tensor) -> Tensor:
+    return (image[0].clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+
+
 def report(ev: Evaluation, measured: Measured, results: list[TaskResult], weights: str, method: str, fast: bool,
            crop_border: int, y_channel: bool) -> EvalResult:
-    """The report's content: per-task results, the lines' statistics, BIQA's confusion matrix,
-    the contact sheets."""
-    evaluated = [r for r in results if r.n_images]
+    """The report's content: per-task results (tasks that found images), the lines' statistics,
+    BIQA's confusion matrix, the contact sheets."""
     stats = {}
     for metric in ("psnr", "ssim"):
-        st = line_stats({r.task: getattr(r, metric) for r in evaluated}, ev.reference, metric)
+        st = line_stats({r.task: getattr(r, metric) for r in results}, ev.reference, metric)
         if st is not None:
             stats[metric] = st
     columns = ["input", "--fast" if fast else "automatic", *(["--fast"] if ev.fast_restorer else []), "clean"]
@@ -273,7 +342,7 @@ def report(ev: Evaluation, measured: Measured, results: list[TaskResult], weight
         conventions=Conventions(crop_border=crop_border, y_channel=y_channel, lpips=ev.lpips_note),
         tasks=results, lines=ev.reference, line_stats=stats,
         biqa=BIQAResult(measured.classes, confusion) if ev.biqa is not None and any(map(any, confusion)) else None,
-        grids={t.name: contact_sheet(columns, measured.scores[t.name].grid) for t in ev.tasks
-               if measured.scores[t.name].grid},
+        grids={r.task: contact_sheet(columns, measured.scores[r.task].grid) for r in results
+               if measured.scores[r.task].grid},
         compare_method="--fast restorer" if ev.fast_restorer is not None else "",
     )

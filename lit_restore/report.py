@@ -4,8 +4,10 @@
 - `metrics.json`: every number of `EvalResult` (non-finite floats as null);
 - `plots/psnr_lines.png`: per-task PSNR (and input PSNR) against the acceptance/excellence lines;
 - `plots/confusion.png`: the BIQA confusion matrix, when BIQA was evaluated;
-- `grids/<task>.png`: before / after / ground-truth rows per task;
-- `report.md` (images linked by relative path) and `report.html` (images embedded, one file).
+- `grids/<task>.png`: before / after / ground-truth rows per task, at most SHEET_MAX_SIDE px
+  (large images are centre-cropped at 1:1);
+- `report.md` (images linked by relative path) and `report.html` (images embedded up to
+  HTML_EMBED_BYTES, so the one file opens anywhere; the rest linked).
 Both documents are rendered from one list of blocks, so they always hold the same content.
 """
 
@@ -106,36 +108,58 @@ class EvalResult:
 
 
 SHEET_MIN_SIDE = 192  # contact-sheet cells are enlarged (nearest) to at least this, so pixels can be judged
+SHEET_MAX_SIDE = 1600  # a sheet's longest side: it opens in any viewer and its 16 px labels stay legible
 SHEET_FONT = 16
 
 
-def contact_sheet(columns: list[str], rows: list[list[tuple[Tensor, str]]], min_side: int = SHEET_MIN_SIDE) -> Tensor:
+def contact_sheet(columns: list[str], rows: list[list[tuple[Tensor, str]]], min_side: int = SHEET_MIN_SIDE,
+                  max_side: int = SHEET_MAX_SIDE) -> Tensor:
     """A labelled contact sheet: a header of column names, then a row per image of (image, caption)
-    cells, each (1|3, H, W) in [0, 1] with its caption (e.g. its PSNR) underneath. Images of any
-    size share the sheet (each cell is as big as the largest); small ones are enlarged by an
-    integer factor, nearest-neighbour, so what is shown is the pixels that were scored."""
+    cells, each (1|3, H, W) float in [0, 1] or uint8, with its caption (e.g. its PSNR) underneath.
+
+    What is shown is the pixels that were scored: small images are enlarged by an integer factor
+    (nearest-neighbour); images too large for a cell of a sheet at most `max_side` on its long
+    side are centre-cropped at 1:1, and the sheet's top line says so."""
     from PIL import Image, ImageDraw, ImageFont
 
     font = ImageFont.load_default(size=SHEET_FONT)
-    cells = [[(x[0] if x.dim() == 4 else x).float().clamp(0, 1).cpu(), cap] for row in rows for x, cap in row]
-    factor = max(1, -(-min_side // max(max(c[0].shape[-2:]) for c in cells)))
-    h = max(c[0].shape[-2] for c in cells) * factor
-    w = max(c[0].shape[-1] for c in cells) * factor
-    text_h, pad = SHEET_FONT + 8, 4
-    canvas = Image.new("RGB", (len(columns) * (w + pad) + pad, text_h + len(rows) * (h + text_h + pad) + pad), "white")
+    cells = [_sheet_pixels(x) for row in rows for x, _ in row]
+    full_h, full_w = max(c.shape[0] for c in cells), max(c.shape[1] for c in cells)
+    line, pad = SHEET_FONT + 8, 4
+    top = line  # the column names
+    budget_w = (max_side - pad) // len(columns) - pad
+    budget_h = (max_side - 2 * line - pad) // len(rows) - line - pad  # room for a crop note
+    cropped = full_w > budget_w or full_h > budget_h
+    if cropped:
+        top += line
+    h, w = min(full_h, budget_h), min(full_w, budget_w)
+    factor = max(1, min(-(-min_side // max(h, w)), budget_w // w, budget_h // h))
+    h, w = h * factor, w * factor
+    canvas = Image.new("RGB", (len(columns) * (w + pad) + pad, top + len(rows) * (h + line + pad) + pad), "white")
     draw = ImageDraw.Draw(canvas)
+    if cropped:
+        draw.text((pad + 2, 2), f"centre crops at 1:1 of images up to {full_w}×{full_h}", fill="black", font=font)
     for c, name in enumerate(columns):
-        draw.text((pad + c * (w + pad) + 2, 2), name, fill="black", font=font)
+        draw.text((pad + c * (w + pad) + 2, top - line + 2), name, fill="black", font=font)
     for r, row in enumerate(rows):
-        y0 = text_h + r * (h + text_h + pad) + pad
+        y0 = top + r * (h + line + pad) + pad
         for c, (image, caption) in enumerate(row):
-            image = (image[0] if image.dim() == 4 else image).float().clamp(0, 1).cpu()
-            rgb = (image.expand(3, -1, -1) * 255).round().byte().permute(1, 2, 0).numpy()
-            tile = Image.fromarray(rgb).resize((rgb.shape[1] * factor, rgb.shape[0] * factor), Image.Resampling.NEAREST)
+            rgb = _sheet_pixels(image)
+            ch, cw = min(rgb.shape[0], h // factor), min(rgb.shape[1], w // factor)
+            y, x = (rgb.shape[0] - ch) // 2, (rgb.shape[1] - cw) // 2
+            tile = Image.fromarray(np.ascontiguousarray(rgb[y:y + ch, x:x + cw]))
             x0 = pad + c * (w + pad)
-            canvas.paste(tile, (x0, y0))
+            canvas.paste(tile.resize((cw * factor, ch * factor), Image.Resampling.NEAREST), (x0, y0))
             draw.text((x0 + 2, y0 + h + 2), caption, fill="black", font=font)
     return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1).float() / 255
+
+
+def _sheet_pixels(image: Tensor) -> np.ndarray:
+    """(H, W, 3) uint8 of a (1|3, H, W) or (1, 1|3, H, W) image, float in [0, 1] or uint8."""
+    image = (image[0] if image.dim() == 4 else image).cpu()
+    if image.dtype != torch.uint8:
+        image = (image.float().clamp(0, 1) * 255).round().byte()
+    return image.expand(3, -1, -1).permute(1, 2, 0).numpy()
 
 
 # --------------------------------------------------------------------------------------
@@ -198,9 +222,14 @@ _CSS = (
 )
 
 
-def render_html(blocks: list[Block], root: Path, title: str) -> str:
-    """One self-contained HTML file: images are embedded as base64 PNG data URIs."""
+HTML_EMBED_BYTES = 8 << 20  # images embedded in report.html at most; later ones are linked beside it
+
+
+def render_html(blocks: list[Block], root: Path, title: str, embed_bytes: int = HTML_EMBED_BYTES) -> str:
+    """One HTML file: images embedded as base64 PNG data URIs while they fit `embed_bytes`
+    (a file that mails and opens anywhere), the rest linked to their files in the report folder."""
     e = html.escape
+    embedded = 0
     out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title>",
            f"<style>{_CSS}</style></head><body>"]
     for b in blocks:
@@ -213,9 +242,14 @@ def render_html(blocks: list[Block], root: Path, title: str) -> str:
             body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in b.rows)
             out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
         else:
-            data = base64.b64encode((root / b.path).read_bytes()).decode("ascii")
-            out.append(f"<figure><img alt='{e(b.caption)}' data-src='{e(b.path)}' src='data:image/png;base64,{data}'>"
-                       f"<figcaption>{e(b.caption)}</figcaption></figure>")
+            raw = (root / b.path).read_bytes()
+            if embedded + len(raw) <= embed_bytes:
+                embedded += len(raw)
+                src, note = "data:image/png;base64," + base64.b64encode(raw).decode("ascii"), ""
+            else:
+                src, note = b.path, f" (file {b.path} beside this report)"
+            out.append(f"<figure><img alt='{e(b.caption)}' data-src='{e(b.path)}' src='{e(src)}'>"
+                       f"<figcaption>{e(b.caption + note)}</figcaption></figure>")
     out.append("</body></html>")
     return "\n".join(out)
 

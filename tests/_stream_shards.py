@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 
-from lit_restore.data.degrade.suite import real_tasks_from_shards
+from lit_restore.data.degrade.suite import survey_shards
 from lit_restore.data.shards import CorruptDataError, TrainStream, iter_samples, make_loader
 
 logging.disable(logging.WARNING)  # the skip notes of thousands of corrupt samples
@@ -36,7 +36,7 @@ def train(shard: str) -> None:
 
 def ordered(shard: str) -> None:
     """What `evaluate` reads: the real tasks of the shard, then its samples in order."""
-    real_tasks_from_shards(shard)
+    survey_shards(shard)
     for s in iter_samples(shard, max_corrupt_fraction=0.5):
         assert s["gt"].ndim == 3 and s["gt"].shape[2] == 3, "malformed sample"
 

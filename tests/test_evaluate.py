@@ -128,3 +128,54 @@ def test_output_folder_holding_an_input_is_refused_and_out_of_memory_images_are_
     metrics = json.loads((out / "metrics.json").read_text())
     n_images = {t["task"]: t["n_images"] for t in metrics["tasks"]}
     assert n_images["noise_s25"] == 1 and n_images["blur_s2"] == 2
+
+
+@pytest.fixture(scope="module")
+def own_pairs(tmp_path_factory):
+    """A user's own noisy/clean pairs (two 96×80 photos' worth), through `prep-shards --lq --gt`."""
+    import numpy as np
+    from PIL import Image
+
+    tmp = tmp_path_factory.mktemp("own_pairs")
+    rng = np.random.default_rng(0)
+    for folder in ("noisy", "clean"):
+        (tmp / folder).mkdir()
+    for i in range(2):
+        gt = np.clip(rng.normal(128, 40, (80, 96, 3)), 0, 255).astype(np.uint8)
+        lq = np.clip(gt + rng.normal(0, 20, gt.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(gt).save(tmp / "clean" / f"im{i}.png")
+        Image.fromarray(lq).save(tmp / "noisy" / f"im{i}.png")
+    assert main(["prep-shards", "--lq", str(tmp / "noisy"), "--gt", str(tmp / "clean"), "--task", "noise",
+                 "--name", "mine", "--out", str(tmp / "shards"), "--workers", "1"]) == 0
+    return tmp / "shards"
+
+
+def test_own_paired_set_is_evaluated_alone_and_reported_as_real(weights, sample_shards, own_pairs, tmp_path, capsys):
+    pairs = str(own_pairs / "*.tar")
+    assert main(["evaluate", "--list-tasks", "--data", pairs]) == 0
+    listed = capsys.readouterr().out
+    assert "real_mine_noise\tnoise\treal" in listed and "0 clean image(s)" in listed
+
+    # Paired shards alone: their real task only, no empty synthetic tasks, and a note saying why.
+    out = tmp_path / "own"
+    assert main(["evaluate", "--weights", str(weights), "--data", pairs, "--out", str(out), "--fast",
+                 "--device", "cpu", "--lpips-weights", str(tmp_path / "none.pth")]) == 0
+    assert "add clean shards to --data" in capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [(t["task"], t["n_images"], t["level"]) for t in metrics["tasks"]] == [("real_mine_noise", 2, "real")]
+    md = (out / "report.md").read_text()
+    assert "| real pairs | 1 |" in md and "out-of-distribution" not in md and "| type haze" not in md
+
+    # Groups and types select across synthetic and real tasks; a synthetic task without clean images is refused.
+    both = f"{sample_shards / 'val-000000.tar'}::{pairs}"
+    assert [t.name for t in select_tasks("gir", both, "real")] == ["real_mine_noise"]
+    noise = select_tasks("gir", both, "noise")
+    assert "real_mine_noise" in [t.name for t in noise] and all("noise" in t.types for t in noise)
+    assert len([t for t in noise if t.kind != "real"]) > 1
+    assert main(["evaluate", "--weights", str(weights), "--data", pairs, "--out", str(tmp_path / "r"),
+                 "--tasks", "noise_s25"]) == 2
+    assert "no clean image" in capsys.readouterr().err
+    assert main(["evaluate", "--weights", str(weights), "--data", pairs, "--out", str(tmp_path / "r"),
+                 "--tasks", "real_mine_nosie"]) == 2
+    err = capsys.readouterr().err
+    assert "similar: real_mine_noise" in err and "--list-tasks" in err and len(err.strip().splitlines()) == 1

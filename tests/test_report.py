@@ -115,3 +115,29 @@ def test_contact_sheet_holds_every_size_enlarged_with_captions():
     assert sheet.shape[1] > 2 * cell_h  # two rows of cells plus the header and captions
     # the white (1.0) big image fills an enlarged 48 x 80 block in the second row
     assert float(sheet[:, -60:-30, 4:4 + 48].min()) == 1.0
+
+
+def test_large_images_give_a_bounded_sheet_of_one_to_one_centre_crops_and_a_small_html(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    big = torch.randint(0, 256, (3, 2160, 3840), generator=g, dtype=torch.uint8)
+    rows = [[(big, "20.00 dB"), (big, "30.00 dB"), (big, "clean")] for _ in range(4)]
+    sheet = contact_sheet(["input", "--fast", "clean"], rows)
+    assert max(sheet.shape[1:]) <= 1600
+    pixels = (sheet * 255).round().to(torch.uint8)
+    # The first cell holds the image's centre, pixel for pixel.
+    line, pad = 16 + 8, 4
+    top = 2 * line  # the crop note and the column names
+    cell_w, cell_h = (1600 - pad) // 3 - pad, (1600 - 2 * line - pad) // 4 - line - pad
+    y, x = (2160 - cell_h) // 2, (3840 - cell_w) // 2
+    cell = pixels[:, top + pad: top + pad + cell_h, pad:pad + cell_w]
+    assert torch.equal(cell, big[:, y:y + cell_h, x:x + cell_w])
+    # Sheets beyond the embedding budget are linked, not embedded.
+    tasks = [TaskResult(task=f"t{i}", n_images=4, psnr=30.0, ssim=0.9, input_psnr=20.0, input_ssim=0.5)
+             for i in range(5)]
+    result = EvalResult(weights="w", method="m", conventions=Conventions(), tasks=tasks,
+                        grids={t.task: sheet for t in tasks})
+    html = write_report(tmp_path, result)["html"]
+    pngs = sum(p.stat().st_size for p in (tmp_path / "grids").glob("*.png"))
+    assert pngs > 10 << 20 and html.stat().st_size < 12 << 20
+    text = html.read_text()
+    assert "src='grids/t4.png'" in text and "file grids/t4.png beside this report" in text

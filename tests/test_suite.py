@@ -14,7 +14,7 @@ from PIL import Image
 from lit_restore.config import ConfigError
 from lit_restore.data.degrade.preview import degrade_command, pair_grid, parse_ops
 from lit_restore.data.degrade.suite import (build_task_set, degrade_for_task, find_task, load_suite,
-                                            real_tasks_from_shards, task_from_ops)
+                                            ShardSurvey, survey_shards, task_from_ops)
 from lit_restore.data.degrade.types import SYNTHETIC_TYPES
 
 
@@ -114,14 +114,16 @@ def test_task_set_regenerates_bit_identically(shards):
 
 def test_real_tasks_from_paired_shards(shards):
     clean, paired = shards
-    tasks = real_tasks_from_shards(str(paired))
-    assert [(t.name, t.types, t.kind) for t in tasks] == [
-        ("real_toyreal_haze", ("haze",), "real"), ("real_toyreal_rain", ("rain",), "real")]
+    survey = survey_shards(str(paired))
+    tasks = survey.real
+    assert [(t.name, t.types, t.kind, t.level) for t in tasks] == [
+        ("real_toyreal_haze", ("haze",), "real", "real"), ("real_toyreal_rain", ("rain",), "real", "real")]
+    assert survey.clean == 0
     pairs = list(build_task_set(tasks[1], "unused"))
     assert [k for k, _, _ in pairs] == ["p0", "p1"]
     key, gt, lq = pairs[0]
     assert torch.equal(lq, (gt.int() + 20).clamp(max=255).to(torch.uint8))
-    assert real_tasks_from_shards(str(clean)) == []
+    assert survey_shards(str(clean)) == ShardSurvey(real=[], clean=3)
 
 
 def test_list_tasks_cli_prints_one_task_a_line():
@@ -142,8 +144,27 @@ def test_preview_image_and_grid(tmp_path):
     assert degrade_command(str(src), str(grid), "", True, False, None, 0) == 0
     w, h = Image.open(grid).size
     assert w >= 4 * 48 and h >= len(SYNTHETIC_TYPES) * 40  # clean + 3 strengths, a row per op
-    assert degrade_command(str(src), str(out), "noise:sigmaa=3", False, False, None, 0) == 2
     assert degrade_command(None, str(out), "noise:sigma=3", False, False, None, 0) == 2
+
+
+def test_degrade_errors_name_the_users_own_flag(tmp_path, capsys):
+    """A bad --ops value is the user's flag's error, not the suite file's."""
+    src = tmp_path / "in.png"
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(src)
+    for ops, expected in (("haze:strength=2", "--ops.haze.strength: unknown key; allowed here: beta, airlight"),
+                          ("haze:beta=20", "--ops.haze.beta: [20, 20] must lie in [0, 10]"),
+                          ("noise:sigmaa=3", "--ops.noise.sigmaa: unknown key")):
+        assert degrade_command(str(src), str(tmp_path / "out.png"), ops, False, False, None, 0) == 2
+        err = capsys.readouterr().err
+        assert expected in err and "gir_suite" not in err, err
+
+
+def test_list_ops_shows_every_op_with_its_parameters_and_ranges(capsys):
+    assert degrade_command(None, None, "", False, False, None, 0, list_ops=True) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split("\t")[0]: line for line in lines[1:-1]}
+    assert set(rows) == set(SYNTHETIC_TYPES)
+    assert "sigma=[15,50] in [0, 255]" in rows["noise"] and "quality=[30,70] in [1, 100]" in rows["jpeg"]
 
 
 def test_parse_ops_and_custom_tasks():

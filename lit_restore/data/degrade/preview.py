@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -104,7 +105,7 @@ def grid_of_ops(x: Tensor, seed: int = 0, suite: Optional[str] = None) -> Image.
     for op in CHAIN_ORDER:
         row = [("clean", x[0])]
         for params in OPS[op].grid:
-            task = task_from_ops({op: params}, name=op, seed=seed, path=suite)
+            task = task_from_ops({op: params}, name=op, seed=seed, path=suite, ops_key=f"{op} (grid)")
             label = f"{op} " + " ".join(f"{k}={v}" for k, v in params.items())
             row.append((label, degrade_for_task(x, task, ["preview"])[0]))
         rows.append(row)
@@ -120,10 +121,38 @@ def pair_grid(lq: Tensor, gt: Tensor, max_images: int = 8) -> Tensor:
     return pairs.permute(2, 0, 3, 1, 4).reshape(c, n * h, 2 * w)
 
 
+def describe_ops() -> list[str]:
+    """One line per op, in chain order: its parameters with their allowed ranges and the
+    training defaults (`degrade.<op>`), and its prompt word."""
+    lines = []
+    for name in CHAIN_ORDER:
+        op, default = OPS[name], OPS[name].config()
+        params = []
+        for field in dataclasses.fields(default):
+            value = getattr(default, field.name)
+            bounds = op.bounds.get(field.name)
+            allowed = f" in [{bounds[0]:g}, {bounds[1]:g}]" if bounds else ""
+            params.append(f"{field.name}={_show(value)}{allowed}")
+        lines.append(f"{name}\t{', '.join(params)}\t(prompt: {op.prompt_word})")
+    return lines
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, list):
+        return "[" + ",".join(_show(v) for v in value) + "]"
+    return f"{value:g}" if isinstance(value, float) else str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def degrade_command(image: Optional[str], out: Optional[str], ops: str, grid: bool, list_tasks: bool,
-                    suite: Optional[str], seed: int) -> int:
-    """`lit-restore degrade`: list the suite, or write one degraded image or the grid."""
+                    suite: Optional[str], seed: int, list_ops: bool = False) -> int:
+    """`lit-restore degrade`: list the ops or the suite, or write one degraded image or the grid."""
     try:
+        if list_ops:
+            print("op\tparameters (training defaults, allowed values)\tprompt")
+            for line in describe_ops():
+                print(line)
+            print("Give a task's values with --ops op:name=value (ranges become one value), e.g. --ops noise:sigma=25")
+            return 0
         if list_tasks:
             for task in load_suite(suite):
                 print(task.describe())
@@ -139,7 +168,7 @@ def degrade_command(image: Optional[str], out: Optional[str], ops: str, grid: bo
             unknown = [op for op in parse_ops(ops) if op not in CHAIN_ORDER]
             if unknown:
                 raise ValueError(f"--ops: unknown op {unknown[0]!r}; choose from {', '.join(CHAIN_ORDER)}")
-            task = task_from_ops(parse_ops(ops), name="preview", seed=seed, path=suite)
+            task = task_from_ops(parse_ops(ops), name="preview", seed=seed, path=suite, ops_key="--ops")
             picture = to_pil(degrade_for_task(x, task, [Path(image).name])[0])
         save_atomic(picture, out)
         print(f"wrote {out}")

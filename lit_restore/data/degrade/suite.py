@@ -39,7 +39,7 @@ class Task:
     types: tuple[str, ...]  # degradation types, in the order they are applied
     ops: dict[str, dict[str, Any]]  # op → every parameter, fixed (empty for real tasks)
     seed: int
-    level: str  # "id" (inside the training ranges) or "ood" (harder; real sets count as ood)
+    level: str  # "id" (inside the training ranges), "ood" (harder) or "real" (a paired real set)
     kind: str  # "single", "combo" or "real"
     source: str = ""  # real tasks: the paired shard URL pattern
     dataset: str = ""  # real tasks: the json "dataset" the samples carry
@@ -75,7 +75,9 @@ def task_config(task: Task) -> DegradeConfig:
     return DegradeConfig(mode="task", task=task.name, types=list(task.types), **sections)
 
 
-def _parse_task(i: int, raw: Any, defaults: dict[str, dict[str, Any]], where: str) -> Task:
+def _parse_task(i: int, raw: Any, defaults: dict[str, dict[str, Any]], where: str, ops_key: str = "") -> Task:
+    """One task of a suite; errors name `where: tasks[i] (name).ops.<op>.<param>`, or
+    `ops_key.<op>.<param>` when given (ops a user typed elsewhere, e.g. `degrade --ops`)."""
     key = f"{where}: tasks[{i}]"
     if not isinstance(raw, dict):
         raise ConfigError(f"{key}: expected a mapping with name, level, seed, ops")
@@ -91,8 +93,9 @@ def _parse_task(i: int, raw: Any, defaults: dict[str, dict[str, Any]], where: st
     if not isinstance(raw.get("seed"), int):
         raise ConfigError(f"{key}.seed: {raw.get('seed')!r} must be an integer")
     ops = raw.get("ops")
+    ops_key = ops_key or f"{key}.ops"
     if not isinstance(ops, dict) or not ops:
-        raise ConfigError(f"{key}.ops: expected a mapping of op → parameters, e.g. {{noise: {{sigma: 25}}}}")
+        raise ConfigError(f"{ops_key}: expected a mapping of op → parameters, e.g. {{noise: {{sigma: 25}}}}")
     merged: dict[str, dict[str, Any]] = {}
     for op in CHAIN_ORDER:
         if op not in ops:
@@ -105,19 +108,19 @@ def _parse_task(i: int, raw: Any, defaults: dict[str, dict[str, Any]], where: st
                    if f.name != "prob" and not isinstance(getattr(default, f.name), bool)]
         for p in params:
             if p not in allowed:
-                raise ConfigError(f"{key}.ops.{op}.{p}: unknown key; allowed here: {', '.join(allowed)}")
+                raise ConfigError(f"{ops_key}.{op}.{p}: unknown key; allowed here: {', '.join(allowed)}")
         missing = [p for p in allowed if p not in params]
         if missing:
-            raise ConfigError(f"{key}.ops.{op}.{missing[0]}: missing (not in the task nor in defaults)")
+            raise ConfigError(f"{ops_key}.{op}.{missing[0]}: missing (not in the task nor in defaults)")
         merged[op] = {p: params[p] for p in allowed}
         for p, value in merged[op].items():
-            _check_type(f"{key}.ops.{op}.{p}", value, getattr(default, p))
+            _check_type(f"{ops_key}.{op}.{p}", value, getattr(default, p))
     extra = set(ops) - set(merged)
     if extra:
-        raise ConfigError(f"{key}.ops.{sorted(extra)[0]}: unknown op; choose from {', '.join(CHAIN_ORDER)}")
+        raise ConfigError(f"{ops_key}.{sorted(extra)[0]}: unknown op; choose from {', '.join(CHAIN_ORDER)}")
     task = Task(name=name, types=tuple(merged), ops=merged, seed=raw["seed"], level=raw["level"],
                 kind="single" if len(merged) == 1 else "combo")
-    check_degrade(task_config(task), path=f"{key}.ops")
+    check_degrade(task_config(task), path=ops_key)
     return task
 
 
@@ -160,10 +163,12 @@ def load_suite(path: Optional[str | Path] = None) -> list[Task]:
 
 
 def task_from_ops(ops: dict[str, dict[str, Any]], name: str = "custom", seed: int = 0, level: str = "id",
-                  path: Optional[str | Path] = None) -> Task:
-    """A task from op parameters (e.g. {"noise": {"sigma": 25}}); the rest from the suite's defaults."""
+                  path: Optional[str | Path] = None, ops_key: str = "ops") -> Task:
+    """A task from op parameters (e.g. {"noise": {"sigma": 25}}); the rest from the suite's
+    defaults. Errors name `ops_key.<op>.<param>`."""
     raw, where = _read_suite(path)
-    return _parse_task(0, {"name": name, "level": level, "seed": seed, "ops": ops}, raw.get("defaults") or {}, where)
+    return _parse_task(0, {"name": name, "level": level, "seed": seed, "ops": ops}, raw.get("defaults") or {}, where,
+                       ops_key=ops_key)
 
 
 def degrader_for(cfg: DegradeConfig) -> Degrader:
@@ -249,55 +254,68 @@ def build_task_set(task: Task, val_urls: str | list[str], max_images: int = 0,
         yield s["key"], gt, lq
 
 
-def _paired_metas(url: str) -> Iterator[dict[str, Any]]:
-    """The json of every paired sample (one with an lq.png) of a shard, without reading images.
+def _shard_samples(url: str) -> Iterator[tuple[bool, Optional[dict[str, Any]]]]:
+    """(paired, json) of every sample of a shard that has a clean image, without reading images;
+    json is None when missing or unreadable.
 
     A damaged shard or json ends or skips quietly here: the loader counts those samples as
     corrupt when it reads them.
     """
-    from lit_restore.data.shards import open_shard, split_name, tar_members
+    from lit_restore.data.shards import GT_MEMBERS, open_shard, split_name, tar_members
 
     metas: dict[str, Any] = {}
-    paired: list[str] = []
+    suffixes: dict[str, set[str]] = {}
     try:
         with open_shard(url) as stream:
             for name, data in tar_members(stream, lambda n: split_name(n)[1] == "json"):
                 key, suffix = split_name(name)
-                if suffix == "lq.png":
-                    paired.append(key)
-                elif suffix == "json":
+                suffixes.setdefault(key, set()).add(suffix)
+                if suffix == "json":
                     try:
                         metas[key] = json.loads(data)
                     except (ValueError, RecursionError):
                         pass
     except Exception:  # the shard's bytes come from strangers; see the docstring
         pass
-    for key in paired:
-        meta = metas.get(key)
-        if isinstance(meta, dict) and meta.get("task"):
-            yield meta
+    for key, found in suffixes.items():
+        if found & set(GT_MEMBERS):
+            meta = metas.get(key)
+            yield "lq.png" in found, meta if isinstance(meta, dict) else None
 
 
-def real_tasks_from_shards(urls: str | list[str]) -> list[Task]:
-    """One real task per (dataset, task type) found among the paired samples of `urls`."""
+@dataclass
+class ShardSurvey:
+    """What a test-data pattern holds: its real tasks and how many clean samples it has."""
+
+    real: list[Task]
+    clean: int
+
+
+def survey_shards(urls: str | list[str]) -> ShardSurvey:
+    """One real task per (dataset, task type) found among the paired samples of `urls`, and the
+    number of clean samples (those the synthetic tasks degrade)."""
     from lit_restore.data.shards import expand_urls
 
     patterns = [urls] if isinstance(urls, str) else list(urls)
     found: dict[tuple[str, str], str] = {}
+    clean = 0
     for pattern in patterns:
         for url in expand_urls(pattern):
-            for meta in _paired_metas(url):
-                kind = str(meta["task"])
+            for paired, meta in _shard_samples(url):
+                if not paired:
+                    clean += 1
+                    continue
+                kind = str(meta.get("task", "")) if meta else ""
                 if kind not in DEGRADATION_TYPES:
                     continue  # decode_sample rejects (and counts) these samples too
                 found.setdefault((str(meta.get("dataset", "")), kind), pattern)
     tasks = []
     for (dataset, kind), pattern in sorted(found.items()):
         name = f"real_{dataset or 'paired'}_{kind}".replace(" ", "-").replace("/", "-")
-        tasks.append(Task(name=name, types=(kind,), ops={}, seed=0, level="ood", kind="real",
+        tasks.append(Task(name=name, types=(kind,), ops={}, seed=0, level="real", kind="real",
                           source=pattern, dataset=dataset))
-    return tasks
+    return ShardSurvey(tasks, clean)
 
 
-__all__ = ["Task", "build_task_set", "degrade_for_task", "degrader_for", "find_task", "load_suite", "real_tasks_from_shards",
-           "sample_seed", "task_config", "task_degrader", "task_from_ops"]
+__all__ = ["ShardSurvey", "Task", "build_task_set", "degrade_for_task", "degrader_for", "find_task", "load_suite", "sample_seed",
+           "survey_shards", "task_config", "task_degrader", "task_from_ops"]
