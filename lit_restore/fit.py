@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import uuid
 import warnings
 from pathlib import Path
@@ -140,6 +141,7 @@ def build_callbacks(cfg: RunConfig, stage: Stage) -> list[L.Callback]:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(StepProgressBar())
+    callbacks.append(RunSummary(out))
     if cfg.optim.ema_decay > 0 and not stage.manages_own_ema:
         if trainer_strategy_name(cfg) in ("fsdp", "modelparallel"):
             raise ConfigError(f"optim.ema_decay: Lightning's EMA callback does not work with sharded models "
@@ -171,6 +173,59 @@ class StepProgressBar(RichProgressBar):
         self._update(self.train_progress_bar_id, trainer.global_step)
         self.refresh()
 
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)  # the logger's version: always 0 here, one history per run dir
+        return metrics
+
+
+class RunSummary(L.Callback):
+    """What a researcher wants from a run's console: each validation's headline figure as it
+    comes, and at the end one summary (steps, time, last and best validation figure, where the
+    checkpoints, samples and log are). Global rank 0 only."""
+
+    HEADLINE = ("val/psnr", "val/acc", "val/contrastive_acc", "val/loss")  # the first a stage logs
+    HIGHER_IS_BETTER = {"val/psnr": True, "val/acc": True, "val/contrastive_acc": True, "val/loss": False}
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        self.history: list[tuple[int, str, float]] = []  # (step, metric, value)
+        self.start_step, self.start_time = 0, 0.0
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start_time = time.perf_counter()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start_step = trainer.global_step  # after a resume's checkpoint was loaded
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        metrics = trainer.callback_metrics
+        key = next((k for k in self.HEADLINE if k in metrics), None)
+        if key is not None:
+            self.history.append((trainer.global_step, key, float(metrics[key])))
+            rank_zero_info(f"step {trainer.global_step}: {key} {float(metrics[key]):.4g}")
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        steps = trainer.global_step - self.start_step
+        seconds = time.perf_counter() - self.start_time
+        lines = [f"trained {steps} step(s) ({self.start_step} → {trainer.global_step}) in {seconds:.0f} s"]
+        if self.history:
+            step, key, last = self.history[-1]
+            pick = max if self.HIGHER_IS_BETTER[key] else min
+            best_step, _, best = pick(self.history, key=lambda h: h[2])
+            lines.append(f"{key}: last {last:.4g} (step {step}), best {best:.4g} (step {best_step})")
+        lines.append(f"checkpoints: {self.out_dir / 'checkpoints'} (last.ckpt resumes and exports)")
+        if (self.out_dir / "samples").is_dir():
+            lines.append(f"samples: {self.out_dir / 'samples'}")
+        csv_log = self.out_dir / "logs" / "version_0" / "metrics.csv"
+        if csv_log.is_file():
+            lines.append(f"log: {csv_log}")
+        rank_zero_info("\n".join(lines))
+
 
 class _DropTips(logging.Filter):
     """Drops Lightning's "💡 Tip" lines (litlogger, litmodels): the run's logger and checkpoints are chosen explicitly."""
@@ -179,14 +234,26 @@ class _DropTips(logging.Filter):
         return not str(record.msg).startswith("💡 Tip")
 
 
+# Lightning warnings about this project's design, not the user's run: stages transfer batches in
+# their own hooks on purpose, a resumed run dir holds checkpoints, and LeafSpec is Lightning's own
+# use of a deprecated torch name.
+EXPECTED_WARNINGS = (
+    r"You have overridden `on_(before|after)_batch_transfer` in `LightningModule` but have passed in a",
+    r"Checkpoint directory .* exists and is not empty",
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+)
+
+
 def quiet_lightning_tips() -> None:
-    """Silence Lightning's advice that does not apply to this run: the package tips always, and
-    the "srun is available but not used" hint outside a SLURM job (a login node or a workstation
-    with SLURM's tools installed)."""
+    """Silence Lightning's advice that does not apply to this run: the package tips and the
+    EXPECTED_WARNINGS always, and the "srun is available but not used" hint outside a SLURM job
+    (a login node or a workstation with SLURM's tools installed). Other warnings still show."""
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         log = logging.getLogger(name)  # where Lightning's rank_zero_info writes
         if not any(isinstance(f, _DropTips) for f in log.filters):
             log.addFilter(_DropTips())
+    for message in EXPECTED_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
     if "SLURM_JOB_ID" not in os.environ:
         warnings.filterwarnings("ignore", message="The `srun` command is available on your system but is not used")
 
@@ -298,6 +365,9 @@ def trainer_kwargs(cfg: RunConfig) -> dict[str, Any]:
     # Streaming loaders have virtual epochs: validation runs every N steps, not per epoch.
     if isinstance(kwargs.get("val_check_interval"), int):
         kwargs.setdefault("check_val_every_n_epoch", None)
+        # A run shorter than the interval still validates once, at its end.
+        if 0 < kwargs.get("max_steps", -1) < kwargs["val_check_interval"]:
+            kwargs["val_check_interval"] = kwargs["max_steps"]
     kwargs.setdefault("max_epochs", -1)
     if kwargs.get("precision", "auto") == "auto":
         kwargs["precision"] = "32-true" if on_cpu(cfg) else "bf16-mixed"
@@ -378,8 +448,11 @@ def fit(cfg: RunConfig, stage: Optional[L.LightningModule] = None, datamodule: O
         plugins=build_plugins(cfg),
         **trainer_kwargs(cfg),
     )
+    rank_zero_info(f"run dir: {cfg.out_dir} (config.yaml, checkpoints/, samples/, logs)")
     if ckpt is not None:
         rank_zero_info(f"resuming from {ckpt}")
+    else:
+        rank_zero_info("starting a new run" + (" (resume=never)" if cfg.resume == "never" else ""))
         if trainer.is_global_zero:
             prune_hpc(cfg.out_dir, cfg.checkpoint.keep_hpc, protect=ckpt)
     try:

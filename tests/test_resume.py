@@ -7,6 +7,7 @@ import csv
 import os
 import signal
 import time
+import warnings
 
 import pytest
 import torch
@@ -219,10 +220,25 @@ def test_rerun_extends_the_schedule_keeps_one_csv_history_and_says_when_nothing_
             "model.constyle.dim=16", "model.constyle.queue_size=32"])
         return fit(cfg)
 
-    run(6)
     with caplog.at_level("INFO"):
+        run(6)
+    # The run says where it writes, validates at its end although shorter than the interval, and sums up.
+    said = caplog.text
+    assert f"run dir: {tmp_path / 'run'}" in said and "starting a new run" in said
+    assert "step 6: val/psnr" in said and "trained 6 step(s) (0 → 6)" in said and "val/psnr: last" in said
+    assert f"checkpoints: {tmp_path / 'run' / 'checkpoints'}" in said
+    with open(tmp_path / "run" / "logs" / "version_0" / "metrics.csv") as f:
+        val_steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("val/psnr")]
+    # A sample carries the step of its validation's CSV row.
+    samples = {p.name for p in (tmp_path / "run" / "samples").iterdir()}
+    assert val_steps == [5] and "val_restored_step0000005.png" in samples and "val_restored_step0000006.png" not in samples
+    caplog.clear()
+    with caplog.at_level("INFO"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         assert run(6).global_step == 6
     assert "nothing to train" in caplog.text and "trainer.max_steps=12" in caplog.text
+    assert "resuming from" in caplog.text
+    assert not [w for w in caught if "exists and is not empty" in str(w.message)]  # expected on a resume: not shown
     assert run(10).global_step == 10
     assert sorted((tmp_path / "run" / "logs").iterdir()) == [tmp_path / "run" / "logs" / "version_0"]
     with open(tmp_path / "run" / "logs" / "version_0" / "metrics.csv") as f:

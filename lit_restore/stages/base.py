@@ -386,15 +386,25 @@ class Stage(L.LightningModule):
         images = [F.interpolate(x, size=size, mode="nearest") if x.shape[-2:] != size else x for x in images]
         images = [x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x for x in images]
         grid = make_grid(torch.cat(images), nrow=images[0].shape[0], padding=2, pad_value=1.0)
-        path = Path(self.cfg.out_dir) / "samples" / f"{name.replace('/', '_')}_step{self.global_step:07d}.png"
+        step = self.logged_step()
+        path = Path(self.cfg.out_dir) / "samples" / f"{name.replace('/', '_')}_step{step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.png")
         save_image(grid, tmp)
         os.replace(tmp, path)
         for logger in self.loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_image(key=name, images=[grid], step=self.global_step)
+                logger.log_image(key=name, images=[grid], step=step)
         return path
+
+    def logged_step(self) -> int:
+        """The step Lightning's loggers put on what is logged now: a validation after N optimizer
+        steps logs its metrics at step N − 1, so its samples carry the same number as its CSV row
+        and W&B point. `global_step` outside a fit."""
+        if self._trainer is None:
+            return self.global_step
+        loop = getattr(self.trainer.fit_loop, "epoch_loop", None)
+        return int(getattr(loop, "_batches_that_stepped", self.global_step))
 
     # ------------------------------------------------------------------ export
 
