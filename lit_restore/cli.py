@@ -6,6 +6,7 @@ No logic lives here. Heavy imports happen inside each command so `--help` stays 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -35,18 +36,14 @@ def _degrade(a: argparse.Namespace) -> int:
 
 
 def _fit(a: argparse.Namespace) -> int:
+    if a.check:  # architectures only: from the local Hugging Face cache, never a download
+        with _hub_offline():
+            return _fit_check(a)
     from lit_restore.config import load_config, to_yaml
 
     cfg = load_config(a.config, a.overrides)
     if a.print_config:
         print(to_yaml(cfg), end="")
-        return 0
-    if a.check:
-        from lit_restore.fit import build_on_meta, parameter_table
-
-        stage = build_on_meta(cfg)
-        print(f"stage {cfg.stage}: networks built on the meta device, no weights read")
-        print(parameter_table(stage))
         return 0
     from lit_restore.checkpointing import RunTerminated
     from lit_restore.fit import fit
@@ -61,6 +58,30 @@ def _fit(a: argparse.Namespace) -> int:
         print(f"lit-restore: {e}", file=sys.stderr)
         return RunTerminated.EXIT_CODE
     return 0
+
+
+def _fit_check(a: argparse.Namespace) -> int:
+    from lit_restore.config import load_config
+    from lit_restore.fit import build_on_meta, parameter_table
+
+    stage = build_on_meta(load_config(a.config, a.overrides))
+    print(f"stage {stage.cfg.stage}: networks built on the meta device, no weights read")
+    print(parameter_table(stage))
+    return 0
+
+
+@contextlib.contextmanager
+def _hub_offline():
+    """Hugging Face Hub reads no network inside (its constant, read from HF_HUB_OFFLINE when it is
+    first imported, is set for the duration)."""
+    import huggingface_hub.constants
+
+    before = huggingface_hub.constants.HF_HUB_OFFLINE
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        huggingface_hub.constants.HF_HUB_OFFLINE = before
 
 
 def _export(a: argparse.Namespace) -> int:
@@ -269,6 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # OpenMP threads that wait for work sleep instead of spinning, unless the user chose: beside one
+    # busy process, evaluate took 15.6 s spinning and 11.2 s passive, restore 8.5 / 7.4 s; alone,
+    # passive is as fast (docs/benchmarks.md, "CPU threads"). Read when torch's OpenMP starts, so
+    # before any command imports torch.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     # Overrides may follow options (`fit CONFIG --print-config seed=1`), which argparse's
     # positional matching alone does not accept.

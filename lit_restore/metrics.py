@@ -21,6 +21,7 @@ Conventions (what `evaluate` writes into its report):
 
 from __future__ import annotations
 
+import time
 import urllib.error
 import warnings
 from pathlib import Path
@@ -92,6 +93,9 @@ def quantize_8bit(x: Tensor) -> Tensor:
     return (x.clamp(0, 1) * 255.0).round() / 255.0
 
 
+RETRY_SECONDS = 24 * 3600  # how long a failed AlexNet download is not tried again
+
+
 def _hub_checkpoint() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_FILE
 
@@ -105,15 +109,25 @@ def _alexnet_state(weights: Optional[Union[str, Path]]) -> dict[str, Tensor]:
         return torch.load(path, map_location="cpu", weights_only=True)
     from torchvision.models import AlexNet_Weights
 
+    how = f"copy {ALEXNET_FILE} into {_hub_checkpoint().parent} or pass --lpips-weights PATH"
+    marker = _hub_checkpoint().with_name(ALEXNET_FILE + ".unreachable")
+    if not _hub_checkpoint().is_file() and marker.is_file() and time.time() - marker.stat().st_mtime < RETRY_SECONDS:
+        # An offline machine is not asked again on every evaluation (each try waits on the network).
+        raise LPIPSWeightsError(f"LPIPS needs the AlexNet backbone weights; the last download try failed "
+                                f"({marker.read_text().strip()[:200]}) and is retried after a day or when {marker} is "
+                                f"removed; {how}")
     try:
         # Loads from the hub cache when the file is there, downloads into it otherwise.
         return AlexNet_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
     except (urllib.error.URLError, OSError, RuntimeError) as e:
         reason = str(getattr(e, "reason", e)).splitlines()[0] if str(e) else type(e).__name__
-        raise LPIPSWeightsError(
-            f"LPIPS needs the AlexNet backbone weights and could not download them ({reason}); "
-            f"copy {ALEXNET_FILE} into {_hub_checkpoint().parent} or pass --lpips-weights PATH"
-        ) from None
+        try:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(reason + "\n")
+        except OSError:
+            pass  # a read-only cache: the next run tries again
+        raise LPIPSWeightsError(f"LPIPS needs the AlexNet backbone weights and could not download them ({reason}); "
+                                f"{how}") from None
 
 
 def load_lpips(weights: Optional[Union[str, Path]] = None, device: Union[str, torch.device] = "cpu") -> torch.nn.Module:

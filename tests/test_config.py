@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -134,6 +135,8 @@ def test_user_errors_are_one_line_exit_2_before_any_model(tmp_path, capsys):
     for args, expected in [
         (["fit", *base, "trainer.bogus_key=1"], "lit-restore: config error: trainer.bogus_key: not an argument"),
         (["fit", *base, f"data.train={tmp_path}/train-{{000000..000009}}.tar"], "10 of 10 shard files not found"),
+        (["fit", *base, f"data.train={tmp_path}/"], f"{tmp_path}/ is a folder; give its shard files, e.g. "
+                                                    f"data.train='{tmp_path}/*.tar'"),
         (["fit", str(REPO / "configs/biqa.yaml"), f"out_dir={out}", "trainer.devices=999"],
          "needs 999 CUDA GPU(s) per node, this machine has"),
         (["export", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "x")], "missing.ckpt: checkpoint not found"),
@@ -178,3 +181,15 @@ def test_print_config_check_and_fit_refuse_the_same_configs(config, override, ke
         err = capsys.readouterr().err.strip()
         assert code == 2 and len(err.splitlines()) == 1 and key in err, (mode, err)
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_commands_make_openmp_waits_passive_unless_the_user_chose(monkeypatch, capsys):
+    """Spinning OpenMP waits cost evaluate 40 % beside one busy process (docs/benchmarks.md)."""
+    from lit_restore.cli import main
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert main(["degrade", "--list-ops"]) == 0
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert main(["degrade", "--list-ops"]) == 0
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"

@@ -189,14 +189,17 @@ def test_check_prints_parameter_counts_without_weights(sd15, capsys):
 
 
 def test_check_offline_is_one_line_exit_2(monkeypatch, tmp_path, capsys):
-    """`fit configs/ldm.yaml --check` on a machine without internet or the SD folder."""
+    """`fit configs/ldm.yaml --check` without the SD folder: --check itself keeps the Hub offline
+    (no download retries), and says so."""
     import huggingface_hub.constants
 
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     assert main(["fit", str(REPO / "configs/ldm.yaml"), "--check"]) == 2
     out, err = capsys.readouterr()
-    assert out == "" and err.count("\n") == 1 and "(offline?)" in err and "model.pretrained=/path/to/folder" in err
+    assert out == "" and err.count("\n") == 1 and "not in the local Hugging Face cache" in err
+    assert "model.pretrained=/path/to/folder" in err
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is False  # left as it was
 
 
 def test_check_names_the_key_of_a_folder_without_a_vae(sd15, tmp_path):

@@ -108,6 +108,12 @@ def test_lpips_offline_error_is_one_line(tmp_path, monkeypatch):
         load_lpips()
     msg = str(e.value)
     assert "\n" not in msg and ALEXNET_FILE in msg and "--lpips-weights" in msg and str(tmp_path) in msg
+    # The next run does not wait on the network again; it says why and how to supply the file.
+    tries = []
+    monkeypatch.setattr("torchvision.models._api.load_state_dict_from_url", lambda *a, **k: tries.append(1))
+    with pytest.raises(LPIPSWeightsError, match="last download try failed .Name or service not known") as e:
+        load_lpips()
+    assert not tries and "\n" not in str(e.value) and "--lpips-weights" in str(e.value)
     with pytest.raises(LPIPSWeightsError, match="not found"):
         load_lpips(tmp_path / "missing.pth")
 

@@ -46,10 +46,14 @@ def _from_pretrained(cls: Any, pretrained: str, subfolder: str, key: str, config
     except OSError:
         if Path(pretrained).is_dir():
             raise WeightsError(f"{key}: {pretrained} has no diffusers {subfolder}/ folder (config.json + weights)") from None
+        import huggingface_hub.constants
+
+        where = ("is not in the local Hugging Face cache (fit --check and HF_HUB_OFFLINE=1 download nothing)"
+                 if huggingface_hub.constants.HF_HUB_OFFLINE else "cannot be loaded (offline?)")
         raise WeightsError(
-            f"cannot load '{pretrained}' {subfolder} (offline?): download the Stable Diffusion folder on a machine "
-            f"with internet and set {key}=/path/to/folder (with unet/ and vae/ subfolders); HF_HUB_OFFLINE=1 "
-            "skips the download retries"
+            f"'{pretrained}' {subfolder} {where}: download the Stable Diffusion folder on a machine with internet "
+            f"and set {key}=/path/to/folder (with unet/ and vae/ subfolders); HF_HUB_OFFLINE=1 skips the download "
+            "retries"
         ) from None
 
 
