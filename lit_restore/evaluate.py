@@ -283,7 +283,8 @@ def run(ev: Evaluation, data: str, max_images: int, crop_border: int, y_channel:
             bar.update(job, description=task.name)
             s = scores[task.name] = TaskScores()
             target = true_class(task, classes) if biqa is not None else None
-            for key, gt8, lq8 in build_task_set(task, data, max_images=max_images):
+            for i, (key, gt8, lq8) in enumerate(build_task_set(task, data, max_images=max_images)):
+                bar.update(job, description=f"{task.name} · image {i + 1}" + (f" of {max_images}" if max_images else ""))
                 gt, lq = gt8[None].float() / 255, lq8[None].float() / 255
                 try:
                     restored, log = ev.restorer.restore(lq, image_generator(seed, dev))

@@ -49,6 +49,9 @@ def load_stage(weights: str | Path, stage: str, device: torch.device) -> nn.Modu
     """An exported stage's inference module on `device`; `MissingWeightsError` when it is absent."""
     if not Path(weights).is_dir():
         raise MissingWeightsError(f"weights folder not found: {weights} (an `lit-restore export --out` folder)")
+    if (Path(weights) / "model.safetensors").is_file():  # a stage subfolder, not the export
+        raise MissingWeightsError(f"{weights} is one stage of an export; --weights takes the folder that holds "
+                                  f"it: --weights {Path(weights).parent}")
     if not has_stage(weights, stage):
         raise MissingWeightsError(f"no exported {stage} weights in {Path(weights) / stage} "
                                   f"(run `lit-restore export <{stage} run>/checkpoints/last.ckpt --out {weights}`)")

@@ -220,6 +220,10 @@ def test_missing_weights_and_bad_arguments_fail_in_one_line(weights, inputs, tmp
     code = run_restore([inputs / "rgb.png", "--weights", tmp_path / "nowhere", "--out", tmp_path / "o", "--fast"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "weights folder not found" in err
+    # A stage's own folder: the export folder above it is named, not a command that writes into the stage.
+    code = run_restore([inputs / "rgb.png", "--weights", Path(weights) / "restorer", "--out", tmp_path / "o", "--fast"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and f"--weights takes the folder that holds it: --weights {weights}" in err
     # The automatic loop needs the LDM, which this folder lacks.
     code = run_restore([inputs / "rgb.png", "--weights", weights, "--out", tmp_path / "o"])
     err = capsys.readouterr().err.strip()

@@ -29,7 +29,8 @@ def _expand(sources: list[Source], split: str) -> list[tuple[list[str], float]]:
     out = []
     for i, src in enumerate(sources):
         urls = expand_urls(src.url)
-        check_local_shards(urls, f"data.{split}[{i}].url={src.url}")
+        check_local_shards(urls, f"data.{split}[{i}].url={src.url}", f"data.{split}" if len(sources) == 1 else
+                           f"data.{split}[{i}].url")
         out.append((urls, float(src.weight)))
     return out
 

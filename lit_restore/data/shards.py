@@ -156,11 +156,16 @@ def is_local(url: str) -> bool:
     return "://" not in url and not url.startswith("pipe:")
 
 
-def check_local_shards(urls: list[str], what: str) -> None:
-    """A one-line error for local shard files that do not exist (remote URLs are not checked)."""
+def check_local_shards(urls: list[str], what: str, key: str = "") -> None:
+    """A one-line error for local shard files that do not exist (remote URLs are not checked);
+    a folder given for its shards gets a glob to use instead, as `key=...` (default `what`)."""
     if not urls:
         raise MissingShardsError(f"{what}: the pattern matches no shard file")
     missing = [u for u in urls if is_local(u) and not os.path.isfile(u)]
+    folder = next((u for u in missing if os.path.isdir(u)), None)
+    if folder is not None:
+        raise MissingShardsError(f"{what}: {folder} is a folder; give its shard files, e.g. "
+                                 f"{key or what}='{folder.rstrip('/')}/*.tar'")
     if missing:
         raise MissingShardsError(f"{what}: {len(missing)} of {len(urls)} shard files not found, e.g. {missing[0]}; "
                                  "fix the {first..last} range or use a glob such as dir/*.tar")
