@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
-from kornia.metrics import ssim as kornia_ssim
+import torch.nn.functional as F
 from torch import Tensor
 
 # MATLAB rgb2ycbcr luma row for [0, 1] RGB, result on the 0–255 scale.
@@ -75,17 +75,37 @@ def psnr(x: Tensor, y: Tensor, crop_border: int = 0, y_channel: bool = False) ->
     return 10.0 * torch.log10(1.0 / mse)
 
 
+SSIM_WINDOW, SSIM_SIGMA = 11, 1.5
+
+
 def ssim(x: Tensor, y: Tensor, crop_border: int = 0, y_channel: bool = False) -> Tensor:
     """Per-image SSIM, (N,) float64; conventions in the module docstring.
 
-    kornia's map with `padding="valid"` and `eps=0` is exactly the MATLAB definition.
-    torchmetrics' SSIM is not used: it reflect-pads and averages the padded border into the mean,
-    which moves the value away from MATLAB/BasicSR/scikit-image on small images.
+    The MATLAB definition: local statistics under an 11×11 Gaussian window (σ 1.5) over the
+    "valid" region only, C1 = (0.01·L)², C2 = (0.03·L)², the map averaged. The window is
+    separable: the five local statistics are filtered as one depthwise pass along rows and one
+    along columns, in float32, and combined in float64. On one 3840×2160 image the float64
+    2-D window (kornia's) took 17 s and made `evaluate` spend more on SSIM than on restoring;
+    this takes ~3.5 s and moves SSIM by ~1e-6 (measured on noisy photos at SSIM 0.6-0.99; reports
+    print 4 digits). torchmetrics' SSIM is not used: it reflect-pads and averages the padded
+    border into the mean, which moves the value away from MATLAB/BasicSR/scikit-image on small
+    images.
     """
     x, y = _prepare(x, y, crop_border, y_channel)
-    if min(x.shape[-2:]) < 11:
+    if min(x.shape[-2:]) < SSIM_WINDOW:
         raise ValueError(f"SSIM needs at least 11×11 pixels after cropping, got {tuple(x.shape[-2:])}")
-    return kornia_ssim(x, y, window_size=11, max_val=1.0, eps=0.0, padding="valid").mean(dim=(1, 2, 3))
+    c = x.shape[1]
+    half = SSIM_WINDOW // 2
+    taps = torch.exp(-((torch.arange(SSIM_WINDOW, dtype=torch.float64) - half) ** 2) / (2 * SSIM_SIGMA**2))
+    taps = (taps / taps.sum()).to(x.device, torch.float32)
+    stats = torch.cat([x, y, x * x, y * y, x * y], dim=1).float()  # (N, 5C, H, W)
+    rows = taps.view(1, 1, 1, -1).expand(5 * c, 1, 1, SSIM_WINDOW)
+    stats = F.conv2d(F.conv2d(stats, rows, groups=5 * c), rows.transpose(-1, -2), groups=5 * c).double()
+    mu_x, mu_y, xx, yy, xy = stats.split(c, dim=1)
+    c1, c2 = 0.01**2, 0.03**2
+    var_x, var_y, cov = xx - mu_x**2, yy - mu_y**2, xy - mu_x * mu_y
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return ssim_map.mean(dim=(1, 2, 3))
 
 
 def quantize_8bit(x: Tensor) -> Tensor:

@@ -138,7 +138,7 @@ def contact_sheet(columns: list[str], rows: list[list[tuple[Tensor, str]]], min_
     canvas = Image.new("RGB", (len(columns) * (w + pad) + pad, top + len(rows) * (h + line + pad) + pad), "white")
     draw = ImageDraw.Draw(canvas)
     if cropped:
-        draw.text((pad + 2, 2), f"centre crops at 1:1 of images up to {full_w}×{full_h}", fill="black", font=font)
+        draw.text((pad + 2, 2), f"centre crops at 1:1 of images up to {full_w}x{full_h}", fill="black", font=font)
     for c, name in enumerate(columns):
         draw.text((pad + c * (w + pad) + 2, top - line + 2), name, fill="black", font=font)
     for r, row in enumerate(rows):

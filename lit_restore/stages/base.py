@@ -372,7 +372,7 @@ class Stage(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         if self.val_psnr.update_called:
-            self.log("val/psnr", self.val_psnr.compute(), sync_dist=False)
+            self.log("val/psnr", self.val_psnr.compute(), sync_dist=False, prog_bar=True)  # the latest on the bar
             self.log("val/ssim", self.val_ssim.compute(), sync_dist=False)
         self.val_psnr.reset()
         self.val_ssim.reset()

@@ -168,7 +168,7 @@ class BIQAStage(Stage):
             return
         matrix = self.val_confusion.compute()
         self.val_confusion.reset()
-        self.log("val/acc", matrix.diag().sum() / matrix.sum().clamp(min=1))
+        self.log("val/acc", matrix.diag().sum() / matrix.sum().clamp(min=1), prog_bar=True)
         support = matrix.sum(1)
         for i, name in enumerate(self.classes):
             if support[i] > 0:  # a class missing from the val set has no accuracy
