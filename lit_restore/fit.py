@@ -217,7 +217,7 @@ class RunSummary(L.Callback):
             step, key, last = self.history[-1]
             pick = max if self.HIGHER_IS_BETTER[key] else min
             best_step, _, best = pick(self.history, key=lambda h: h[2])
-            lines.append(f"{key}: last {last:.4g} (step {step}), best {best:.4g} (step {best_step})")
+            lines.append(f"{key}: last {last:.4g} (step {step}), best since this start {best:.4g} (step {best_step})")
         lines.append(f"checkpoints: {self.out_dir / 'checkpoints'} (last.ckpt resumes and exports)")
         if (self.out_dir / "samples").is_dir():
             lines.append(f"samples: {self.out_dir / 'samples'}")
