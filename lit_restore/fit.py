@@ -19,6 +19,7 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar, WeightAveraging
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
@@ -221,9 +222,9 @@ class RunSummary(L.Callback):
         lines.append(f"checkpoints: {self.out_dir / 'checkpoints'} (last.ckpt resumes and exports)")
         if (self.out_dir / "samples").is_dir():
             lines.append(f"samples: {self.out_dir / 'samples'}")
-        csv_log = self.out_dir / "logs" / "version_0" / "metrics.csv"
-        if csv_log.is_file():
-            lines.append(f"log: {csv_log}")
+        for logger in trainer.loggers:
+            if isinstance(logger, CSVLogger):
+                lines.append(f"log: {Path(logger.log_dir) / 'metrics.csv'}")
         rank_zero_info("\n".join(lines))
 
 
@@ -449,10 +450,10 @@ def fit(cfg: RunConfig, stage: Optional[L.LightningModule] = None, datamodule: O
         **trainer_kwargs(cfg),
     )
     rank_zero_info(f"run dir: {cfg.out_dir} (config.yaml, checkpoints/, samples/, logs)")
-    if ckpt is not None:
-        rank_zero_info(f"resuming from {ckpt}")
-    else:
+    if ckpt is None:
         rank_zero_info("starting a new run" + (" (resume=never)" if cfg.resume == "never" else ""))
+    else:
+        rank_zero_info(f"resuming from {ckpt}")
         if trainer.is_global_zero:
             prune_hpc(cfg.out_dir, cfg.checkpoint.keep_hpc, protect=ckpt)
     try:

@@ -85,8 +85,8 @@ def ssim(x: Tensor, y: Tensor, crop_border: int = 0, y_channel: bool = False) ->
     "valid" region only, C1 = (0.01·L)², C2 = (0.03·L)², the map averaged. The window is
     separable: the five local statistics are filtered as one depthwise pass along rows and one
     along columns, in float32, and combined in float64. On one 3840×2160 image the float64
-    2-D window (kornia's) took 17 s and made `evaluate` spend more on SSIM than on restoring;
-    this takes ~3.5 s and moves SSIM by ~1e-6 (measured on noisy photos at SSIM 0.6-0.99; reports
+    2-D window (kornia's) took 17.1 s and made `evaluate` spend more on SSIM than on restoring;
+    this takes 5.1 s and moves SSIM by ~1e-6 (measured on noisy photos at SSIM 0.6-0.99; reports
     print 4 digits). torchmetrics' SSIM is not used: it reflect-pads and averages the padded
     border into the mean, which moves the value away from MATLAB/BasicSR/scikit-image on small
     images.

@@ -123,8 +123,9 @@ def contact_sheet(columns: list[str], rows: list[list[tuple[Tensor, str]]], min_
     from PIL import Image, ImageDraw, ImageFont
 
     font = ImageFont.load_default(size=SHEET_FONT)
-    cells = [_sheet_pixels(x) for row in rows for x, _ in row]
-    full_h, full_w = max(c.shape[0] for c in cells), max(c.shape[1] for c in cells)
+    cells = [[(_sheet_pixels(x), caption) for x, caption in row] for row in rows]
+    full_h = max(rgb.shape[0] for row in cells for rgb, _ in row)
+    full_w = max(rgb.shape[1] for row in cells for rgb, _ in row)
     line, pad = SHEET_FONT + 8, 4
     top = line  # the column names
     budget_w = (max_side - pad) // len(columns) - pad
@@ -141,10 +142,9 @@ def contact_sheet(columns: list[str], rows: list[list[tuple[Tensor, str]]], min_
         draw.text((pad + 2, 2), f"centre crops at 1:1 of images up to {full_w}x{full_h}", fill="black", font=font)
     for c, name in enumerate(columns):
         draw.text((pad + c * (w + pad) + 2, top - line + 2), name, fill="black", font=font)
-    for r, row in enumerate(rows):
+    for r, row in enumerate(cells):
         y0 = top + r * (h + line + pad) + pad
-        for c, (image, caption) in enumerate(row):
-            rgb = _sheet_pixels(image)
+        for c, (rgb, caption) in enumerate(row):
             ch, cw = min(rgb.shape[0], h // factor), min(rgb.shape[1], w // factor)
             y, x = (rgb.shape[0] - ch) // 2, (rgb.shape[1] - cw) // 2
             tile = Image.fromarray(np.ascontiguousarray(rgb[y:y + ch, x:x + cw]))

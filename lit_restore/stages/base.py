@@ -162,13 +162,16 @@ class Stage(L.LightningModule):
         # Without a trainer (unit tests, notebooks) the module's train/eval mode decides.
         return self.trainer.training if self._trainer is not None else self.training
 
+    def _step_seed(self) -> int:
+        """A training seed of this run, rank and step."""
+        return self.cfg.seed * 1_000_003 + self.global_rank * 7_919 + self.global_step
+
     def _degrade_generator(self, device: torch.device, keys: list[str]) -> torch.Generator:
         if self._is_training():
             if self._train_generator is None or self._train_generator.device != device:
                 # Reseeded from the step a (re)start begins at, so a resumed run draws new degradations.
-                seed = (self.cfg.seed * 1_000_003 + self.global_rank * 7_919 + self.global_step) % 2**63
                 self._train_generator = torch.Generator(device=device)
-                self._train_generator.manual_seed(seed)
+                self._train_generator.manual_seed(self._step_seed() % 2**63)
             return self._train_generator
         # Validation: the same degradation for the same samples on every run and rank.
         g = torch.Generator(device=device)
@@ -193,7 +196,7 @@ class Stage(L.LightningModule):
         step, in training), so validation batches are sized the same on every run."""
         keyed = zlib.crc32("\n".join(keys).encode())
         if self._is_training():
-            return ((self.cfg.seed * 1_000_003 + self.global_rank * 7_919 + self.global_step) << 32) + keyed
+            return (self._step_seed() << 32) + keyed
         return self.cfg.seed + keyed
 
     def clean_batch(self, batch: dict) -> tuple[torch.Tensor, list[str], torch.Tensor]:
