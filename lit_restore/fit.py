@@ -7,6 +7,7 @@ command all continue where the run stopped. Everything a restart needs lives in 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -17,6 +18,7 @@ from typing import Any, Optional, Union
 
 import lightning as L
 import torch
+import yaml
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar, WeightAveraging
 from lightning.pytorch.loggers import CSVLogger
@@ -38,6 +40,7 @@ from lit_restore.checkpointing import (
 )
 from lit_restore.config import ConfigError, RunConfig, UserError, to_yaml
 from lit_restore.guards import NonFiniteGuard, NonFiniteLossError
+from lit_restore.rundir import RunDirLock, check_same_model
 from lit_restore.stages.base import Stage, ema_multi_avg_fn
 
 
@@ -421,16 +424,27 @@ def check_hardware(cfg: RunConfig) -> None:
 def fit(cfg: RunConfig, stage: Optional[L.LightningModule] = None, datamodule: Optional[L.LightningDataModule] = None
         ) -> L.Trainer:
     """Train `cfg`'s stage (or the given module and datamodule) into `cfg.out_dir`. What the user
-    gave (hardware, shards, the resume checkpoint) is checked before any network is built.
+    gave (hardware, shards, the resume checkpoint) is checked before any network is built. The
+    run dir is locked for the run (`lit_restore.rundir`): a second fit on it is refused, and a
+    rerun that would resume another model's checkpoint is refused before anything is written.
     Raises `RunTerminated` when SIGTERM stopped the run (after saving a checkpoint)."""
     check_hardware(cfg)
     if datamodule is None:
         datamodule = build_datamodule(cfg)
         datamodule.check_sources()
-    if rank_zero_only.rank == 0:
+    # Global rank 0 holds the run dir for the whole run; the other ranks are its own processes.
+    lock = RunDirLock(cfg.out_dir, cfg.checkpoint.requeue_lock_wait) if rank_zero_only.rank == 0 else None
+    with lock if lock is not None else contextlib.nullcontext():
+        return _fit_locked(cfg, stage, datamodule)
+
+
+def _fit_locked(cfg: RunConfig, stage: Optional[L.LightningModule], datamodule: L.LightningDataModule) -> L.Trainer:
+    if rank_zero_only.rank == 0:  # no live run writes here (the lock): what a killed write left goes
         for path in remove_stale_temporaries(cfg.out_dir):
             rank_zero_info(f"removed {path}, left by a killed checkpoint write")
     ckpt = resume_path(cfg.resume, cfg.out_dir)
+    if ckpt is not None:
+        check_same_model(cfg.out_dir, yaml.safe_load(to_yaml(cfg)), ckpt)
     quiet_lightning_tips()
     if on_cpu(cfg):
         from lit_restore.threads import use_cpu_threads

@@ -56,6 +56,9 @@ class CheckpointConfig:
     # Write checkpoints from a background thread (Lightning's AsyncCheckpointIO): training goes on
     # during the write; the state is first copied on the device (memory of one more checkpoint).
     async_save: bool = False
+    # A requeued SLURM job finding its run dir still held by its own earlier instance (ending on
+    # another node) waits this many seconds for it; any other holder is refused at once.
+    requeue_lock_wait: int = 300
 
 
 def _default_trainer() -> dict[str, Any]:
