@@ -93,9 +93,10 @@ class RunDirLock:
             raise
 
     def _live_foreign_record(self) -> Optional[dict[str, Any]]:
-        """A record of another process that refreshed it lately (a holder the lock did not see)."""
+        """A record that another host refreshed lately: a holder the lock did not see. On this host
+        the granted lock is the truth (a record left by a killed process is just stale)."""
         holder = self._holder()
-        if not holder or (holder.get("host"), holder.get("pid")) == (self.me["host"], self.me["pid"]):
+        if not holder or holder.get("host") == self.me["host"]:
             return None
         return holder if self._age() < STALE_S else None
 
