@@ -8,10 +8,13 @@ from `StepCheckpoint`, `hpc_ckpt_N.ckpt` from `PreemptionCheckpoint`.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import re
 import signal
 import subprocess
+import sys
+import threading
 from pathlib import Path
 from typing import Any, Optional
 
@@ -193,7 +196,8 @@ class PreemptionCheckpoint(L.Callback):
 
     SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
-    def __init__(self, out_dir: str | Path, keep_hpc: int, requeue: bool = True, poll_steps: int = 1) -> None:
+    def __init__(self, out_dir: str | Path, keep_hpc: int, requeue: bool = True, poll_steps: int = 1,
+                 grace: float = 60.0) -> None:
         self.out_dir = Path(out_dir)
         self.keep_hpc = keep_hpc
         self.requeue = requeue
@@ -201,12 +205,55 @@ class PreemptionCheckpoint(L.Callback):
         self._received: set[int] = set()
         self._previous_handlers: dict[int, Any] = {}
         self.poll_steps = poll_steps
+        self.grace = grace
+        self._trainer: Optional[L.Trainer] = None
+        self._in_step = False  # between a batch's start and end: the weights are changing
+        self._watchdog: Optional[threading.Timer] = None
 
     def _handler(self, signum: int, frame: Any) -> None:
         self._received.add(signum)
+        if self._watchdog is None:
+            self._arm()
+
+    def _arm(self) -> None:
+        self._watchdog = threading.Timer(self.grace, self._overdue)
+        self._watchdog.daemon = True
+        self._watchdog.start()
+
+    def _overdue(self) -> None:
+        """`grace` seconds after a signal no step boundary has taken it. Inside a step (a slow one)
+        wait again; otherwise the loader is stuck (a stalled shard server) and nothing will reach
+        a boundary: save what is whole and end the process here."""
+        if not self._received:
+            self._watchdog = None
+            return
+        if self._in_step:
+            self._arm()
+            return
+        trainer, terminate = self._trainer, signal.SIGTERM in self._received
+        why = "SIGTERM" if terminate else "preemption"
+        saved = "no checkpoint saved (several ranks: the last periodic checkpoint stays)"
+        if trainer is not None and trainer.world_size == 1 and trainer.global_step > 0:
+            # The loader is waiting for data between steps: the weights are the last completed step's.
+            path = trainer._checkpoint_connector.hpc_save_path(self.out_dir)
+            trainer.save_checkpoint(path)
+            if isinstance(trainer.strategy.checkpoint_io, AsyncCheckpointIO):
+                trainer.strategy.checkpoint_io.teardown()
+            saved = f"saved {path} at step {trainer.global_step}"
+            prune_hpc(self.out_dir, self.keep_hpc)
+        if self.requeue and not terminate and (trainer is None or trainer.is_global_zero):
+            requeue_slurm_job()
+        rank_zero_info(f"{why}: the data loader delivered nothing for {self.grace:g} s after the signal "
+                       f"(checkpoint.signal_grace); {saved}; ending the process")
+        for child in multiprocessing.active_children():  # loader workers stuck in a read
+            child.kill()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(RunTerminated.EXIT_CODE if terminate else 0)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
+            self._trainer = trainer
             self._previous_handlers = {s: signal.getsignal(s) for s in self.SIGNALS}
             signal.signal(signal.SIGUSR1, self._handler)
 
@@ -219,9 +266,32 @@ class PreemptionCheckpoint(L.Callback):
             for signum, handler in self._previous_handlers.items():
                 signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
             self._previous_handlers = {}
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+                self._watchdog = None
+            self._trainer = None
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """Data that cannot be read (`CorruptDataError`: too many bad samples, shards that keep
+        failing) ends the run while the loader fetches, between steps: a single process saves
+        the last completed step, so the rerun after fixing the data loses nothing."""
+        from lit_restore.data.shards import CorruptDataError
+
+        if isinstance(exception, CorruptDataError) and trainer.world_size == 1 and trainer.global_step > 0 \
+                and not self._in_step:
+            path = trainer._checkpoint_connector.hpc_save_path(self.out_dir)
+            trainer.save_checkpoint(path)
+            if isinstance(trainer.strategy.checkpoint_io, AsyncCheckpointIO):
+                trainer.strategy.checkpoint_io.teardown()
+            prune_hpc(self.out_dir, self.keep_hpc)
+            rank_zero_info(f"unreadable data: saved {path} at step {trainer.global_step}")
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._in_step = True
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        self._in_step = False
         # Agreeing is a collective with a host read; every rank is at the same step, so all skip alike.
         if trainer.world_size > 1 and trainer.global_step % self.poll_steps != 0:
             return
@@ -242,6 +312,9 @@ class PreemptionCheckpoint(L.Callback):
             self.terminated = f"stopped by SIGTERM at step {trainer.global_step}; saved {path}, the same command resumes"
         trainer.should_stop = True
         self._received.clear()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
 
 
 def requeue_slurm_job() -> None:

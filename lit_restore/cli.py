@@ -46,11 +46,15 @@ def _fit(a: argparse.Namespace) -> int:
         print(to_yaml(cfg), end="")
         return 0
     from lit_restore.checkpointing import RunTerminated
+    from lit_restore.data.shards import CorruptDataError
     from lit_restore.fit import fit
     from lit_restore.guards import NonFiniteLossError
 
     try:
         fit(cfg)
+    except CorruptDataError as e:
+        print(f"lit-restore: {e}", file=sys.stderr)
+        return 4
     except NonFiniteLossError as e:
         print(f"lit-restore: {e}", file=sys.stderr)
         return 3
@@ -212,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train one stage. Overrides are key=value pairs, e.g. data.batch_size=16.",
                        epilog="exit codes: 0 finished, 2 config error, missing data or weights (nothing was built), "
                               "3 stopped on a non-finite loss (checkpoint.on_nan=stop; a checkpoint was saved), "
+                              "4 stopped because the data could not be read (too many unreadable samples or shards "
+                              "that keep failing; a single-process run saved its last step), "
                               "143 stopped by SIGTERM (a checkpoint was saved at the step boundary; the same "
                               "command resumes)")
     s.add_argument("config", help="stage YAML, e.g. configs/tiny/biqa.yaml")

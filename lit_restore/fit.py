@@ -138,7 +138,8 @@ def build_callbacks(cfg: RunConfig, stage: Stage) -> list[L.Callback]:
     callbacks: list[L.Callback] = [
         RunState(),
         NonFiniteGuard(c.on_nan, c.max_skipped_in_row, out / "checkpoints"),
-        PreemptionCheckpoint(out, keep_hpc=c.keep_hpc, requeue=SLURMEnvironment.detect(), poll_steps=c.preempt_poll_steps),
+        PreemptionCheckpoint(out, keep_hpc=c.keep_hpc, requeue=SLURMEnvironment.detect(), poll_steps=c.preempt_poll_steps,
+                             grace=c.signal_grace),
         StepCheckpoint(out / "checkpoints", every_n_steps=c.every_n_steps, keep=c.keep),
     ]
     if cfg.logger != "none":

@@ -18,6 +18,18 @@ class Source:
 
 
 @dataclass
+class NetworkConfig:
+    """Reading http(s):// shards. A shard that fails is counted like a damaged one
+    (`max_corrupt_fraction`), and a run whose shards keep failing stops in one line."""
+
+    connect_timeout: float = 30.0  # seconds to connect and get the response's headers
+    stall_timeout: float = 60.0  # seconds without a byte before the shard is given up
+    # More tries of a shard whose server refused, timed out before answering or answered 429/5xx
+    # (1, 2, 4, ... s apart); other 4xx (404) fail at once. A shard lost mid-stream is not retried.
+    retries: int = 3
+
+
+@dataclass
 class DataConfig:
     """Where the shards are and how they are streamed."""
 
@@ -40,3 +52,4 @@ class DataConfig:
     # header before decoding: a small PNG can decode to gigabytes in a loader worker. 40 MP is
     # 120 MB as 8-bit RGB, a few times that while decoding and resizing.
     max_pixels: int = 40_000_000
+    network: NetworkConfig = field(default_factory=NetworkConfig)

@@ -94,18 +94,23 @@ def _check_values(cfg: RunConfig) -> None:
         "data.crop": data.crop,
         "data.steps_per_epoch": data.steps_per_epoch,
         "data.max_pixels": data.max_pixels,
+        "data.network.connect_timeout": data.network.connect_timeout,
+        "data.network.stall_timeout": data.network.stall_timeout,
     }
     for key, value in positive.items():
-        if value <= 0:
+        if not value > 0:  # NaN too
             raise ConfigError(f"{key}: {value} must be > 0")
     non_negative = {
         "data.num_workers": data.num_workers,
         "data.val_batch_size": data.val_batch_size,
         "data.val_crop": data.val_crop,
         "data.shuffle_buffer": data.shuffle_buffer,
+        "data.network.retries": data.network.retries,
+        "checkpoint.requeue_lock_wait": cfg.checkpoint.requeue_lock_wait,
+        "checkpoint.signal_grace": cfg.checkpoint.signal_grace,
     }
     for key, value in non_negative.items():
-        if value < 0:
+        if value < 0 or value != value:
             raise ConfigError(f"{key}: {value} must be >= 0")
     if not 0.0 <= data.max_corrupt_fraction <= 1.0:
         raise ConfigError(f"data.max_corrupt_fraction: {data.max_corrupt_fraction} must be in [0, 1]")

@@ -22,7 +22,7 @@ import torch.distributed as dist
 import webdataset as wds
 
 from lit_restore.config import DataConfig, Source
-from lit_restore.data.shards import TrainStream, ValStream, check_local_shards, expand_urls, make_loader, shard_count
+from lit_restore.data.shards import CorruptDataError, TrainStream, ValStream, check_local_shards, expand_urls, make_loader, shard_count
 
 
 def _expand(sources: list[Source], split: str) -> list[tuple[list[str], float]]:
@@ -73,20 +73,21 @@ class ShardDataModule(L.LightningDataModule):
         return TrainStream(
             _expand(c.train, "train"), batch_size=c.batch_size, crop=c.crop, steps=c.steps_per_epoch,
             shuffle_buffer=c.shuffle_buffer, max_corrupt_fraction=c.max_corrupt_fraction, max_pixels=c.max_pixels,
-            seed=self.seed, rank=rank, restart=restart, build=self._train_builds,
+            network=c.network, seed=self.seed, rank=rank, restart=restart, build=self._train_builds,
         )
 
     def val_stream(self) -> ValStream:
         if self._val_shards is None:  # counted once: the val shards do not change during a run
             urls = [u for urls, _ in _expand(self.cfg.val, "val") for u in urls]
-            self._val_shards = [(u, shard_count(u)) for u in urls]
+            self._val_shards = [(u, shard_count(u, self.cfg.network)) for u in urls]
             if sum(n for _, n in self._val_shards) == 0:
-                raise ValueError(f"data.val: the shards hold no samples ({urls[0]} ...)")
+                raise CorruptDataError(f"data.val: the shards hold no samples ({urls[0]} ...)")
         rank, world = self._rank_world()
         c = self.cfg
         return ValStream(
             self._val_shards, batch_size=c.val_batch_size or c.batch_size, crop=c.val_crop or c.crop,
-            max_corrupt_fraction=c.max_corrupt_fraction, max_pixels=c.max_pixels, rank=rank, world=world,
+            max_corrupt_fraction=c.max_corrupt_fraction, max_pixels=c.max_pixels, network=c.network,
+            rank=rank, world=world,
         )
 
     def train_dataloader(self) -> wds.WebLoader:

@@ -72,6 +72,8 @@ from webdataset.gopen import gopen
 from torch.utils.data import IterableDataset, get_worker_info
 
 from lit_restore.config import DataConfig, UserError
+from lit_restore.config.data import NetworkConfig
+from lit_restore.data.remote import is_http, open_http
 from lit_restore.data.degrade.types import type_index
 
 # The clean image: the project's `gt.png`, else the first of webdataset's usual image names.
@@ -83,13 +85,26 @@ GZIP_SUFFIXES = (".tar.gz", ".tgz")
 MIN_CHECKED = 100
 # Unreadable samples a worker names in the log before it only counts them.
 MAX_LOGGED = 20
+# Shards in a row that gave no sample (unreachable, damaged at the start, empty) before a worker
+# stops the run: no waiting for MIN_CHECKED samples when every server answers 404.
+MAX_SHARDS_FAILED_IN_ROW = 10
 DEFAULT_MAX_PIXELS = DataConfig.max_pixels
+DEFAULT_NETWORK = NetworkConfig()
 
 log = logging.getLogger(__name__)
 
 
-class CorruptDataError(RuntimeError):
-    """Too many unreadable samples: the shards (or the path to them) are broken."""
+class CorruptDataError(UserError, RuntimeError):
+    """Too many unreadable samples, or shards that keep failing: the shards (or the path or the
+    server they come from) are broken. One line: raised in a loader worker, the DataLoader
+    re-raises it in the main process with the worker's traceback as its message, of which only
+    the last line (this error's own message) is kept."""
+
+    def __init__(self, message: str) -> None:
+        if message.startswith("Caught ") and "Traceback" in message:
+            last = message.rstrip().splitlines()[-1]
+            message = last.split(f"{type(self).__name__}: ", 1)[-1]
+        super().__init__(message)
 
 
 class CorruptSample(ValueError):
@@ -105,18 +120,24 @@ class CorruptCounter:
     seen: int = 0
     corrupt: int = 0
     since_batch: int = 0
+    shards_failed_in_row: int = 0
 
     def ok(self) -> None:
         self.seen += 1
+        self.shards_failed_in_row = 0
 
-    def bad(self, where: str, reason: str, n: int = 1) -> None:
-        """`n` unreadable samples at `where` (a shard losing its tail counts every sample it lost)."""
+    def bad(self, where: str, reason: str, n: int = 1, shard_failed: bool = False) -> None:
+        """`n` unreadable samples at `where` (a shard losing its tail counts every sample it lost);
+        `shard_failed`: the whole shard gave no sample."""
         self.seen += n
         self.corrupt += n
         self.since_batch += n
         if self.corrupt - n < MAX_LOGGED:
             more = "; further ones are only counted" if self.corrupt >= MAX_LOGGED else ""
             log.warning("skipped %d unreadable sample(s) at %s: %s%s", n, where, reason, more)
+        self.shards_failed_in_row = self.shards_failed_in_row + 1 if shard_failed else 0
+        if self.shards_failed_in_row >= MAX_SHARDS_FAILED_IN_ROW:
+            raise CorruptDataError(f"{self.shards_failed_in_row} shards in a row gave no sample; last: {where}: {reason}")
         if self.seen < self.min_checked:
             return
         fraction = self.corrupt / self.seen
@@ -290,9 +311,10 @@ def _wanted_member(name: str) -> bool:
 
 
 @contextmanager
-def open_shard(url: str) -> Iterator[Any]:
-    """A shard's tar byte stream; `.tar.gz`/`.tgz` shards are decompressed on the fly, as webdataset reads them."""
-    with gopen(url, "rb") as raw:
+def open_shard(url: str, net: NetworkConfig = DEFAULT_NETWORK) -> Iterator[Any]:
+    """A shard's tar byte stream; `.tar.gz`/`.tgz` shards are decompressed on the fly, as webdataset
+    reads them. http(s) URLs are read with `net`'s timeouts and retries (`lit_restore.data.remote`)."""
+    with (open_http(url, net) if is_http(url) else gopen(url, "rb")) as raw:
         if url.endswith(GZIP_SUFFIXES):
             with gzip.GzipFile(fileobj=raw, mode="rb") as stream:
                 yield stream
@@ -300,7 +322,8 @@ def open_shard(url: str) -> Iterator[Any]:
             yield raw
 
 
-def read_shard(url: str, counter: CorruptCounter, expected: Optional[int] = None) -> Iterator[dict[str, Any]]:
+def read_shard(url: str, counter: CorruptCounter, expected: Optional[int] = None,
+               net: NetworkConfig = DEFAULT_NETWORK) -> Iterator[dict[str, Any]]:
     """Raw samples of one shard in order: `__key__`, `__url__` and the bytes of the known members.
 
     A shard that cannot be opened, is damaged or truncated ends there (the sample being read is
@@ -312,7 +335,7 @@ def read_shard(url: str, counter: CorruptCounter, expected: Optional[int] = None
     sample: dict[str, Any] = {}
     read = 0
     try:
-        with open_shard(url) as stream:
+        with open_shard(url, net) as stream:
             for name, data in tar_members(stream, _wanted_member):
                 if data is None:
                     continue
@@ -326,7 +349,8 @@ def read_shard(url: str, counter: CorruptCounter, expected: Optional[int] = None
                 sample[suffix] = data
     except Exception as e:  # any read or format error: the rest of this shard is lost
         lost = max(1, (expected or 0) - read)
-        counter.bad(url, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", n=lost)
+        counter.bad(url, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", n=lost,
+                    shard_failed=read == 0)
         return
     if sample:
         read += 1
@@ -335,7 +359,7 @@ def read_shard(url: str, counter: CorruptCounter, expected: Optional[int] = None
         counter.bad(url, f"{expected - read} of the {expected} samples its manifest.json lists are missing",
                     n=expected - read)
     elif read == 0:
-        counter.bad(url, "no samples")
+        counter.bad(url, "no samples", shard_failed=True)
 
 
 @lru_cache(maxsize=256)
@@ -359,13 +383,13 @@ def manifest_count(url: str) -> Optional[int]:
     return _manifest_counts(manifest, mtime_ns).get(Path(url).name)
 
 
-def shard_count(url: str) -> int:
+def shard_count(url: str, net: NetworkConfig = DEFAULT_NETWORK) -> int:
     """Samples in a shard: from `manifest.json` beside a local shard when it lists it, else by reading."""
     count = manifest_count(url)
     if count is not None:
         return count
     counter = CorruptCounter(max_fraction=1.0)
-    return sum(1 for _ in read_shard(url, counter))
+    return sum(1 for _ in read_shard(url, counter, net=net))
 
 
 # --------------------------------------------------------------------------------------
@@ -633,6 +657,7 @@ class TrainStream(IterableDataset):
         shuffle_buffer: int,
         max_corrupt_fraction: float,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        network: NetworkConfig = DEFAULT_NETWORK,
         seed: int = 0,
         rank: int = 0,
         restart: int = 0,
@@ -648,6 +673,7 @@ class TrainStream(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.max_corrupt_fraction = max_corrupt_fraction
         self.max_pixels = max_pixels
+        self.network = network
         self.seed = seed
         self.rank = rank
         self.restart = restart
@@ -658,7 +684,7 @@ class TrainStream(IterableDataset):
     def _source(self, urls: list[str], rng: np.random.Generator, counter: CorruptCounter) -> Iterator[dict]:
         while True:
             url = urls[int(rng.integers(len(urls)))]
-            yield from read_shard(url, counter, manifest_count(url))
+            yield from read_shard(url, counter, manifest_count(url), self.network)
 
     def _mixed(self, rng: np.random.Generator, counter: CorruptCounter) -> Iterator[dict]:
         streams = [self._source(urls, rng, counter) for urls, _ in self.sources]
@@ -725,6 +751,7 @@ class ValStream(IterableDataset):
         crop: int,
         max_corrupt_fraction: float,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        network: NetworkConfig = DEFAULT_NETWORK,
         rank: int = 0,
         world: int = 1,
     ) -> None:
@@ -734,6 +761,7 @@ class ValStream(IterableDataset):
         self.crop = crop
         self.max_corrupt_fraction = max_corrupt_fraction
         self.max_pixels = max_pixels
+        self.network = network
         self.rank = rank
         self.world = world
 
@@ -759,7 +787,7 @@ class ValStream(IterableDataset):
             end = start + count
             if start < hi and end > lo:
                 position = start
-                for raw in read_shard(url, counter):
+                for raw in read_shard(url, counter, net=self.network):
                     if position >= end:
                         raise ValueError(f"{url}: holds more than the {count} samples its manifest.json lists")
                     if position >= hi:  # checked after the count check: a stale manifest fails loudly
