@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from lit_restore.names import one_line
 from lit_restore.data.degrade.types import DEGRADATION_TYPES
 from lit_restore.data.images import (
     IMAGE_SUFFIXES,
@@ -361,6 +362,9 @@ def prepare_out(out: Path, prefixes: Iterable[str], overwrite: bool) -> None:
     """Create `out`, or refuse / clear it when it already holds shards."""
     old = existing_outputs(out, prefixes)
     if old and not overwrite:
+        if not (out / MANIFEST).exists():  # the manifest is written last
+            raise UsageError(f"{out} holds {len(old)} shard file(s) but no {MANIFEST}: an earlier prep-shards stopped "
+                             "before it finished; pass --overwrite to write the set again")
         raise UsageError(f"{out} already holds shards or a manifest ({old[0].name}, ...); pass --overwrite to replace them")
     for p in old:
         p.unlink()
@@ -434,7 +438,7 @@ def prep_shards(inputs: list[str], out: str, lq: Optional[str], gt: Optional[str
             pool.join()
 
     if skipped:
-        write_bytes_atomic(out_dir / SKIPPED, ("\n".join(skipped) + "\n").encode())
+        write_bytes_atomic(out_dir / SKIPPED, "".join(one_line(line) + "\n" for line in skipped).encode())
     args = {"inputs": [str(i) for i in inputs or []], "lq": lq and str(lq), "gt": gt and str(gt), "task": task, "name": name, "crop": crop,
             "stride": stride, "max_count": max_count, "max_size": max_size, "seed": seed, "prefix": prefix}
     write_manifest(out_dir, sink.shards, dataset=dataset, task=task_name,

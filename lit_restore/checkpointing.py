@@ -27,6 +27,7 @@ from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lit_restore.config import ConfigError
+from lit_restore.errors import DiskFullError, is_disk_full
 from lit_restore.weights import WeightsError, load_checkpoint
 
 HPC_PATTERN = re.compile(r"^hpc_ckpt_(\d+)\.ckpt$")
@@ -50,6 +51,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except (OSError, RuntimeError) as e:
+            if is_disk_full(e, path.parent):
+                raise DiskFullError(f"no space left on {path.parent} writing {path.name}; the checkpoints already "
+                                    "there are intact: free space and rerun the same command to resume") from None
+            raise
         finally:
             tmp.unlink(missing_ok=True)
 

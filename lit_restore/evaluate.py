@@ -34,8 +34,9 @@ from lit_restore.data.images import write_bytes_atomic
 from lit_restore.lines import Lines, LinesError, line_stats, read_lines, save_lines
 from lit_restore.metrics import LPIPSWeightsError, load_lpips, psnr, quantize_8bit, ssim
 from lit_restore.models.clip import PromptCLIP
+from lit_restore.names import one_line
 from lit_restore.report import BIQAResult, Conventions, EvalResult, TaskResult, contact_sheet, write_report
-from lit_restore.restore import check_out_dir, progress_bar
+from lit_restore.restore import check_out_dir, make_out_dir, progress_bar
 from lit_restore.restorers import (AutoRestorer, FastRestorer, MissingWeightsError, Restorer, biqa_logits, build_restorer,
                                    has_stage, image_generator, load_biqa, pick_device)
 from lit_restore.settings import LoopSettings, RunSettings, SamplerSettings, TileSettings, check_settings
@@ -192,6 +193,8 @@ def evaluate_command(weights: str, suite: str, data: str, out: str, lines: Optio
     sampling, tiles = sampling or SamplerSettings(), tiles or TileSettings()
     loop, run_settings = loop or LoopSettings(), run_settings or RunSettings()
     try:
+        if save_lines_path and Path(save_lines_path).exists():
+            read_lines(save_lines_path)  # a malformed file is refused before the work, not after it
         ev = setup(weights, suite, data, out, lines, tasks, crop_border, lpips_weights, fast, compare_fast, sampling,
                    tiles, loop, run_settings)
     except (MissingWeightsError, FileNotFoundError, ValueError) as e:  # ConfigError and LinesError are ValueErrors
@@ -216,7 +219,7 @@ def evaluate_command(weights: str, suite: str, data: str, out: str, lines: Optio
     result = report(ev, measured, evaluated, weights, method, fast, crop_border, y_channel)
     paths = write_report(out, result)
     if measured.failed:
-        write_bytes_atomic(Path(out) / "failed.txt", ("\n".join(measured.failed) + "\n").encode("utf-8"))
+        write_bytes_atomic(Path(out) / "failed.txt", "".join(one_line(f) + "\n" for f in measured.failed).encode("utf-8"))
     if save_lines_path:
         try:
             save_lines(save_lines_path, line_role, {r.task: {"psnr": r.psnr, "ssim": r.ssim} for r in evaluated})
@@ -250,6 +253,7 @@ def setup(weights: str, suite: str, data: str, out: str, lines: Optional[str], t
     check_local_shards(shards, "--data")
     given = [weights, *(u for u in shards if is_local(u)), lines, suite if suite != "gir" else None]
     check_out_dir(Path(out), [Path(p) for p in given if p])
+    make_out_dir(Path(out))
     selected = select_tasks(suite, data, tasks)
     if not selected:
         raise ValueError(f"--tasks {tasks!r} selects no task")

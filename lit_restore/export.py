@@ -19,6 +19,7 @@ import dataclasses
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
@@ -31,6 +32,7 @@ from torch import nn
 
 from lit_restore.config import CLIPTextConfig, ConfigError, RunConfig, schema_for, to_yaml
 from lit_restore.data.degrade.types import DEGRADATION_TYPES, TYPES_KEY, align_type_rows, recorded_types
+from lit_restore.errors import DiskFullError, UserError, is_disk_full
 from lit_restore.exported import offline_model
 from lit_restore.settings import SamplerSettings
 from lit_restore.weights import WeightsError, load_checkpoint, load_sharded_checkpoint
@@ -263,8 +265,12 @@ def export_command(ckpt: str, out: str, ema: bool = True, onnx: bool = True) -> 
     stage.prepare_export()
     step = int(checkpoint.get("global_step", 0))
     final = Path(out) / cfg.stage
+    if final.parent.exists() and not final.parent.is_dir():
+        raise UserError(f"--out {final.parent} is a file; give a folder")
     final.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{cfg.stage}.", dir=final.parent))
+    for left in remove_dead_exports(final.parent):
+        print(f"removed {left}, left by a killed export")
+    work = Path(tempfile.mkdtemp(prefix=f".{cfg.stage}.{socket.gethostname()}.{os.getpid()}.", dir=final.parent))
     files = ["model.safetensors", "config.yaml", "README.md"]
     onnx_diffs: dict[str, float] = {}
     try:
@@ -286,12 +292,40 @@ def export_command(ckpt: str, out: str, ema: bool = True, onnx: bool = True) -> 
         if final.exists():
             shutil.rmtree(final)
         os.replace(work, final)
+    except Exception as e:
+        if is_disk_full(e, final.parent):
+            raise DiskFullError(f"no space left on {final.parent} writing the {cfg.stage} export; "
+                                f"{'the previous ' + str(final) + ' is intact' if final.exists() else 'nothing was written'}"
+                                ) from None
+        raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"exported {cfg.stage} (step {step}, {'EMA' if use_ema else 'raw'} weights) to {final}")
     for name, diff in onnx_diffs.items():
         print(f"  {name}: max abs difference to PyTorch (onnxruntime) {diff:.2e}")
     return 0
+
+
+def remove_dead_exports(folder: Path) -> list[Path]:
+    """Delete the work folders (`.<stage>.<host>.<pid>.XXXX`) that exports killed on this host
+    left in `folder`; those of live processes, and of other hosts, stay."""
+    removed = []
+    host = socket.gethostname()
+    for work in folder.glob(f".*.{host}.*.*"):
+        parts = work.name.split(".")  # ["", stage, host..., pid, random]
+        pid = parts[-2]
+        if not (work.is_dir() and not work.is_symlink() and pid.isdigit() and ".".join(parts[2:-2]) == host):
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # a live export
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # another user's live process
+        shutil.rmtree(work, ignore_errors=True)
+        removed.append(work)
+    return removed
 
 
 def follow_umask(folder: Path) -> None:

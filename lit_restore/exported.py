@@ -13,11 +13,13 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 from torch import nn
 
 from lit_restore.config import load_model_config
 from lit_restore.data.degrade.types import TYPES_KEY, align_type_rows, recorded_types
 from lit_restore.weights import WeightsError, read_weights, safetensors_metadata
+from lit_restore.weights_folder import check_entries, check_fits_file, check_values
 
 
 def offline_model(stage: str, m: Any, folder: Optional[Path] = None) -> Any:
@@ -79,11 +81,14 @@ def inference_modules(stage: str, m: Any) -> dict[str, nn.Module]:
 
 
 def exported_model_config(weights_dir: str | Path, stage: str) -> Any:
-    """The typed `model:` section of `weights_dir/<stage>/config.yaml`."""
+    """The typed `model:` section of `weights_dir/<stage>/config.yaml`, its numbers checked
+    (`weights_folder.check_values`)."""
     folder = Path(weights_dir) / stage
+    check_entries(folder)
     found, m = load_model_config(folder / "config.yaml")
     if found != stage:
         raise ValueError(f"{folder}/config.yaml is for stage {found}, not {stage}")
+    check_values(dataclasses.asdict(m), f"{folder}/config.yaml", "model")
     return m
 
 
@@ -94,6 +99,8 @@ def load_exported(weights_dir: str | Path, stage: str) -> nn.Module:
     if not (folder / "model.safetensors").is_file():
         raise FileNotFoundError(f"no exported {stage} weights in {folder} (run `lit-restore export CKPT --out {weights_dir}`)")
     m = offline_model(stage, exported_model_config(weights_dir, stage), folder)
+    with torch.device("meta"):  # shapes only: what the config asks for, against what the file holds
+        check_fits_file(inference_modules(stage, m).values(), [folder / "model.safetensors"], f"{folder}/config.yaml")
     modules = inference_modules(stage, m)
     state = read_weights(folder / "model.safetensors")
     # Rows indexed by degradation type follow this install's types (an export from before an op was added).

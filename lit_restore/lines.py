@@ -72,6 +72,8 @@ def read_lines(path: Union[str, Path]) -> Lines:
                 values[col] = float(cell)
             except ValueError:
                 raise LinesError(f"{path}:{row_no}: {col} = {cell!r} is not a number") from None
+            if not math.isfinite(values[col]):
+                raise LinesError(f"{path}:{row_no}: {col} = {cell!r} is not a finite number")
         lines[task] = values
     return lines
 

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from lit_restore.data.images import encode_png, write_bytes_atomic
 from lit_restore.lines import LineStats, Lines
+from lit_restore.names import safe_name
 
 # --------------------------------------------------------------------------------------
 # What the report holds
@@ -485,7 +486,7 @@ def write_report(out_dir: Union[str, Path], result: EvalResult) -> dict[str, Pat
         blocks.append(Paragraph("Per task: the degraded input, the restored output(s) and the ground truth, each "
                                 "with its PSNR against the ground truth; small images are enlarged by whole pixels."))
         for task, grid in result.grids.items():
-            rel = f"grids/{_safe_name(task)}.png"
+            rel = f"grids/{safe_name(task)}.png"
             rgb = (grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
             write_bytes_atomic(out / rel, encode_png(rgb))
             paths[f"grid:{task}"] = out / rel
@@ -498,6 +499,3 @@ def write_report(out_dir: Union[str, Path], result: EvalResult) -> dict[str, Pat
     write_bytes_atomic(paths["html"], render_html(blocks, out, "lit-restore evaluation").encode("utf-8"))
     return paths
 
-
-def _safe_name(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)

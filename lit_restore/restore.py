@@ -14,6 +14,7 @@ arguments, no inputs, an output folder that holds an input).
 
 from __future__ import annotations
 
+import errno
 import glob
 import io
 import json
@@ -27,7 +28,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from lit_restore.data.images import IMAGE_SUFFIXES, ImageReadError, is_image_file, read_image, write_bytes_atomic, write_png
+from lit_restore.data.images import (IMAGE_SUFFIXES, ImageReadError, encode_png, is_image_file, read_image, write_bytes_atomic,
+                                     write_files_atomic)
+from lit_restore.names import one_line
 from lit_restore.restorers import MissingWeightsError, Restorer, build_restorer, image_generator, pick_device
 from lit_restore.settings import LoopSettings, RunSettings, SamplerSettings, TileSettings, check_settings
 
@@ -102,16 +105,17 @@ def to_uint8(image: Tensor) -> np.ndarray:
 
 
 def save_result(out_dir: Path, stem: str, image: Tensor, info: dict[str, Any], log: dict[str, Any]) -> Path:
-    """Write the restored image (8-bit PNG; grayscale when the input was) and its JSON log."""
+    """Write the restored image (8-bit PNG; grayscale when the input was) and its JSON log as a
+    pair: both or, when the disk fails, neither."""
     rgb = to_uint8(image)
     path = out_dir / f"{stem}.png"
     if info.get("mode") in _GRAY_MODES:
         buf = io.BytesIO()
         Image.fromarray(rgb).convert("L").save(buf, format="PNG")
-        write_bytes_atomic(path, buf.getvalue())
+        png = buf.getvalue()
     else:
-        write_png(path, rgb)
-    write_bytes_atomic(out_dir / f"{stem}.json", json.dumps(log, indent=2).encode("utf-8"))
+        png = encode_png(rgb)
+    write_files_atomic([(path, png), (out_dir / f"{stem}.json", json.dumps(log, indent=2).encode("utf-8"))])
     return path
 
 
@@ -123,6 +127,17 @@ def check_out_dir(out: Path, inputs: Sequence[Path], option: str = "--out") -> N
         resolved = path.resolve()
         if resolved == root or root in resolved.parents:
             raise ValueError(f"{option} {out} holds the input {path}; choose an output folder outside the inputs")
+
+
+def make_out_dir(out: Path, option: str = "--out") -> None:
+    """Create the output folder before the first image, so a file in its place or a read-only
+    parent is one line (ValueError)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{option} {out} is a file; give a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{option} {out}: cannot make this folder ({e.strerror or e})") from None
 
 
 def load_input(path: Path) -> tuple[Tensor, dict[str, Any]]:
@@ -163,18 +178,25 @@ def restore_command(weights: str, inputs: Sequence[str], out: str, prompt: Optio
     sampling, tiles = sampling or SamplerSettings(), tiles or TileSettings()
     loop, run_settings = loop or LoopSettings(), run_settings or RunSettings()
     try:
-        files, missing, out_dir = setup_inputs(inputs, out, prompt, fast, sampling, tiles, loop)
         dev = pick_device(run_settings.device, run_settings.threads)
+        files, missing, out_dir = setup_inputs(inputs, out, prompt, fast, sampling, tiles, loop)
         restorer = build_restorer(weights, dev, prompt, fast, sampling, tiles, loop)
+        make_out_dir(out_dir)
     except (MissingWeightsError, ValueError) as e:
         _error(str(e))
         return 2
-    failed = restore_files(restorer, files, out_dir, run_settings.seed, dev)
+    failed, untried = restore_files(restorer, files, out_dir, run_settings.seed, dev)
+    note = ""
     if failed:
-        write_bytes_atomic(out_dir / "failed.txt", ("\n".join(failed) + "\n").encode("utf-8"))
-    note = f"; {len(failed)} failed (see {out_dir / 'failed.txt'})" if failed else ""
-    print(f"restored {len(files) - len(failed)} of {len(files)} image(s) into {out_dir}{note}")
-    return 1 if failed or missing else 0
+        try:
+            write_bytes_atomic(out_dir / "failed.txt", "".join(one_line(f) + "\n" for f in failed).encode("utf-8"))
+            note = f"; {len(failed)} failed (see {out_dir / 'failed.txt'})"
+        except OSError as e:
+            note = f"; {len(failed)} failed (failed.txt not written either: {e.strerror or e})"
+    if untried:
+        note += f"; stopped: no space left on {out_dir}, {untried} image(s) not tried"
+    print(f"restored {len(files) - len(failed) - untried} of {len(files)} image(s) into {out_dir}{note}")
+    return 1 if failed or missing or untried else 0
 
 
 def setup_inputs(inputs: Sequence[str], out: str, prompt: Optional[str], fast: bool, sampling: SamplerSettings,
@@ -191,19 +213,23 @@ def setup_inputs(inputs: Sequence[str], out: str, prompt: Optional[str], fast: b
         raise ValueError("no input images")
     out_dir = Path(out)
     check_out_dir(out_dir, files)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} is a file; give a folder")
     return files, missing, out_dir
 
 
-def restore_files(restorer: Restorer, files: Sequence[Path], out_dir: Path, seed: int, device: torch.device) -> list[str]:
+def restore_files(restorer: Restorer, files: Sequence[Path], out_dir: Path, seed: int, device: torch.device
+                  ) -> tuple[list[str], int]:
     """Restore each file into `out_dir`; returns one line per file that failed (unreadable, out of
-    memory), the others are written."""
+    memory, not writable), the others are written, and how many were not tried because the disk
+    filled up (the loop stops there: every further image would fail the same way)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     taken: set[str] = set()
     failed: list[str] = []
     # Progress and skip notes on stderr: stdout keeps the one summary line.
     with progress_bar("restore") as bar:
         job = bar.add_task("", total=len(files))
-        for path in files:
+        for i, path in enumerate(files):
             bar.update(job, description=path.name)
             reason = None
             try:
@@ -215,8 +241,14 @@ def restore_files(restorer: Restorer, files: Sequence[Path], out_dir: Path, seed
                 reason = f"{path}: out of memory ({type(e).__name__}); try a smaller --tile or a larger machine"
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+            except OSError as e:  # writing the result
+                reason = f"{path}: not written ({e.strerror or e})"
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    failed.append(reason)
+                    bar.console.print(f"[red]stopped[/red] {reason}: no space left on {out_dir}")
+                    return failed, len(files) - i - 1
             if reason is not None:
                 failed.append(reason)
-                bar.console.print(f"[red]skipped[/red] {reason}")
+                bar.console.print(f"[red]skipped[/red] {one_line(reason)}")
             bar.advance(job)
-    return failed
+    return failed, 0

@@ -9,6 +9,8 @@ trained on) and needs no tiling.
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -33,7 +35,19 @@ def pick_device(device: str, threads: int = 0) -> torch.device:
     `threads` threads (0: as `lit_restore.threads.cpu_threads` chooses)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device}: not a device; use auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        have = torch.cuda.device_count()
+        raise ValueError(f"--device {device}: this machine has {have or 'no'} CUDA GPU{'s' if have != 1 else ''}; "
+                         "use --device cpu (or auto)")
+    cores = os.cpu_count() or 1
+    if not 0 <= threads <= cores:
+        raise ValueError(f"--threads {threads}: this machine has {cores} cores; give 0 (one per core) up to {cores}")
     if dev.type == "cpu":
         from lit_restore.threads import use_cpu_threads
 

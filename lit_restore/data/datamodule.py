@@ -15,14 +15,18 @@ samples it trained on before the preemption.
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Optional
 
 import lightning as L
 import torch.distributed as dist
 import webdataset as wds
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_restore.config import DataConfig, Source
-from lit_restore.data.shards import CorruptDataError, TrainStream, ValStream, check_local_shards, expand_urls, make_loader, shard_count
+from lit_restore.data.shards import (CorruptDataError, TrainStream, ValStream, check_local_shards, expand_urls, is_local,
+                                     make_loader, shard_count)
 
 
 def _expand(sources: list[Source], split: str) -> list[tuple[list[str], float]]:
@@ -33,6 +37,27 @@ def _expand(sources: list[Source], split: str) -> list[tuple[list[str], float]]:
                            f"data.{split}[{i}].url")
         out.append((urls, float(src.weight)))
     return out
+
+
+def incomplete_shard_sets(urls: list[str]) -> list[str]:
+    """One line per local shard folder that looks unfinished: no `manifest.json` (prep-shards
+    writes it last, so a killed run leaves none), or a manifest listing shards that are not there."""
+    notes = []
+    for folder in sorted({os.path.dirname(u) or "." for u in urls if is_local(u)}):
+        manifest = os.path.join(folder, "manifest.json")
+        if not os.path.isfile(manifest):
+            notes.append(f"{folder} has no manifest.json: if prep-shards wrote it, it did not finish (rerun it "
+                         "with --overwrite)")
+            continue
+        try:
+            listed = [e["file"] for e in json.loads(open(manifest, "rb").read())["shards"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # the loader reports an unreadable manifest itself
+        missing = [f for f in listed if not os.path.isfile(os.path.join(folder, os.path.basename(str(f))))]
+        if missing:
+            notes.append(f"{folder}: {len(missing)} of the {len(listed)} shards its manifest.json lists are missing "
+                         f"(e.g. {missing[0]})")
+    return notes
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -48,9 +73,11 @@ class ShardDataModule(L.LightningDataModule):
 
     def check_sources(self) -> None:
         """Every local shard the train and val patterns name exists (one-line error otherwise):
-        checked before the networks are built, not when the first loader starts."""
-        _expand(self.cfg.train, "train")
-        _expand(self.cfg.val, "val")
+        checked before the networks are built, not when the first loader starts. A local shard
+        folder that looks unfinished (`incomplete_shard_sets`) gets a warning."""
+        for split in ("train", "val"):
+            for note in incomplete_shard_sets([u for urls, _ in _expand(getattr(self.cfg, split), split) for u in urls]):
+                rank_zero_warn(f"data.{split}: {note}")
 
     def set_restart(self, n: int) -> None:
         """Reseed the training stream for the n-th (re)start; call before the loaders are built."""

@@ -21,7 +21,7 @@ import io
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Sequence, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -192,6 +192,26 @@ def write_bytes_atomic(path: Union[str, Path], data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_files_atomic(files: Sequence[tuple[Union[str, Path], bytes]]) -> None:
+    """Write several files as one: every temporary is written first, then each is renamed over
+    its target; a failure while writing (a full disk) removes the temporaries and leaves every
+    target as it was."""
+    temps = []
+    try:
+        for path, data in files:
+            path = Path(path)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            temps.append((tmp, path))
+            with open(tmp, "wb") as f:
+                f.write(data)
+    except BaseException:
+        for tmp, _ in temps:
+            tmp.unlink(missing_ok=True)
+        raise
+    for tmp, path in temps:
+        os.replace(tmp, path)
 
 
 def write_png(path: Union[str, Path], rgb: np.ndarray) -> None:

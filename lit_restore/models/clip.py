@@ -295,11 +295,18 @@ class TransformersTextTower(nn.Module):
 
     @classmethod
     def from_folder(cls, folder: Path) -> "TransformersTextTower":
-        from transformers import CLIPTextModel, CLIPTokenizer
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
         from transformers.utils import logging as transformers_logging
 
+        from lit_restore.weights_folder import check_entries, check_fits_file, read_json_config
+
         transformers_logging.disable_progress_bar()  # restore draws its own progress bar
-        return cls(CLIPTextModel.from_pretrained(str(folder / "text_encoder")),
+        encoder = folder / "text_encoder"
+        check_entries(folder)
+        config = CLIPTextConfig.from_dict(read_json_config(encoder / "config.json"))
+        with torch.device("meta"):
+            check_fits_file([CLIPTextModel(config)], sorted(encoder.glob("*.safetensors")), f"{encoder}/config.json")
+        return cls(CLIPTextModel.from_pretrained(str(encoder), use_safetensors=True),
                    CLIPTokenizer.from_pretrained(str(folder / "tokenizer")))
 
     @torch.no_grad()

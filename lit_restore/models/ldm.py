@@ -58,9 +58,16 @@ def _from_pretrained(cls: Any, pretrained: str, subfolder: str, key: str, config
 
 
 def architecture_config(cls: Any, pretrained: str, subfolder: str, key: str = "model.pretrained") -> dict[str, Any]:
-    """The constructor kwargs of `cls` in `pretrained`'s `subfolder`/config.json; no weights read."""
+    """The constructor kwargs of `cls` in `pretrained`'s `subfolder`/config.json; no weights read.
+    Its numbers and keys are checked (`lit_restore.weights_folder`): the folder may be a stranger's."""
+    from lit_restore.weights_folder import check_constructor_keys, check_values
+
     config = _from_pretrained(cls, pretrained, subfolder, key, config_only=True)
-    return {k: v for k, v in config.items() if not k.startswith("_")}  # diffusers' bookkeeping keys
+    config = {k: v for k, v in config.items() if not k.startswith("_")}  # diffusers' bookkeeping keys
+    where = f"{pretrained}/{subfolder}/config.json"
+    check_values(config, where)
+    check_constructor_keys(cls, config, where)
+    return config
 
 
 def saved_prediction_type(pretrained: str) -> Optional[str]:

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-import os
+import io
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
+from lit_restore.data import images
 from lit_restore.data.degrade.ops import CHAIN_ORDER, OPS
 from lit_restore.data.degrade.suite import degrade_for_task, load_suite, task_from_ops
 
@@ -53,12 +53,9 @@ def _number(text: str) -> Any:
 
 
 def read_image(path: str | Path) -> Tensor:
-    """(1, 3, H, W) float in [0, 1] from any PIL-readable image."""
-    try:
-        with Image.open(path) as im:
-            rgb = np.asarray(im.convert("RGB"))
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: cannot read image ({type(e).__name__})") from None
+    """(1, 3, H, W) float in [0, 1] from any image `lit_restore.data.images` reads (ImageReadError,
+    a ValueError, for anything else: a decompression bomb too)."""
+    rgb, _ = images.read_image(path)
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None].float() / 255
 
 
@@ -67,11 +64,17 @@ def to_pil(x: Tensor) -> Image.Image:
 
 
 def save_atomic(image: Image.Image, out: str | Path) -> None:
+    """Write `image` to `out` (format from its suffix, PNG otherwise) through a temporary beside
+    it; ValueError, one line, for an `out` that is a folder or cannot be written."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    image.save(tmp, format=Image.registered_extensions().get(out.suffix.lower(), "PNG"))
-    os.replace(tmp, out)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give an image file, e.g. {out / 'degraded.png'}")
+    buf = io.BytesIO()
+    image.save(buf, format=Image.registered_extensions().get(out.suffix.lower(), "PNG"))
+    try:
+        images.write_bytes_atomic(out, buf.getvalue())
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot write ({e.strerror or e})") from None
 
 
 def labelled_grid(rows: list[list[tuple[str, Tensor]]]) -> Image.Image:

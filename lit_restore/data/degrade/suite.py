@@ -23,6 +23,7 @@ from lit_restore.config import ConfigError, DegradeConfig, check_degrade
 from lit_restore.data.degrade.composer import Degrader
 from lit_restore.data.degrade.ops import CHAIN_ORDER, OPS
 from lit_restore.data.degrade.types import DEGRADATION_TYPES
+from lit_restore.names import safe_name
 
 DEFAULT_SUITE = Path(__file__).resolve().parents[3] / "configs" / "gir_suite.yaml"
 SUITE_VERSION = 1
@@ -311,7 +312,7 @@ def survey_shards(urls: str | list[str]) -> ShardSurvey:
                 found.setdefault((str(meta.get("dataset", "")), kind), pattern)
     tasks = []
     for (dataset, kind), pattern in sorted(found.items()):
-        name = f"real_{dataset or 'paired'}_{kind}".replace(" ", "-").replace("/", "-")
+        name = f"real_{safe_name(dataset.replace(' ', '-').replace('/', '-'), 40) if dataset else 'paired'}_{kind}"
         tasks.append(Task(name=name, types=(kind,), ops={}, seed=0, level="real", kind="real",
                           source=pattern, dataset=dataset))
     return ShardSurvey(tasks, clean)
