@@ -280,3 +280,14 @@ def test_hostile_weights_folders_are_refused_in_one_line_before_anything_is_buil
                  "--steps", "2", *fast])
     line = one_line_error(capsys)
     assert code == 2 and said in line, line
+
+
+def test_a_config_that_is_a_fifo_or_huge_is_one_line(tmp_path, capsys):
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    assert main(["fit", str(fifo)]) == 2  # before: blocked on the read for good
+    assert one_line_error(capsys) == f"lit-restore: config error: {fifo}: not a regular file"
+    big = tmp_path / "big.yaml"
+    big.write_text("a: " + "x" * (2 << 20))
+    assert main(["fit", str(big)]) == 2
+    assert "a config is a few KB" in one_line_error(capsys)

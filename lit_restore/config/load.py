@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import os
 import re
+import stat
 import types
 import typing
 from pathlib import Path
@@ -214,10 +216,26 @@ def schema_for(stage: str) -> DictConfig:
     return schema
 
 
+# Configs, the exported ones included, are a few KB; a larger file is not a config (or a YAML bomb).
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def _read_yaml(path: str | Path | None) -> DictConfig:
     """A YAML mapping from `path` (an empty one for None); ConfigError with one line otherwise."""
     import yaml
 
+    if path is not None:
+        try:
+            info = os.stat(path)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+        if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block the read
+            raise ConfigError(f"{path}: not a regular file")
+        if info.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {info.st_size:,} bytes; a config is a few KB (at most "
+                              f"{MAX_CONFIG_BYTES:,} bytes are read)")
     try:
         raw = OmegaConf.load(path) if path is not None else OmegaConf.create({})
     except FileNotFoundError:
