@@ -9,10 +9,10 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "lit_restore"
 TRAINING = ("lightning", "pytorch_lightning", "torchmetrics", "lit_restore.fit", "lit_restore.stages",
             "lit_restore.checkpointing", "lit_restore.guards", "lit_restore.export", "lit_restore.data.datamodule",
-            "lit_restore.demo", "lit_restore.foundations")
+            "lit_restore.demo", "lit_restore.foundations", "lit_restore.rundir")
 INFERENCE = ["exported.py", "loop.py", "restorers.py", "restore.py", "evaluate.py", "settings.py", "metrics.py",
              "lines.py", "report.py", "tiling.py", "weights.py", "losses.py", "models/*.py", "data/images.py",
-             "data/shards.py", "data/degrade/*.py"]
+             "data/shards.py", "data/remote.py", "data/degrade/*.py", "names.py", "weights_folder.py"]
 
 
 def imported_modules(path: Path) -> set[str]:

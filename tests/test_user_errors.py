@@ -265,12 +265,14 @@ def edit_model(path: Path, key: str, value) -> None:
      "text_encoder/config.json describes a model of"),
     (lambda w: edit_model(w / "restorer" / "config.yaml", "width", 4096), "restorer/config.yaml describes a model of"),
     (lambda w: edit_model(w / "restorer" / "config.yaml", "middle_blocks", 10**9), "middle_blocks = 1e+09 is beyond"),
+    (lambda w: edit_model(w / "restorer" / "config.yaml", "constyle", {"queue_size": 10**11}),
+     "queue_size = 1e+11 is beyond"),
     (lambda w: ((w / "restorer" / "config.yaml").unlink(), os.mkfifo(w / "restorer" / "config.yaml")),
      "config.yaml: not a regular file (a FIFO"),
 ])
 def test_hostile_weights_folders_are_refused_in_one_line_before_anything_is_built(request, tmp_path, capsys,
                                                                                    change, said):
-    restorer = "restorer" in said or "FIFO" in said or "middle_blocks" in said  # the --fast export, else the loop's
+    restorer = any(w in said for w in ("restorer", "FIFO", "middle_blocks", "queue_size"))  # the --fast export
     weights = tampered(request.getfixturevalue("weights" if restorer else "loop_weights"), tmp_path, change)
     photo = tmp_path / "p.png"
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(photo)
