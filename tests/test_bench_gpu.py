@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from _pythonpath import pythonpath
+
 ROOT = Path(__file__).resolve().parents[1]
 NOT_ON_CPU = {"ldm_fsdp", "compiled"}  # CUDA only
 
@@ -16,8 +18,7 @@ NOT_ON_CPU = {"ldm_fsdp", "compiled"}  # CUDA only
 def test_gpu_bench_runs_every_section_on_the_cpu(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "bench/gpu.py"), "--device", "cpu", "--out", str(tmp_path),
                           "--work", str(tmp_path / "work")], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1",
-                              "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath(ROOT)})
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads((tmp_path / "gpu.json").read_text())
     s = results["sections"]
