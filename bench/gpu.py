@@ -7,11 +7,12 @@ stage busy; restore and evaluate end to end; and what 3 minutes of tiny-restorer
     python bench/gpu.py --device cpu --out /tmp/bench_cpu    # tiny configs, a few steps (a test)
 
 Every section runs in its own try: a failure is reported (and written) and the others go on.
-Results are printed as a Markdown table and written to OUT/gpu.json after every section, so a
-run cut short keeps what it measured. Sections that would start after `--budget` seconds are
-skipped. On CUDA the full configs (configs/<stage>.yaml) get random weights in the real layouts
-from bench/full_configs.py (an open_clip ViT-L/14 file, an SD-1.5 diffusers folder, the
-constyle stage's export, the ldm stage's checkpoint); on the CPU the tiny configs.
+Results are written to OUT/gpu.json and, as a Markdown table, to OUT/gpu.md after every section
+(so a run cut short keeps what it measured), and the table is printed at the end. Sections that
+would start after `--budget` seconds are skipped. On CUDA the full configs (configs/<stage>.yaml)
+get random weights in the real layouts from bench/full_configs.py (an open_clip ViT-L/14 file, an
+SD-1.5 diffusers folder, the constyle stage's export, the ldm stage's checkpoint); on the CPU the
+tiny configs.
 
 FLOPs are counted with torch.utils.flop_counter over one training step (forward and backward;
 matmuls, convolutions and attention), MFU = FLOPs / step time / the device's dense bf16 peak.
@@ -550,8 +551,9 @@ def main() -> None:
             free(device)
         results["seconds"] = round(time.perf_counter() - start, 1)
         (out / "gpu.json").write_text(json.dumps(results, indent=2, default=str))
+        (out / "gpu.md").write_text(table(results) + "\n")
     print(table(results))
-    print(f"\ntotal {results['seconds']} s; written {out / 'gpu.json'}")
+    print(f"\ntotal {results['seconds']} s; written {out / 'gpu.json'} and {out / 'gpu.md'}")
 
 
 if __name__ == "__main__":

@@ -101,9 +101,17 @@ def load_sharded_checkpoint(folder: str | Path) -> dict[str, Any]:
     folder = Path(folder)
 
     class Reader(FileSystemReader):
+        # Some torch releases (2.11) catch what read_metadata raises, to look for per-rank
+        # metadata, and then fail on "metadata is None": the real reason is kept here.
+        failure: Optional[Exception] = None
+
         def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-            with open(folder / ".metadata", "rb") as f:
-                metadata = _MetadataUnpickler(f).load()
+            try:
+                with open(folder / ".metadata", "rb") as f:
+                    metadata = _MetadataUnpickler(f).load()
+            except Exception as e:
+                self.failure = e
+                raise
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id
@@ -119,13 +127,15 @@ def load_sharded_checkpoint(folder: str | Path) -> dict[str, Any]:
             super().load_bytes(read_item, clean)
 
     checkpoint: dict[str, Any] = {}
+    reader = Reader(folder)
     try:
-        _load_state_dict(checkpoint, storage_reader=Reader(folder), planner=Planner(), no_dist=True)
+        _load_state_dict(checkpoint, storage_reader=reader, planner=Planner(), no_dist=True)
     except (Exception, CheckpointException) as e:  # the folder is a stranger's: any failure is that checkpoint's
+        cause = reader.failure or e
         # CheckpointException carries the failing rank's traceback; its last line is the error.
-        lines = str(e).strip().splitlines()
-        reason = lines[-1][:200] if lines else type(e).__name__
-        refused = _refusal(folder, e)
+        lines = str(cause).strip().splitlines()
+        reason = lines[-1][:200] if lines else type(cause).__name__
+        refused = _refusal(folder, cause)
         raise refused or WeightsError(f"{folder}: not a readable sharded checkpoint: {reason}") from None
     extra = folder / "meta.pt"  # what Lightning keeps beside the shards: step, hyper-parameters, ...
     if extra.is_file():

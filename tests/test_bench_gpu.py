@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from _pythonpath import pythonpath
+
 ROOT = Path(__file__).resolve().parents[1]
 NOT_ON_CPU = {"ldm_fsdp", "compiled"}  # CUDA only
 
@@ -16,7 +18,7 @@ NOT_ON_CPU = {"ldm_fsdp", "compiled"}  # CUDA only
 def test_gpu_bench_runs_every_section_on_the_cpu(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "bench/gpu.py"), "--device", "cpu", "--out", str(tmp_path),
                           "--work", str(tmp_path / "work")], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath(ROOT)})
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads((tmp_path / "gpu.json").read_text())
     s = results["sections"]
@@ -32,3 +34,4 @@ def test_gpu_bench_runs_every_section_on_the_cpu(tmp_path):
     assert all(v["exit"] == 0 for v in s["commands"].values()) and len(s["commands"]) == 3
     assert s["tiny_restorer"]["steps"] > 0 and set(s["tiny_restorer"]["gain_per_type"]) >= {"noise", "blur"}
     assert "| stages | ldm |" in out.stdout  # the printed table
+    assert (tmp_path / "gpu.md").read_text() in out.stdout  # and the one written

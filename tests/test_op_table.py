@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _pythonpath import pythonpath
 from lit_restore.config import load_config
 from lit_restore.data.degrade.ops import CHAIN_ORDER, OPS
 from lit_restore.data.degrade.types import (DEGRADATION_TYPES, FIRST_TYPES, SYNTHETIC_TYPES, TYPES_KEY,
@@ -163,7 +164,7 @@ def test_an_op_added_in_one_file_is_drawn_previewed_named_and_old_checkpoints_lo
         print(json.dumps(out))
     ''')
     run = subprocess.run([sys.executable, "-c", script], cwd=tree, capture_output=True, text=True, timeout=600,
-                         env={"PYTHONPATH": str(tree), "PATH": "/usr/bin:/bin", "WANDB_MODE": "disabled",
+                         env={"PYTHONPATH": pythonpath(tree), "PATH": "/usr/bin:/bin", "WANDB_MODE": "disabled",
                               "HOME": str(tmp_path)})
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _pythonpath import pythonpath
 from lit_restore.cli import main as cli_main
 from lit_restore.config import ConfigError, load_config
 from lit_restore.slurm import render_sbatch
@@ -177,7 +178,7 @@ def probe_job(run: Path, name: str, *overrides: str) -> Path:
 @pytest.mark.slurm
 def test_preempted_job_requeues_resumes_and_matches_uninterrupted(cluster, tmp_path):
     steps = ["trainer.max_steps=24", "checkpoint.every_n_steps=4"]
-    env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}
+    env = {**os.environ, "PYTHONPATH": pythonpath(REPO / "tests")}
     a_run, b_run = tmp_path / "a", tmp_path / "b"
     a_id = submit(probe_job(a_run, "probe-a", *steps), env)
     b_env = {**env, "PROBE_SLEEP": "0.3", "WANDB_MODE": "offline"}

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from _probe import Probe, ProbeData, probe_config
+from _pythonpath import pythonpath
 from lit_restore.config import ConfigError
 from lit_restore.fit import FSDP2Strategy, build_callbacks, build_strategy, fit, trainer_kwargs
 
@@ -20,7 +21,7 @@ PROBE = Path(__file__).resolve().parent / "_probe.py"
 
 def run_probe(run: Path, *overrides: str) -> torch.Tensor:
     out = subprocess.run([sys.executable, str(PROBE), str(run), "trainer.devices=2", *overrides],
-                         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(PROBE.parent)})
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": pythonpath(PROBE.parent)})
     assert out.returncode == 0, out.stderr[-3000:]
     assert "PROBE_DONE step=6 rank=0" in out.stdout and "PROBE_DONE step=6 rank=1" in out.stdout
     return torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
