@@ -38,10 +38,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn, device: torch.device, repeats: int) -> tuple[float, float]:
-    """Median wall seconds and median CPU seconds (this process, all threads) of `fn()` over
-    `repeats` runs after one warm-up run. On a shared machine the CPU time is the steadier
-    figure: it does not count the time other processes held the cores."""
+def timed(fn, device: torch.device, repeats: int) -> tuple[list[float], list[float]]:
+    """Wall seconds and CPU seconds (this process, all threads) of each of `repeats` calls of
+    `fn()` after one warm-up call. On a shared machine the CPU time is the steadier figure: it
+    does not count the time other processes held the cores."""
     fn()
     _sync(device)
     wall, cpu = [], []
@@ -51,7 +51,7 @@ def timed(fn, device: torch.device, repeats: int) -> tuple[float, float]:
         _sync(device)
         wall.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
-    return statistics.median(wall), statistics.median(cpu)
+    return wall, cpu
 
 
 def basicsr_chain(device: torch.device) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
@@ -110,12 +110,18 @@ def basicsr_chain(device: torch.device) -> Optional[Callable[[torch.Tensor], tor
 
 def interleaved(runs: dict[str, Callable[[], object]], device: torch.device, rounds: int, repeats: int
                 ) -> dict[str, tuple[float, float]]:
-    """Median wall and CPU seconds of each run, over `rounds` rounds that take each run in turn."""
-    got: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
+    """Mean wall and CPU seconds per call of each run over `rounds` rounds that take each run in
+    turn: throughput is images over total time, and a chain whose cost varies from call to call
+    (BasicSR's, whose resize sometimes enlarges the image the later ops see) is not represented
+    by its median call."""
+    wall: dict[str, list[float]] = {name: [] for name in runs}
+    cpu: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(rounds):
         for name, fn in runs.items():
-            got[name].append(timed(fn, device, repeats))
-    return {name: (statistics.median(w for w, _ in t), statistics.median(c for _, c in t)) for name, t in got.items()}
+            w, c = timed(fn, device, repeats)
+            wall[name] += w
+            cpu[name] += c
+    return {name: (statistics.fmean(wall[name]), statistics.fmean(cpu[name])) for name in runs}
 
 
 def main() -> None:
@@ -124,10 +130,14 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
-    p.add_argument("--repeats", type=int, default=5, help="timed calls per round")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the mode comparison")
+    p.add_argument("--repeats", type=int, default=8, help="timed calls per round")
+    p.add_argument("--rounds", type=int, default=4, help="interleaved rounds of the mode comparison")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
+    # BasicSR's chain draws from the global generators: the same sequence of draws every run.
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
     device = torch.device(a.device)
     g = torch.Generator(device=device).manual_seed(0)
     gt = torch.rand(a.batch, 3, a.size, a.size, generator=g, device=device)
@@ -161,14 +171,15 @@ def main() -> None:
         for i in range(a.batch):
             degrader(gt[i : i + 1], generator=g)
 
-    looped, looped_cpu = timed(loop, device, max(1, a.repeats // 2))
+    looped, looped_cpu = map(statistics.fmean, timed(loop, device, max(1, a.repeats // 2)))
     print(f"per-sample   {a.batch / looped:8.1f} images/s  (Python loop over the batch; batched is "
           f"{looped / batched:.1f}× faster in wall time, {looped_cpu / cpu:.1f}× in CPU time)")
 
     print("per op on the whole batch, ms (wall, CPU):")
     for name in degrader.chain:
         draws = Draws(gt.shape, g, device)
-        seconds, op_cpu = timed(lambda name=name, draws=draws: degrader._op(name, gt, draws), device, a.repeats)
+        seconds, op_cpu = map(statistics.median, timed(lambda name=name, draws=draws: degrader._op(name, gt, draws),
+                                                      device, a.repeats))
         print(f"  {name:9s} {seconds * 1000:7.1f} {op_cpu * 1000:7.1f}")
 
     if device.type == "cuda":

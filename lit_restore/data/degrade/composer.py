@@ -163,7 +163,8 @@ class Degrader(nn.Module):
                         params[f"{name}.{key}"] = value.float() if index is None else torch.full(
                             (b,), math.nan, device=device).index_copy_(0, index, value.float())
             label = torch.where(types.any(dim=1), severity.argmax(dim=1), 0)
-            return x.clamp_(0, 1), label, types, params
+            # Quantized op outputs are in [0, 1] already, and so are the untouched samples.
+            return x if self.cfg.quantize else x.clamp_(0, 1), label, types, params
 
 
 def _round(value: float, rng: random.Random) -> int:
