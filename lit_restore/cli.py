@@ -214,7 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("fit", help="train a stage from a config",
                        description="Train one stage. Overrides are key=value pairs, e.g. data.batch_size=16.",
-                       epilog="exit codes: 0 finished, 2 config error, missing data or weights (nothing was built), "
+                       epilog="exit codes: 0 finished, 2 config error, missing data or weights, the run dir held by "
+                              "another fit (nothing was built), or no space left for a checkpoint (the earlier "
+                              "ones are intact), "
                               "3 stopped on a non-finite loss (checkpoint.on_nan=stop; a checkpoint was saved), "
                               "4 stopped because the data could not be read (too many unreadable samples or shards "
                               "that keep failing; a single-process run saved its last step), "

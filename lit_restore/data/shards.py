@@ -134,7 +134,10 @@ class CorruptCounter:
         self.since_batch += n
         if self.corrupt - n < MAX_LOGGED:
             more = "; further ones are only counted" if self.corrupt >= MAX_LOGGED else ""
-            log.warning("skipped %d unreadable sample(s) at %s: %s%s", n, where, reason, more)
+            if shard_failed:
+                log.warning("shard %s gave no sample (counted as %d unreadable): %s%s", where, n, reason, more)
+            else:
+                log.warning("skipped %d unreadable sample(s) at %s: %s%s", n, where, reason, more)
         self.shards_failed_in_row = self.shards_failed_in_row + 1 if shard_failed else 0
         if self.shards_failed_in_row >= MAX_SHARDS_FAILED_IN_ROW:
             raise CorruptDataError(f"{self.shards_failed_in_row} shards in a row gave no sample; last: {where}: {reason}")
