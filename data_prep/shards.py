@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from lit_restore.names import one_line
+import numpy as np
+
 from lit_restore.data.degrade.types import DEGRADATION_TYPES
 from lit_restore.data.images import (
     IMAGE_SUFFIXES,
@@ -38,6 +39,7 @@ from lit_restore.data.images import (
     read_image,
     write_bytes_atomic,
 )
+from lit_restore.names import one_line
 
 # Paired-data task names as datasets spell them → DEGRADATION_TYPES.
 TASK_ALIASES: dict[str, str] = {
@@ -96,6 +98,10 @@ class WorkItem:
     task: Optional[str] = None  # paired mode: DEGRADATION_TYPES name
     crop: int = 0  # pre-crop tile size (0: whole image)
     stride: int = 0
+    # A test set's noisy twin made here instead of read (prep-benchmark): lq = gt + σ·N(0, 1) from
+    # numpy's default_rng(noise_seed), cut to uint8 as PromptIR's test code does (truncation).
+    noise_sigma: float = 0.0
+    noise_seed: tuple[int, ...] = ()
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -220,6 +226,9 @@ def encode_item(item: WorkItem) -> tuple[list[dict[str, Any]], Optional[str]]:
         if item.lq is not None:
             lq, _ = read_image(item.lq)
             scale = pair_scale(lq.shape[:2], gt.shape[:2], item.task)
+        elif item.noise_sigma > 0:
+            noise = np.random.default_rng(list(item.noise_seed)).standard_normal(gt.shape) * item.noise_sigma
+            lq = np.clip(gt + noise, 0, 255).astype(np.uint8)
     except ImageReadError as e:
         return [], str(e)
     except ValueError as e:
@@ -407,7 +416,18 @@ def prep_shards(inputs: list[str], out: str, lq: Optional[str], gt: Optional[str
     except UsageError as e:
         print(f"lit-restore prep-shards: error: {e}", file=sys.stderr)
         return 2
+    args = {"inputs": [str(i) for i in inputs or []], "lq": lq and str(lq), "gt": gt and str(gt), "task": task, "name": name, "crop": crop,
+            "stride": stride, "max_count": max_count, "max_size": max_size, "seed": seed, "prefix": prefix}
+    _, skipped = write_items(items, out_dir, skipped, dataset, task_name, args, max_count, max_size, seed, workers,
+                             prefix)
+    return 1 if skipped else 0
 
+
+def write_items(items: list[WorkItem], out_dir: Path, skipped: list[str], dataset: str, task_name: Optional[str],
+                args: dict[str, Any], max_count: int, max_size: float, seed: int, workers: int, prefix: str
+                ) -> tuple[int, list[str]]:
+    """Encode `items` into shards in `out_dir` (prepared), then `skipped.txt` and `manifest.json`;
+    returns the samples written and every skipped line (`skipped` and the items that failed)."""
     rng = random.Random(seed)
     rng.shuffle(items)
     processes = min(workers or os.cpu_count() or 1, max(len(items), 1))
@@ -439,11 +459,9 @@ def prep_shards(inputs: list[str], out: str, lq: Optional[str], gt: Optional[str
 
     if skipped:
         write_bytes_atomic(out_dir / SKIPPED, "".join(one_line(line) + "\n" for line in skipped).encode())
-    args = {"inputs": [str(i) for i in inputs or []], "lq": lq and str(lq), "gt": gt and str(gt), "task": task, "name": name, "crop": crop,
-            "stride": stride, "max_count": max_count, "max_size": max_size, "seed": seed, "prefix": prefix}
     write_manifest(out_dir, sink.shards, dataset=dataset, task=task_name,
                    mode="paired" if task_name else "clean", skipped=len(skipped), args=args)
     total = sum(s["count"] for s in sink.shards)
     note = f" (see {out_dir / SKIPPED})" if skipped else ""
     print(f"written {total} samples in {len(sink.shards)} shards to {out_dir}, skipped {len(skipped)}{note}")
-    return 1 if skipped else 0
+    return total, skipped

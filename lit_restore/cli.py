@@ -21,6 +21,15 @@ def _prep_shards(a: argparse.Namespace) -> int:
     )
 
 
+def _prep_benchmark(a: argparse.Namespace) -> int:
+    from data_prep.benchmarks import prep_benchmark
+
+    if not a.check and not a.out:
+        print("lit-restore prep-benchmark: --out required (or --check to only report)", file=sys.stderr)
+        return 2
+    return prep_benchmark(a.protocol, a.root, a.out, check=a.check, overwrite=a.overwrite, workers=a.workers)
+
+
 def _prep_sample(a: argparse.Namespace) -> int:
     from data_prep.sample import prep_sample
 
@@ -187,6 +196,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prefix", default="shard", help="shard file name prefix")
     s.add_argument("--overwrite", action="store_true", help="replace existing shards in --out")
     s.set_defaults(func=_prep_shards)
+
+    s = sub.add_parser("prep-benchmark", help="the all-in-one protocols' datasets (aio3, aio5) → shards",
+                       description="Find the 3-task (aio3) or 5-task (aio5) protocol's datasets under --root in their "
+                                   "release layouts, report each (found, counts, unpaired files), and write train and "
+                                   "test shards.",
+                       epilog="exit codes: 0 written (or, with --check, every dataset found); 1 written, but some "
+                              "files were skipped (listed in each set's skipped.txt); 2 a required dataset missing "
+                              "(the report names it) or a usage error, nothing written")
+    s.add_argument("protocol", choices=("aio3", "aio5"), help="aio3: noise, rain, haze; aio5: adds GoPro and LOL-v1")
+    s.add_argument("--root", required=True, help="folder holding the datasets as downloaded")
+    s.add_argument("--out", help="output folder: train/<dataset>/, test/<set>/, benchmark.json")
+    s.add_argument("--check", action="store_true", help="only report what is found; write nothing")
+    s.add_argument("--workers", type=int, default=0, help="encoding processes (0: all cores)")
+    s.add_argument("--overwrite", action="store_true", help="replace existing shards in --out")
+    s.set_defaults(func=_prep_benchmark)
 
     s = sub.add_parser("prep-sample", help="build the quickstart shards from scikit-image's sample photos",
                        description="Random crops of the photos shipped with scikit-image → train and val shards.")

@@ -1,0 +1,143 @@
+"""`prep-benchmark`: stand-in trees laid out as the datasets' releases (and the methods' loaders)
+lay them out, with the known traps, through `--check` and the shard writing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_prep.benchmarks import PROTOCOLS, survey
+from lit_restore.cli import main
+from lit_restore.data.shards import iter_samples
+
+RNG = np.random.default_rng(0)
+
+
+def image(path: Path, size: int = 24) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(RNG.integers(0, 256, (size, size + 4, 3), dtype=np.uint8)).save(path)
+
+
+def aio3_tree(root: Path) -> None:
+    """Each 3-task dataset in its release layout, a few images each, with the traps: BSD400's
+    file list that names `a<id>.jpg` where the files are `<id>.jpg`, a rainy image without its
+    clean partner, a hazy image whose clear image is missing."""
+    for name in ("2092", "8049", "12003"):
+        image(root / "BSD400" / f"{name}.jpg")
+    (root / "BSD400" / "denoise.txt").write_text("a2092.jpg\na8049.jpg\na12003.jpg\n")
+    for i in (1, 2, 3):
+        image(root / "WED" / f"{i:05d}.bmp")
+    for i in (1, 2, 3):
+        image(root / "RainTrainL" / f"rain-{i}.png")
+        image(root / "RainTrainL" / f"norain-{i}.png")
+    image(root / "RainTrainL" / "rain-4.png")  # trap: no norain-4
+    for part, scene in (("part1", "0025"), ("part2", "3068")):
+        image(root / "OTS" / "clear" / f"{scene}.jpg")
+        for a, b in (("0.8", "0.04"), ("1", "0.2")):
+            image(root / "OTS" / part / f"{scene}_{a}_{b}.jpg")
+    image(root / "OTS" / "part2" / "9999_0.9_0.1.jpg")  # trap: its clear image is missing
+    for i in ("3096", "12084"):
+        image(root / "CBSD68" / "original_png" / f"{i}.png")
+    for i in (1, 2):
+        image(root / "Rain100L" / f"rain-{i:03d}.png")
+        image(root / "Rain100L" / f"norain-{i:03d}.png")
+    for i, (a, b) in enumerate((("0.8", "0.2"), ("0.9", "0.08")), start=1):
+        image(root / "SOTS" / "outdoor" / "hazy" / f"{i:04d}_{a}_{b}.jpg")
+        image(root / "SOTS" / "outdoor" / "gt" / f"{i:04d}.png")
+
+
+def aio5_extras(root: Path) -> None:
+    """GoPro's scene folders (the methods' flattened test layout for the test split) and LOL-v1."""
+    for scene in ("GOPR0372_07_00", "GOPR0374_11_01"):
+        for i in (1, 2):
+            image(root / "GOPRO_Large" / "train" / scene / "blur" / f"{i:06d}.png")
+            image(root / "GOPRO_Large" / "train" / scene / "sharp" / f"{i:06d}.png")
+    for i in (1, 2):
+        image(root / "test" / "deblur" / "gopro" / "input" / f"GOPR0384_11_00_{i:06d}.png")
+        image(root / "test" / "deblur" / "gopro" / "target" / f"GOPR0384_11_00_{i:06d}.png")
+    for split, names in (("our485", (2, 5)), ("eval15", (1, 22))):
+        for n in names:
+            image(root / "LOL" / split / "low" / f"{n}.png")
+            image(root / "LOL" / split / "high" / f"{n}.png")
+
+
+def test_check_reports_every_dataset_with_counts_and_the_traps_by_name(tmp_path, capsys):
+    aio3_tree(tmp_path)
+    assert main(["prep-benchmark", "aio3", "--root", str(tmp_path), "--check"]) == 0
+    said = capsys.readouterr().out
+    for line in ("bsd400          train      3 (expected 400) in BSD400", "wed             train      3 (expected 4744) in WED",
+                 "rain100l_train  train      3 (expected 200) in RainTrainL",
+                 "ots             train      4 (expected 72135) in OTS/part* + OTS/clear",
+                 "cbsd68          test       2 (expected 68) in CBSD68/original_png",
+                 "rain100l        test       2 (expected 100) in Rain100L",
+                 "sots_outdoor    test       2 (expected 500) in SOTS/outdoor/hazy + SOTS/outdoor/gt"):
+        assert line in said, (line, said)
+    assert "denoise.txt: lists 3 file(s) that are not in" in said and "(e.g. a12003.jpg)" in said
+    assert "rain-4.png: no clean partner (norain-4.*)" in said
+    assert "9999_0.9_0.1.jpg: no clear partner (9999.*)" in said
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_required_dataset_is_named_and_exits_2(tmp_path, capsys):
+    aio3_tree(tmp_path)
+    assert main(["prep-benchmark", "aio5", "--root", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    captured = capsys.readouterr()
+    for name in ("gopro_train", "lol_train", "gopro ", "lol "):
+        assert f"  {name}" in captured.out and "MISSING" in captured.out
+    assert "4 required dataset(s) missing: gopro_train, lol_train, gopro, lol" in captured.err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_methods_loader_layouts_are_recognised_too(tmp_path):
+    """PromptIR/AdaIR's data/ tree: BSD400 and WED together in Train/Denoise/, Rain100L test as
+    input/target, SOTS as test/dehaze/input + target."""
+    for name in ("2092.jpg", "00001.bmp", "00002.bmp"):
+        image(tmp_path / "Train" / "Denoise" / name)
+    image(tmp_path / "test" / "derain" / "Rain100L" / "input" / "1.png")
+    image(tmp_path / "test" / "derain" / "Rain100L" / "target" / "1.png")
+    image(tmp_path / "test" / "dehaze" / "input" / "0001_0.8_0.2.jpg")
+    image(tmp_path / "test" / "dehaze" / "target" / "0001.png")
+    found = survey(PROTOCOLS["aio3"], tmp_path)
+    assert [p.name for p in found["bsd400"].clean] == ["2092.jpg"]
+    assert [p.name for p in found["wed"].clean] == ["00001.bmp", "00002.bmp"]
+    assert found["rain100l"].count == 1 and found["sots_outdoor"].count == 1 and not found["sots_outdoor"].problems
+
+
+def test_prep_writes_train_and_test_shards_with_deterministic_noisy_sets(tmp_path, capsys):
+    root = tmp_path / "root"
+    aio3_tree(root)
+    aio5_extras(root)
+    out = tmp_path / "out"
+    # Files were skipped (the unpaired traps): written, exit 1.
+    assert main(["prep-benchmark", "aio5", "--root", str(root), "--out", str(out), "--workers", "1"]) == 1
+    manifest = json.loads((out / "benchmark.json").read_text())
+    assert sorted(manifest["sets"]) == sorted([
+        "train/bsd400", "train/wed", "train/rain100l_train", "train/ots", "train/gopro_train", "train/lol_train",
+        "test/cbsd68_s25", "test/rain100l", "test/sots_outdoor", "test/gopro", "test/lol"])
+    counts = {k: v["samples"] for k, v in manifest["sets"].items()}
+    assert counts["train/ots"] == 4 and counts["train/gopro_train"] == 4 and counts["test/lol"] == 2
+    samples = list(iter_samples(str(out / "test" / "cbsd68_s25" / "shard-*.tar")))
+    assert len(samples) == 2 and all(s["label"] >= 0 and s["dataset"] == "cbsd68_s25" for s in samples)
+    noise = [s["lq"].astype(int) - s["gt"].astype(int) for s in samples]
+    assert 15 < np.std(np.concatenate([n.ravel() for n in noise])) < 30  # σ 25, clipped at 0/255
+    clean = list(iter_samples(str(out / "train" / "wed" / "shard-*.tar")))
+    assert len(clean) == 3 and all(s["lq"] is None for s in clean)
+    # The noisy test set is the same on every run.
+    again = tmp_path / "again"
+    assert main(["prep-benchmark", "aio5", "--root", str(root), "--out", str(again), "--workers", "1"]) == 1
+    first = {s["key"]: s["lq"] for s in samples}
+    second = {s["key"]: s["lq"] for s in iter_samples(str(again / "test" / "cbsd68_s25" / "shard-*.tar"))}
+    assert first.keys() == second.keys() and all(np.array_equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.parametrize("protocol, sets", [("aio3", ["cbsd68_s15", "cbsd68_s25", "cbsd68_s50"])])
+def test_aio3_makes_three_noisy_test_sets(tmp_path, protocol, sets):
+    aio3_tree(tmp_path / "root")
+    assert main(["prep-benchmark", protocol, "--root", str(tmp_path / "root"), "--out", str(tmp_path / "out"),
+                 "--workers", "1"]) == 1
+    for name in sets:
+        assert len(list(iter_samples(str(tmp_path / "out" / "test" / name / "shard-*.tar")))) == 2
