@@ -125,7 +125,7 @@ def _evaluate(a: argparse.Namespace) -> int:
         weights=a.weights, suite=a.suite, data=a.data, out=a.out, lines=a.lines, save_lines_path=a.save_lines,
         line_role=a.line_role, tasks=a.tasks, max_images=a.max_images, crop_border=a.crop_border,
         y_channel=a.y_channel, lpips_weights=a.lpips_weights, fast=a.fast, compare_fast=a.compare_fast,
-        **_settings_from(a),
+        benchmark=a.benchmark, **_settings_from(a),
     )
 
 
@@ -297,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--y-channel", action="store_true", help="PSNR/SSIM on the Y channel (BT.601)")
     s.add_argument("--lpips-weights", default=None, help="local LPIPS backbone weights (offline)")
     s.add_argument("--fast", action="store_true", help="evaluate the feed-forward restorer instead of the loop")
+    s.add_argument("--benchmark", choices=("aio3", "aio5"), default=None,
+                   help="the all-in-one protocol's table (its test sets, its metric convention, the published rows); "
+                        "--data: `prep-benchmark`'s --out folder")
     s.add_argument("--compare-fast", action="store_true",
                    help="also run the feed-forward restorer on the same images: a column in the table and contact sheets")
     _add_settings(s)

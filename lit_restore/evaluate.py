@@ -35,6 +35,7 @@ from lit_restore.lines import Lines, LinesError, line_stats, read_lines, save_li
 from lit_restore.metrics import LPIPSWeightsError, load_lpips, psnr, quantize_8bit, ssim
 from lit_restore.models.clip import PromptCLIP
 from lit_restore.names import one_line
+from lit_restore.protocols import CONVENTION, PROTOCOLS, BenchmarkTable, protocol_scores
 from lit_restore.report import BIQAResult, Conventions, EvalResult, TaskResult, contact_sheet, write_report
 from lit_restore.restore import check_out_dir, make_out_dir, progress_bar
 from lit_restore.restorers import (AutoRestorer, FastRestorer, MissingWeightsError, Restorer, biqa_logits, build_restorer,
@@ -138,6 +139,7 @@ class TaskScores:
     lpips: list[float] = field(default_factory=list)
     compare_psnr: list[float] = field(default_factory=list)
     grid: list[list[tuple[Tensor, str]]] = field(default_factory=list)  # contact-sheet rows: (uint8 image, caption)
+    protocol: list[tuple[float, float]] = field(default_factory=list)  # --benchmark: (PSNR, SSIM) per image
 
     def result(self, task: Task) -> TaskResult:
         def mean(v: list[float]) -> float:
@@ -167,6 +169,7 @@ class Evaluation:
     fast_restorer: Optional[FastRestorer]  # --compare-fast: the feed-forward restorer on the same images
     lpips_model: Optional[torch.nn.Module]
     lpips_note: str
+    benchmark: Optional[str] = None  # --benchmark: the protocol whose table is made
 
 
 @dataclass
@@ -185,8 +188,11 @@ def evaluate_command(weights: str, suite: str, data: str, out: str, lines: Optio
                      max_images: int = 0, crop_border: int = 4, y_channel: bool = False,
                      lpips_weights: Optional[str] = None, fast: bool = False, compare_fast: bool = False,
                      sampling: Optional[SamplerSettings] = None, tiles: Optional[TileSettings] = None,
-                     loop: Optional[LoopSettings] = None, run_settings: Optional[RunSettings] = None) -> int:
+                     loop: Optional[LoopSettings] = None, run_settings: Optional[RunSettings] = None,
+                     benchmark: Optional[str] = None) -> int:
     """Evaluate `weights` on the suite and write metrics.json + report.md/html into `out`.
+    `benchmark` (aio3, aio5): the protocol's test sets only (`data` may be prep-benchmark's output
+    folder), and its table (`lit_restore.protocols`) printed, in the report and in benchmark.md.
     Exit codes: 0 done; 1 done, but some images ran out of memory (listed in OUT/failed.txt, left
     out of the metrics); 2 nothing evaluated (missing weights or data, bad arguments, an output
     folder that holds an input)."""
@@ -195,8 +201,13 @@ def evaluate_command(weights: str, suite: str, data: str, out: str, lines: Optio
     try:
         if save_lines_path and Path(save_lines_path).exists():
             read_lines(save_lines_path)  # a malformed file is refused before the work, not after it
+        if benchmark is not None:
+            data, tasks = benchmark_data(benchmark, data, tasks)
         ev = setup(weights, suite, data, out, lines, tasks, crop_border, lpips_weights, fast, compare_fast, sampling,
                    tiles, loop, run_settings)
+        if benchmark is not None:
+            ev.tasks = benchmark_tasks(benchmark, ev.tasks)
+            ev.benchmark = benchmark
     except (MissingWeightsError, FileNotFoundError, ValueError) as e:  # ConfigError and LinesError are ValueErrors
         return _error(str(e))
     measured = run(ev, data, max_images, crop_border, y_channel, run_settings.seed)
@@ -217,6 +228,9 @@ def evaluate_command(weights: str, suite: str, data: str, out: str, lines: Optio
         method = (f"automatic loop (BIQA → LDM{scm}), {sampling.sampler} {sampling.steps} steps{start}, "
                   f"up to {loop.max_passes} passes")
     result = report(ev, measured, evaluated, weights, method, fast, crop_border, y_channel)
+    if ev.benchmark is not None:
+        result.benchmark = benchmark_table(ev, measured)
+        print(f"{ev.benchmark} benchmark ({CONVENTION}):\n{result.benchmark.markdown()}")
     paths = write_report(out, result)
     if measured.failed:
         write_bytes_atomic(Path(out) / "failed.txt", "".join(one_line(f) + "\n" for f in measured.failed).encode("utf-8"))
@@ -298,6 +312,8 @@ def run(ev: Evaluation, data: str, max_images: int, crop_border: int, y_channel:
                     if dev.type == "cuda":
                         torch.cuda.empty_cache()
                     continue
+                if ev.benchmark is not None:  # the protocol's convention scores the unrounded output
+                    s.protocol.append(protocol_scores(restored, gt))
                 restored = quantize_8bit(restored)
                 s.psnr.append(float(psnr(restored, gt, crop_border, y_channel)))
                 if ev.fast_restorer is not None:
@@ -325,6 +341,46 @@ def run(ev: Evaluation, data: str, max_images: int, crop_border: int, y_channel:
                         confusion[classes.index("no")][int(biqa_logits(biqa, gt, dev).argmax())] += 1
             bar.advance(job)
     return Measured(scores, classes, confusion, failed, time.perf_counter() - start)
+
+
+def benchmark_data(protocol: str, data: str, tasks: Optional[str]) -> tuple[str, str]:
+    """--benchmark: `data` as a shard pattern (prep-benchmark's output folder becomes its test
+    shards) and the tasks to select (its real tasks; `tasks` may narrow them)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"--benchmark {protocol!r}: choose one of {', '.join(PROTOCOLS)}")
+    folder = Path(data)
+    if folder.is_dir():
+        if not (folder / "benchmark.json").is_file():
+            raise ValueError(f"--data {data}: no benchmark.json; give `lit-restore prep-benchmark {protocol} --out` "
+                             "'s folder, or its test shards as a pattern")
+        data = str(folder / "test" / "*" / "shard-*.tar")
+    return data, tasks or "real"
+
+
+def benchmark_tasks(protocol: str, tasks: list[Task]) -> list[Task]:
+    """The selected tasks that are the protocol's test sets, in its column order; a set that is
+    missing is named on stderr (its column stays empty), none at all is an error."""
+    by_set = {t.dataset: t for t in tasks if t.kind == "real"}
+    sets = PROTOCOLS[protocol]
+    chosen = [by_set[s.name] for s in sets if s.name in by_set]
+    if not chosen:
+        raise ValueError(f"--data holds none of the {protocol} test sets ({', '.join(s.name for s in sets)}); "
+                         f"`lit-restore prep-benchmark {protocol}` writes them")
+    absent = [s.name for s in sets if s.name not in by_set]
+    if absent:
+        print(f"lit-restore evaluate: --data lacks the {protocol} test set(s) {', '.join(absent)}; their columns "
+              "stay empty", file=sys.stderr)
+    return chosen
+
+
+def benchmark_table(ev: Evaluation, measured: Measured) -> BenchmarkTable:
+    table = BenchmarkTable(ev.benchmark)
+    for task in ev.tasks:
+        scores = measured.scores[task.name].protocol
+        if scores:
+            table.scores[task.dataset] = (sum(p for p, _ in scores) / len(scores),
+                                          sum(s for _, s in scores) / len(scores), len(scores))
+    return table
 
 
 def _uint8(image: Tensor) -> Tensor:

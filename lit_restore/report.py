@@ -29,6 +29,7 @@ from torch import Tensor
 from lit_restore.data.images import encode_png, write_bytes_atomic
 from lit_restore.lines import LineStats, Lines
 from lit_restore.names import safe_name
+from lit_restore.protocols import CONVENTION, BenchmarkTable
 
 # --------------------------------------------------------------------------------------
 # What the report holds
@@ -106,6 +107,7 @@ class EvalResult:
     biqa: Optional[BIQAResult] = None
     grids: dict[str, Tensor] = field(default_factory=dict)  # task → contact sheet (3, H, W) in [0, 1]
     compare_method: str = ""  # what TaskResult.compare_psnr measured, e.g. "--fast restorer"
+    benchmark: Optional[BenchmarkTable] = None  # evaluate --benchmark: the protocol's table
 
 
 SHEET_MIN_SIDE = 192  # contact-sheet cells are enlarged (nearest) to at least this, so pixels can be judged
@@ -437,6 +439,18 @@ def _biqa_table(biqa: BIQAResult) -> Table:
     return Table(["class", "images", "accuracy"], rows)
 
 
+def _benchmark_blocks(result: EvalResult) -> list[Block]:
+    """The protocol's table, this model's row above the published ones (PSNR / SSIM)."""
+    if result.benchmark is None:
+        return []
+    headers, rows = result.benchmark.table()
+    n = {s: c[2] for s, c in result.benchmark.scores.items()}
+    return [Heading(f"{result.benchmark.protocol} benchmark"),
+            Paragraph(f"{CONVENTION}. Images per set: " + ", ".join(f"{s} {k}" for s, k in n.items())
+                      + ". Published rows as their sources give them (PSNR / SSIM; — where a source gives no SSIM)."),
+            Table(headers, rows)]
+
+
 def write_report(out_dir: Union[str, Path], result: EvalResult) -> dict[str, Path]:
     """Write metrics.json, plots, grids, report.md and report.html into `out_dir`; returns their paths."""
     out = Path(out_dir)
@@ -446,6 +460,7 @@ def write_report(out_dir: Union[str, Path], result: EvalResult) -> dict[str, Pat
         Paragraph(f"Weights: {result.weights}. Method: {result.method}."),
         Heading("Conventions"),
         Paragraph(result.conventions.text()),
+        *_benchmark_blocks(result),
         Heading("Summary"),
         Paragraph("Gain = output PSNR − input PSNR: what the restoration adds to the degraded image it was "
                   "given. A negative gain means the output is worse than its input."),

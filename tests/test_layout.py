@@ -12,7 +12,7 @@ TRAINING = ("lightning", "pytorch_lightning", "torchmetrics", "lit_restore.fit",
             "lit_restore.demo", "lit_restore.foundations", "lit_restore.rundir")
 INFERENCE = ["exported.py", "loop.py", "restorers.py", "restore.py", "evaluate.py", "settings.py", "metrics.py",
              "lines.py", "report.py", "tiling.py", "weights.py", "losses.py", "models/*.py", "data/images.py",
-             "data/shards.py", "data/remote.py", "data/degrade/*.py", "names.py", "weights_folder.py"]
+             "data/shards.py", "data/remote.py", "data/degrade/*.py", "names.py", "weights_folder.py", "protocols.py"]
 
 
 def imported_modules(path: Path) -> set[str]:

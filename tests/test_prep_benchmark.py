@@ -4,6 +4,7 @@ lay them out, with the known traps, through `--check` and the shard writing."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -141,3 +142,56 @@ def test_aio3_makes_three_noisy_test_sets(tmp_path, protocol, sets):
                  "--workers", "1"]) == 1
     for name in sets:
         assert len(list(iter_samples(str(tmp_path / "out" / "test" / name / "shard-*.tar")))) == 2
+
+
+def test_protocol_test_sets_are_the_ones_evaluate_tabulates():
+    from data_prep.benchmarks import DATASETS
+    from data_prep.benchmarks import PROTOCOLS as PREP
+    from lit_restore.protocols import PROTOCOLS as TABLES
+
+    for name, protocol in PREP.items():
+        written = {f"cbsd68_s{s}" for s in protocol.noise_sigmas}
+        written |= {d for d in protocol.datasets if DATASETS[d].role == "test" and d != "cbsd68"}
+        assert written == {s.name for s in TABLES[name]}, name
+
+
+TINY = ["trainer.accelerator=cpu", "trainer.devices=1", "trainer.precision=32-true", "trainer.max_steps=2",
+        "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false",
+        "logger=csv", "data.batch_size=2", "data.crop=32", "data.val_crop=32", "data.num_workers=0",
+        "optim.warmup_steps=1", "model.width=8", "model.enc_blocks=[1,1,1]", "model.middle_blocks=1",
+        "model.dec_blocks=[1,1,1]", "model.constyle.base_channels=4", "model.constyle.dim=16",
+        "model.constyle.queue_size=32"]
+
+
+@pytest.mark.parametrize("protocol", ["aio3", "aio5"])
+def test_prep_fit_export_evaluate_gives_the_protocols_table(tmp_path, monkeypatch, capsys, protocol):
+    """The README's commands on a stand-in tree: the benchmark config trains (a few steps, tiny
+    widths), exports, and `evaluate --benchmark` prints and reports the table in the papers' format."""
+    root = tmp_path / "datasets"
+    aio3_tree(root)
+    if protocol == "aio5":
+        aio5_extras(root)
+    monkeypatch.chdir(tmp_path)
+    assert main(["prep-benchmark", protocol, "--root", str(root), "--out", f"benchmarks/{protocol}", "--workers", "1"]) == 1
+    config = Path(__file__).resolve().parents[1] / "configs" / "benchmarks" / protocol / "restorer.yaml"
+    assert main(["fit", str(config), f"out_dir=runs/{protocol}", *TINY]) == 0
+    assert main(["export", f"runs/{protocol}/checkpoints/last.ckpt", "--out", f"weights/{protocol}", "--no-onnx"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--benchmark", protocol, "--fast", "--weights", f"weights/{protocol}", "--data",
+                 f"benchmarks/{protocol}", "--out", "report", "--device", "cpu", "--lpips-weights", "none.pth"]) == 0
+    printed = capsys.readouterr().out
+    from lit_restore.protocols import PROTOCOLS as TABLES, PUBLISHED
+
+    columns = [s.column for s in TABLES[protocol]]
+    header = "| " + " | ".join(["method", *columns, "average", "source"]) + " |"
+    report = (tmp_path / "report" / "report.md").read_text()
+    for text in (printed, report):
+        assert header in text
+        ours = next(line for line in text.splitlines() if line.startswith("| this model |"))
+        cells = [c.strip() for c in ours.strip("|").split("|")]
+        assert len(cells) == len(columns) + 3 and all(re.fullmatch(r"-?\d+\.\d\d / -?[01]\.\d{3}", c) for c in cells[1:-1])
+        for published in PUBLISHED[protocol]:
+            assert f"| {published.method} |" in text
+    assert "centre-cropped to a multiple of 16" in report
+    scores = json.loads((tmp_path / "report" / "metrics.json").read_text())["benchmark"]["scores"]
+    assert sorted(scores) == sorted(s.name for s in TABLES[protocol])
