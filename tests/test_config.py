@@ -193,3 +193,17 @@ def test_commands_make_openmp_waits_passive_unless_the_user_chose(monkeypatch, c
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     assert main(["degrade", "--list-ops"]) == 0
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def test_yaml_overrides_merge_in_order_and_key_values_come_last(tmp_path):
+    """`fit RECIPE DATA.yaml key=value`: a protocol's data over a stage's recipe."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    layer = tmp_path / "data.yaml"
+    layer.write_text("data:\n  train:\n    - {url: a/*.tar, weight: 2}\n    - {url: b/*.tar}\n  batch_size: 3\n")
+    cfg = load_config(repo / "configs/tiny/restorer.yaml", [str(layer), "data.batch_size=5"])
+    assert [(s.url, s.weight) for s in cfg.data.train] == [("a/*.tar", 2.0), ("b/*.tar", 1.0)]
+    assert cfg.data.batch_size == 5 and cfg.stage == "restorer"
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(repo / "configs/tiny/restorer.yaml", [str(tmp_path / "missing.yaml")])

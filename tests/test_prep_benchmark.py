@@ -173,8 +173,8 @@ def test_prep_fit_export_evaluate_gives_the_protocols_table(tmp_path, monkeypatc
         aio5_extras(root)
     monkeypatch.chdir(tmp_path)
     assert main(["prep-benchmark", protocol, "--root", str(root), "--out", f"benchmarks/{protocol}", "--workers", "1"]) == 1
-    config = Path(__file__).resolve().parents[1] / "configs" / "benchmarks" / protocol / "restorer.yaml"
-    assert main(["fit", str(config), f"out_dir=runs/{protocol}", *TINY]) == 0
+    configs = Path(__file__).resolve().parents[1] / "configs" / "benchmarks" / protocol
+    assert main(["fit", str(configs / "restorer.yaml"), str(configs / "data.yaml"), f"out_dir=runs/{protocol}", *TINY]) == 0
     assert main(["export", f"runs/{protocol}/checkpoints/last.ckpt", "--out", f"weights/{protocol}", "--no-onnx"]) == 0
     capsys.readouterr()
     assert main(["evaluate", "--benchmark", protocol, "--fast", "--weights", f"weights/{protocol}", "--data",
@@ -195,3 +195,20 @@ def test_prep_fit_export_evaluate_gives_the_protocols_table(tmp_path, monkeypatc
     assert "centre-cropped to a multiple of 16" in report
     scores = json.loads((tmp_path / "report" / "metrics.json").read_text())["benchmark"]["scores"]
     assert sorted(scores) == sorted(s.name for s in TABLES[protocol])
+
+
+@pytest.mark.parametrize("stage", ["biqa", "ldm", "scm"])
+def test_the_autodir_stages_train_on_a_protocols_data(tmp_path, monkeypatch, stage):
+    """data.yaml merged over a stage's recipe (the tiny ones here): a few steps on the shards."""
+    aio3_tree(tmp_path / "datasets")
+    monkeypatch.chdir(tmp_path)
+    assert main(["prep-benchmark", "aio3", "--root", "datasets", "--out", "benchmarks/aio3", "--workers", "1"]) == 1
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "foundations").symlink_to(repo / "foundations")  # the tiny configs name them relative to the repo
+    assert main(["fit", str(repo / "configs" / "tiny" / f"{stage}.yaml"), str(repo / "configs/benchmarks/aio3/data.yaml"),
+                 f"out_dir=runs/{stage}", "trainer.max_steps=2", "trainer.limit_val_batches=1",
+                 "trainer.val_check_interval=2", "trainer.enable_progress_bar=false", "logger=csv",
+                 "data.batch_size=2", "data.num_workers=0"]) == 0
+    import torch
+
+    assert torch.load(tmp_path / "runs" / stage / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2

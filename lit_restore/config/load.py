@@ -266,13 +266,19 @@ def _merge(schema: DictConfig, raw: DictConfig, prefix: str = "") -> Any:
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """YAML file (optional) + `key=value` overrides → validated RunConfig."""
+    """YAML file (optional) + overrides → validated RunConfig. An override is `key=value`, or a
+    further YAML file merged over what comes before it (`fit configs/ldm.yaml
+    configs/benchmarks/aio3/data.yaml out_dir=...`: a stage's recipe with a protocol's data);
+    the `key=value` items are applied last."""
     raw = _read_yaml(path)
+    layers = [item for item in overrides if "=" not in item and item.endswith((".yaml", ".yml"))]
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected key=value")
+        if "=" not in item and item not in layers:
+            raise ConfigError(f"override {item!r}: expected key=value or a YAML file to merge")
     try:
-        raw = OmegaConf.merge(raw, OmegaConf.from_dotlist(list(overrides)))
+        for layer in layers:
+            raw = OmegaConf.merge(raw, _read_yaml(layer))
+        raw = OmegaConf.merge(raw, OmegaConf.from_dotlist([item for item in overrides if item not in layers]))
     except OmegaConfBaseException as e:
         raise ConfigError(f"overrides: {str(e).splitlines()[0]}") from None
     _check_env_reads(OmegaConf.to_container(raw, resolve=False))
