@@ -15,7 +15,8 @@ is missing stops the command (exit 2) with that list; `--check` only reports.
 Written under `--out`: `train/<dataset>/` (clean shards for the noise sets, whose noise the
 Degrader adds while training; paired shards for the others) and `test/<set>/` (paired shards, one
 folder per test set), with `benchmark.json` listing them. The noisy test sets are made once,
-deterministically: image `i` of CBSD68 (sorted by name) at σ gets the Gaussian field of
+deterministically: image `i` of CBSD68 (and of Urban100 and Kodak24, optional extras written when
+found, outside the protocol's table) sorted by name at σ gets the Gaussian field of
 `numpy.random.default_rng([σ, i])` (NOISE_SEED_NOTE), added to the clean image and cut to uint8 as
 PromptIR's and AirNet's test code does (`clip(x + σ·n, 0, 255).astype(uint8)`: truncation).
 """
@@ -174,6 +175,15 @@ def find_cbsd68(root: Path) -> Optional[Found]:
                          "denoising/cBSD68/original_png", "bsd68"), keep=lambda p: "noisy" not in p.parts)
 
 
+def find_urban100(root: Path) -> Optional[Found]:
+    return _clean(root, ("Urban100/HR", "Urban100", "urban100", "test/denoise/urban100", "denoising/Urban100"),
+                  keep=lambda p: "LR" not in p.parts)
+
+
+def find_kodak24(root: Path) -> Optional[Found]:
+    return _clean(root, ("Kodak24", "kodak24", "test/denoise/kodak24", "denoising/Kodak24"))
+
+
 def find_rain100l_train(root: Path) -> Optional[Found]:
     flat = _first(root, "RainTrainL", "Rain100L/train", "rain_data_train_Light")
     if flat is not None:
@@ -247,6 +257,7 @@ class Dataset:
     expected: int  # images (or pairs) in the release the protocol uses
     find: Callable[[Path], Optional[Found]]
     source: str  # where a user gets it
+    required: bool = True  # False: extra noisy test sets, written when found, outside the protocol's table
 
 
 DATASETS = {d.name: d for d in (
@@ -258,6 +269,8 @@ DATASETS = {d.name: d for d in (
     Dataset("gopro_train", "train", "blur", 2103, lambda r: _gopro(r, "train"), "GOPRO_Large/train/<scene>/{blur,sharp}"),
     Dataset("lol_train", "train", "lowlight", 485, lambda r: _lol(r, "train"), "LOL-v1 our485/{low,high}"),
     Dataset("cbsd68", "test", "noise", 68, find_cbsd68, "CBSD68 original_png/ (or original/)"),
+    Dataset("urban100", "test", "noise", 100, find_urban100, "Urban100 (HR images, img_001.png …)", required=False),
+    Dataset("kodak24", "test", "noise", 24, find_kodak24, "Kodak24 (kodim01.png …)", required=False),
     Dataset("rain100l", "test", "rain", 100, find_rain100l_test, "Rain100L test: rain-NNN.png + norain-NNN.png"),
     Dataset("sots_outdoor", "test", "haze", 500, find_sots_outdoor, "SOTS outdoor: hazy/NNNN_A_B.jpg + gt/NNNN.png"),
     Dataset("gopro", "test", "blur", 1111, lambda r: _gopro(r, "test"), "GOPRO_Large/test/<scene>/{blur,sharp}"),
@@ -273,10 +286,10 @@ class Protocol:
 
 
 PROTOCOLS = {
-    "aio3": Protocol("aio3", ("bsd400", "wed", "rain100l_train", "ots", "cbsd68", "rain100l", "sots_outdoor"),
-                     (15, 25, 50)),
+    "aio3": Protocol("aio3", ("bsd400", "wed", "rain100l_train", "ots", "cbsd68", "rain100l", "sots_outdoor",
+                              "urban100", "kodak24"), (15, 25, 50)),
     "aio5": Protocol("aio5", ("bsd400", "wed", "rain100l_train", "ots", "gopro_train", "lol_train", "cbsd68",
-                              "rain100l", "sots_outdoor", "gopro", "lol"), (25,)),
+                              "rain100l", "sots_outdoor", "gopro", "lol", "urban100", "kodak24"), (25,)),
 }
 
 
@@ -290,7 +303,9 @@ def report(protocol: Protocol, root: Path, found: dict[str, Optional[Found]]) ->
     print(f"{protocol.name} under {root}:", file=out)
     for name, f in found.items():
         d = DATASETS[name]
-        if f is None or f.count == 0:
+        if (f is None or f.count == 0) and not d.required:
+            print(f"  {name:15s} {d.role:5s} not found (optional: an extra noisy test set); {d.source}", file=out)
+        elif f is None or f.count == 0:
             missing.append(name)
             where = "not found" if f is None else f"nothing usable in {f.where}"
             print(f"  {name:15s} {d.role:5s} MISSING ({where}); expected: {d.source}", file=out)
@@ -306,8 +321,9 @@ def report(protocol: Protocol, root: Path, found: dict[str, Optional[Found]]) ->
     return missing
 
 
-def noisy_items(found: Found, sigma: int, first_index: int) -> list[WorkItem]:
-    return [WorkItem(first_index + i, str(p), p.name, f"cbsd68_s{sigma}", task="noise", noise_sigma=float(sigma),
+def noisy_items(found: Found, name: str, sigma: int) -> list[WorkItem]:
+    """A clean test set's noisy twin at `sigma`: image i (in name order) gets default_rng([σ, i])'s field."""
+    return [WorkItem(i, str(p), p.name, f"{name}_s{sigma}", task="noise", noise_sigma=float(sigma),
                      noise_seed=(sigma, i)) for i, p in enumerate(sorted(found.clean, key=lambda p: p.name))]
 
 
@@ -336,9 +352,11 @@ def prep_benchmark(protocol: str, root: str, out: str, check: bool = False, over
     jobs: list[tuple[str, str, list[WorkItem], Optional[str], list[str]]] = []
     for name, f in found.items():
         d = DATASETS[name]
-        if name == "cbsd68":
+        if f is None or f.count == 0:
+            continue  # an optional set that is not there
+        if d.role == "test" and d.task == "noise":
             for sigma in p.noise_sigmas:
-                jobs.append((f"test/cbsd68_s{sigma}", f"cbsd68_s{sigma}", noisy_items(f, sigma, 0), "noise",
+                jobs.append((f"test/{name}_s{sigma}", f"{name}_s{sigma}", noisy_items(f, name, sigma), "noise",
                              list(f.problems)))
         elif f.clean:
             items = [WorkItem(i, str(q), q.relative_to(root_dir).as_posix(), name) for i, q in enumerate(f.clean)]

@@ -230,8 +230,11 @@ def evaluate_command(weights: str, suite: str, data: str, out: str, lines: Optio
     result = report(ev, measured, evaluated, weights, method, fast, crop_border, y_channel)
     if ev.benchmark is not None:
         result.benchmark = benchmark_table(ev, measured)
-        print(f"{ev.benchmark} benchmark ({CONVENTION}):\n{result.benchmark.markdown()}")
+        table = result.benchmark.markdown()
+        print(f"{ev.benchmark} benchmark ({CONVENTION}):\n{table}")
     paths = write_report(out, result)
+    if ev.benchmark is not None:
+        write_bytes_atomic(Path(out) / "benchmark.md", f"{ev.benchmark} benchmark\n\n{CONVENTION}.\n\n{table}\n".encode())
     if measured.failed:
         write_bytes_atomic(Path(out) / "failed.txt", "".join(one_line(f) + "\n" for f in measured.failed).encode("utf-8"))
     if save_lines_path:
