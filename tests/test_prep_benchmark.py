@@ -184,6 +184,11 @@ def test_prep_fit_export_evaluate_gives_the_protocols_table(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     assert main(["prep-benchmark", protocol, "--root", str(root), "--out", f"benchmarks/{protocol}", "--workers", "1"]) == 1
     configs = Path(__file__).resolve().parents[1] / "configs" / "benchmarks" / protocol
+    # The cluster job renders the recipe with the data merged in (nothing submitted here).
+    assert main(["sbatch", str(configs / "restorer.yaml"), str(configs / "data.yaml"), "--devices-per-node", "4",
+                 f"out_dir=jobs/{protocol}"]) == 0
+    job = (tmp_path / "jobs" / protocol / "sbatch_config.yaml").read_text()
+    assert f"benchmarks/{protocol}/train/ots/shard-*.tar" in job and "devices: 4" in job
     assert main(["fit", str(configs / "restorer.yaml"), str(configs / "data.yaml"), f"out_dir=runs/{protocol}", *TINY]) == 0
     assert main(["export", f"runs/{protocol}/checkpoints/last.ckpt", "--out", f"weights/{protocol}", "--no-onnx"]) == 0
     capsys.readouterr()
