@@ -79,8 +79,9 @@ def _pair_by_name(lq_dir: Path, gt_dir: Path, gt_name: Callable[[Path], Optional
 
 
 def _pair_rain_flat(folder: Path) -> Found:
-    """Rain100L as released: `rain-N.png` and `norain-N.png` side by side."""
-    images = list_images(folder)
+    """Rain100L as released: `rain-N.png` and `norain-N.png` side by side (this folder only, not
+    its subfolders: a `train/` beside the test pairs is another set)."""
+    images = [p for p in list_images(folder) if p.parent == folder]
     rainy = [p for p in images if p.stem.startswith("rain-")]
     found = Found()
     clean = {p.stem: p for p in images if p.stem.startswith("norain-")}
@@ -172,12 +173,13 @@ def find_wed(root: Path) -> Optional[Found]:
 
 def find_cbsd68(root: Path) -> Optional[Found]:
     return _clean(root, ("CBSD68/original_png", "CBSD68/original", "CBSD68", "test/denoise/bsd68",
-                         "denoising/cBSD68/original_png", "bsd68"), keep=lambda p: "noisy" not in p.parts)
+                         "denoising/cBSD68/original_png", "bsd68"),
+                  keep=lambda p: not any(part.startswith("noisy") for part in p.parts))
 
 
 def find_urban100(root: Path) -> Optional[Found]:
     return _clean(root, ("Urban100/HR", "Urban100", "urban100", "test/denoise/urban100", "denoising/Urban100"),
-                  keep=lambda p: "LR" not in p.parts)
+                  keep=lambda p: not any(part.startswith(("LR", "image_SRF")) for part in p.parts))
 
 
 def find_kodak24(root: Path) -> Optional[Found]:

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,6 +31,8 @@ from lit_restore.config import ConfigError
 from lit_restore.errors import DiskFullError, is_disk_full
 from lit_restore.weights import WeightsError, load_checkpoint
 
+# Checkpoint writes in progress in this process (the preemption watchdog waits for them).
+_ACTIVE_WRITES = [0]
 HPC_PATTERN = re.compile(r"^hpc_ckpt_(\d+)\.ckpt$")
 STEP_PATTERN = re.compile(r"^step(\d+)\.ckpt$")
 
@@ -45,6 +48,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        _ACTIVE_WRITES[0] += 1
         try:
             with open(tmp, "wb") as f:
                 torch.save(checkpoint, f)
@@ -57,6 +61,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                                     "there are intact: free space and rerun the same command to resume") from None
             raise
         finally:
+            _ACTIVE_WRITES[0] -= 1
             tmp.unlink(missing_ok=True)
 
     def load_checkpoint(self, path: Any, map_location: Optional[Any] = None, weights_only: Optional[bool] = None
@@ -213,8 +218,13 @@ class PreemptionCheckpoint(L.Callback):
         self.poll_steps = poll_steps
         self.grace = grace
         self._trainer: Optional[L.Trainer] = None
-        self._in_step = False  # between a batch's start and end: the weights are changing
+        # What the main thread is doing: "loader" (waiting for a training batch), "step" or
+        # "validation". The watchdog acts only on a stuck loader.
+        self._phase = "loader"
         self._watchdog: Optional[threading.Timer] = None
+        self._lock = threading.Lock()  # the step boundary and the watchdog: one of them handles a signal
+        self._handling = False
+        self._idle_since = 0.0  # when the main thread last left a step or a validation
 
     def _handler(self, signum: int, frame: Any) -> None:
         self._received.add(signum)
@@ -227,35 +237,45 @@ class PreemptionCheckpoint(L.Callback):
         self._watchdog.start()
 
     def _overdue(self) -> None:
-        """`grace` seconds after a signal no step boundary has taken it. Inside a step (a slow one)
-        wait again; otherwise the loader is stuck (a stalled shard server) and nothing will reach
-        a boundary: save what is whole and end the process here."""
-        if not self._received:
-            self._watchdog = None
-            return
-        if self._in_step:
-            self._arm()
-            return
+        """`grace` seconds after a signal no step boundary has taken it. While a step, a
+        validation or a checkpoint write runs, wait again (they end); when the run waits for the
+        training loader (a stalled shard server), nothing will reach a boundary: save the last
+        completed step (one process; the weights are whole between steps) and end the process.
+        Validation is waited for like a step (its EMA swap makes a save then wrong; its shards'
+        reads time out by themselves). Whatever fails here, the process ends."""
+        with self._lock:
+            if not self._received or self._handling:
+                self._watchdog = None
+                return
+            # The callbacks after this one (EMA update, step checkpoints) end within moments of the
+            # boundary; a loader that has delivered nothing for a second since is the stuck one.
+            if self._phase != "loader" or _ACTIVE_WRITES[0] > 0 or time.monotonic() - self._idle_since < 1.0:
+                self._arm()
+                return
+            self._handling = True
         trainer, terminate = self._trainer, signal.SIGTERM in self._received
         why = "SIGTERM" if terminate else "preemption"
-        saved = "no checkpoint saved (several ranks: the last periodic checkpoint stays)"
-        if trainer is not None and trainer.world_size == 1 and trainer.global_step > 0:
-            # The loader is waiting for data between steps: the weights are the last completed step's.
-            path = trainer._checkpoint_connector.hpc_save_path(self.out_dir)
-            trainer.save_checkpoint(path)
-            if isinstance(trainer.strategy.checkpoint_io, AsyncCheckpointIO):
-                trainer.strategy.checkpoint_io.teardown()
-            saved = f"saved {path} at step {trainer.global_step}"
-            prune_hpc(self.out_dir, self.keep_hpc)
-        if self.requeue and not terminate and (trainer is None or trainer.is_global_zero):
-            requeue_slurm_job()
-        rank_zero_info(f"{why}: the data loader delivered nothing for {self.grace:g} s after the signal "
-                       f"(checkpoint.signal_grace); {saved}; ending the process")
-        for child in multiprocessing.active_children():  # loader workers stuck in a read
-            child.kill()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(RunTerminated.EXIT_CODE if terminate else 0)
+        try:
+            saved = "no checkpoint saved (several ranks: the last periodic checkpoint stays)"
+            if trainer is not None and trainer.world_size == 1 and trainer.global_step > 0:
+                path = trainer._checkpoint_connector.hpc_save_path(self.out_dir)
+                trainer.save_checkpoint(path)
+                if isinstance(trainer.strategy.checkpoint_io, AsyncCheckpointIO):
+                    trainer.strategy.checkpoint_io.teardown()
+                saved = f"saved {path} at step {trainer.global_step}"
+                prune_hpc(self.out_dir, self.keep_hpc)
+            if self.requeue and not terminate and (trainer is None or trainer.is_global_zero):
+                requeue_slurm_job()
+            rank_zero_info(f"{why}: the data loader delivered nothing for {self.grace:g} s after the signal "
+                           f"(checkpoint.signal_grace); {saved}; ending the process")
+        except BaseException as e:  # a failed save must not leave a stuck process behind
+            rank_zero_warn(f"{why}: ending the process; the save failed: {type(e).__name__}: {e}")
+        finally:
+            for child in multiprocessing.active_children():  # loader workers stuck in a read
+                child.kill()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(RunTerminated.EXIT_CODE if terminate else 0)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
@@ -284,7 +304,7 @@ class PreemptionCheckpoint(L.Callback):
         from lit_restore.data.shards import CorruptDataError
 
         if isinstance(exception, CorruptDataError) and trainer.world_size == 1 and trainer.global_step > 0 \
-                and not self._in_step:
+                and self._phase == "loader" and not trainer.sanity_checking:
             path = trainer._checkpoint_connector.hpc_save_path(self.out_dir)
             trainer.save_checkpoint(path)
             if isinstance(trainer.strategy.checkpoint_io, AsyncCheckpointIO):
@@ -293,16 +313,37 @@ class PreemptionCheckpoint(L.Callback):
             rank_zero_info(f"unreadable data: saved {path} at step {trainer.global_step}")
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        self._in_step = True
+        self._phase = "step"
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._phase = "validation"
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._phase, self._idle_since = "loader", time.monotonic()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        self._in_step = False
+        # Callbacks after this one (the step checkpoints) still run in "step"; the next fetch is
+        # the loader's. Set at the end of every path below.
+        try:
+            self._boundary(trainer)
+        finally:
+            if self._phase == "step":
+                self._phase, self._idle_since = "loader", time.monotonic()
+
+    def _boundary(self, trainer: L.Trainer) -> None:
         # Agreeing is a collective with a host read; every rank is at the same step, so all skip alike.
         if trainer.world_size > 1 and trainer.global_step % self.poll_steps != 0:
             return
         if not trainer.strategy.reduce_boolean_decision(bool(self._received), all=False):
             return
+        with self._lock:  # from here the boundary handles the signal; the watchdog stands down
+            if self._handling:
+                return
+            self._handling = True
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+                self._watchdog = None
         terminate = trainer.strategy.reduce_boolean_decision(signal.SIGTERM in self._received, all=False)
         path = trainer._checkpoint_connector.hpc_save_path(self.out_dir)
         trainer.save_checkpoint(path)  # every rank takes part; rank 0 writes
@@ -318,9 +359,7 @@ class PreemptionCheckpoint(L.Callback):
             self.terminated = f"stopped by SIGTERM at step {trainer.global_step}; saved {path}, the same command resumes"
         trainer.should_stop = True
         self._received.clear()
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            self._watchdog = None
+        self._handling = False
 
 
 def requeue_slurm_job() -> None:

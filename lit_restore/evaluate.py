@@ -35,7 +35,7 @@ from lit_restore.lines import Lines, LinesError, line_stats, read_lines, save_li
 from lit_restore.metrics import LPIPSWeightsError, load_lpips, psnr, quantize_8bit, ssim
 from lit_restore.models.clip import PromptCLIP
 from lit_restore.names import one_line
-from lit_restore.protocols import CONVENTION, PROTOCOLS, BenchmarkTable, protocol_scores
+from lit_restore.protocols import CONVENTION, PROTOCOLS, BenchmarkTable, centre_crop, protocol_scores
 from lit_restore.report import BIQAResult, Conventions, EvalResult, TaskResult, contact_sheet, write_report
 from lit_restore.restore import check_out_dir, make_out_dir, progress_bar
 from lit_restore.restorers import (AutoRestorer, FastRestorer, MissingWeightsError, Restorer, biqa_logits, build_restorer,
@@ -306,6 +306,8 @@ def run(ev: Evaluation, data: str, max_images: int, crop_border: int, y_channel:
             target = true_class(task, classes) if biqa is not None else None
             for i, (key, gt8, lq8) in enumerate(build_task_set(task, data, max_images=max_images)):
                 bar.update(job, description=f"{task.name} · image {i + 1}" + (f" of {max_images}" if max_images else ""))
+                if ev.benchmark is not None:  # the protocol crops the pair before the model sees it
+                    gt8, lq8 = centre_crop(gt8), centre_crop(lq8)
                 gt, lq = gt8[None].float() / 255, lq8[None].float() / 255
                 try:
                     restored, log = ev.restorer.restore(lq, image_generator(seed, dev))

@@ -2,8 +2,8 @@
 convention, and the published rows `evaluate --benchmark` prints beside this model's.
 
 Convention, as the protocols' published evaluation code computes it (PromptIR, AirNet and AdaIR,
-`utils/val_utils.py` `compute_psnr_ssim` and `utils/image_utils.py` `crop_img`): both images are
-centre-cropped to a multiple of 16 pixels on each side; the output is clipped to [0, 1] and kept
+`utils/val_utils.py` `compute_psnr_ssim` and `utils/image_utils.py` `crop_img`): the test pair is
+centre-cropped to a multiple of 16 pixels on each side before the model sees it; the output is clipped to [0, 1] and kept
 in floating point (no 8-bit rounding); PSNR and SSIM on RGB with data range 1 and no border
 removed, SSIM being scikit-image's `structural_similarity` with its defaults (a uniform 7×7
 window, sample covariance, per channel, averaged); each image scored alone and the scores
@@ -16,13 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-import numpy as np
 from torch import Tensor
 
 CROP_BASE = 16
 CONVENTION = ("PSNR/SSIM as the protocols' published code (PromptIR/AirNet/AdaIR): RGB, data range 1, output "
-              "clipped to [0, 1] without 8-bit rounding, both images centre-cropped to a multiple of 16 px, no "
-              "border removed; SSIM = scikit-image structural_similarity defaults (uniform 7×7 window); the "
+              "clipped to [0, 1] without 8-bit rounding, the test pair centre-cropped to a multiple of 16 px "
+              "before restoring, no border removed; SSIM = scikit-image structural_similarity defaults (uniform 7×7 window); the "
               "mean over each test set's images")
 
 
@@ -79,20 +78,21 @@ PUBLISHED: dict[str, tuple[Published, ...]] = {
 }
 
 
-def centre_crop(image: np.ndarray, base: int = CROP_BASE) -> np.ndarray:
-    """(H, W, C) cropped to the largest multiple of `base` on each side, centred (PromptIR's crop_img)."""
-    h, w = image.shape[:2]
+def centre_crop(image: Tensor, base: int = CROP_BASE) -> Tensor:
+    """(..., H, W) cropped to the largest multiple of `base` on each side, centred (PromptIR's
+    crop_img, which crops the test pair before the model sees it)."""
+    h, w = image.shape[-2:]
     ch, cw = h - h % base, w - w % base
     top, left = (h - ch) // 2, (w - cw) // 2
-    return image[top:top + ch, left:left + cw]
+    return image[..., top:top + ch, left:left + cw]
 
 
 def protocol_scores(restored: Tensor, gt: Tensor) -> tuple[float, float]:
     """(PSNR, SSIM) of one (1, 3, H, W) output against its ground truth, in the protocols' convention."""
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-    out = centre_crop(restored[0].clamp(0, 1).permute(1, 2, 0).double().cpu().numpy())
-    ref = centre_crop(gt[0].clamp(0, 1).permute(1, 2, 0).double().cpu().numpy())
+    out = centre_crop(restored[0].clamp(0, 1)).permute(1, 2, 0).double().cpu().numpy()
+    ref = centre_crop(gt[0].clamp(0, 1)).permute(1, 2, 0).double().cpu().numpy()
     return (float(peak_signal_noise_ratio(ref, out, data_range=1)),
             float(structural_similarity(ref, out, data_range=1, channel_axis=2)))
 

@@ -63,6 +63,7 @@ class RunDirLock:
         self.wait_same_job = wait_same_job
         self.me = {"host": socket.gethostname(), "pid": os.getpid(), "job": slurm_job()}
         self._fd: Optional[int] = None
+        self._no_locks = False  # the filesystem refuses record locks: the holder record alone guards
         self._stop = threading.Event()
         self._beat: Optional[threading.Thread] = None
 
@@ -85,10 +86,13 @@ class RunDirLock:
             if e.errno in (errno.EACCES, errno.EAGAIN):
                 return False
             if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-                import warnings
+                if not self._no_locks:
+                    import warnings
 
-                warnings.warn(f"{self.path.parent}: this filesystem refuses file locks ({errno.errorcode[e.errno]}); "
-                              "only the holder record in fit.lock guards against a second fit", stacklevel=3)
+                    warnings.warn(f"{self.path.parent}: this filesystem refuses file locks "
+                                  f"({errno.errorcode[e.errno]}); only the holder record in fit.lock guards against "
+                                  "a second fit", stacklevel=3)
+                self._no_locks = True
                 return True
             raise
 
@@ -96,9 +100,19 @@ class RunDirLock:
         """A record that another host refreshed lately: a holder the lock did not see. On this host
         the granted lock is the truth (a record left by a killed process is just stale)."""
         holder = self._holder()
-        if not holder or holder.get("host") == self.me["host"]:
+        if not holder or self._age() >= STALE_S:
             return None
-        return holder if self._age() < STALE_S else None
+        if holder.get("host") != self.me["host"]:
+            return holder
+        if not self._no_locks:
+            return None
+        try:  # no lock to trust: a holder on this host is live while its process is
+            os.kill(int(holder.get("pid", 0)), 0)
+        except (ProcessLookupError, ValueError, OverflowError):
+            return None
+        except PermissionError:
+            pass
+        return holder
 
     def acquire(self) -> "RunDirLock":
         try:
@@ -117,7 +131,7 @@ class RunDirLock:
             holder = self._live_foreign_record() if locked else self._holder()
             if locked and holder is None:
                 break
-            if locked:  # granted, but someone on another node refreshed the record: node-local locks
+            if locked and not self._no_locks:  # granted, but another node's holder refreshed the record
                 fcntl.lockf(self._fd, fcntl.LOCK_UN)
             same_job = bool(self.me["job"]) and holder.get("job") == self.me["job"]
             if same_job and deadline is None:
@@ -126,11 +140,17 @@ class RunDirLock:
                 self.close()
                 waited = f" (waited {self.wait_same_job:.0f} s for it: checkpoint.requeue_lock_wait)" if same_job else ""
                 raise RunDirBusy(f"run dir {self.path.parent} is in use by another fit ({describe(holder)}){waited}; "
-                                 "wait for it to end, or give this run another out_dir")
+                                 "wait for it to end, or give this run another out_dir (if that holder is gone for "
+                                 f"good, a lost node, remove {self.path})")
             time.sleep(POLL_S)
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, json.dumps({**self.me, "started": time.time()}).encode(), 0)
-        os.fsync(self._fd)
+        try:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, json.dumps({**self.me, "started": time.time()}).encode(), 0)
+            os.fsync(self._fd)
+        except OSError as e:
+            self.close()
+            raise UserError(f"{self.path}: cannot write the run dir's lock record ({e.strerror}); "
+                            "is the disk full or the filesystem gone?") from None
         self._beat = threading.Thread(target=self._heartbeat, name="fit.lock heartbeat", daemon=True)
         self._beat.start()
         return self
@@ -166,11 +186,13 @@ class RunDirLock:
         self.release()
 
 
-# Keys under `model:` that steer training, not what the model is: a resumed run may change them.
-TRAINING_MODEL_KEYS = frozenset({
-    "loss", "gt_weight", "gt_as_no", "contrastive_weight", "content_weight", "style_weight", "cls_weight",
-    "temperature", "momentum", "snr_gamma", "drop_text", "drop_both", "drop_image", "cond_dropout", "prompt_error",
-    "t_max", "t_power", "grad_checkpointing", "val_steps", "val_sampler", "sample_steps", "sample_strength",
+# Keys under `model:` (at any depth) that decide what the model is: its architecture, its
+# tensors' shapes, what its outputs mean. Other keys (loss weights, dropout, frozen parts' modes,
+# where pretrained weights were read from: the checkpoint holds the weights) may change on resume.
+ARCHITECTURE_KEYS = frozenset({
+    "arch", "width", "enc_blocks", "middle_blocks", "dec_blocks", "base_channels", "dim", "queue_size", "classes",
+    "model_cfg", "unet_cfg", "vae_cfg", "prediction_type", "image_condition", "constyle_condition",
+    "signed_range", "w",
 })
 
 
@@ -188,12 +210,17 @@ def _model_keys(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def model_changes(saved: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    """(key, saved value, new value) of the `stage` and `model.*` keys that differ between two
-    configs (as plain dicts), other than the training knobs of TRAINING_MODEL_KEYS; keys only one
-    side has are not compared (a config written by another version of lit_restore)."""
+    """(key, saved value, new value) of `stage` and the `model.*` keys of ARCHITECTURE_KEYS that
+    differ between two configs (as plain dicts); keys only one side has are not compared (a config
+    written by another version of lit_restore). A key inside `model_cfg`/`unet_cfg`/`vae_cfg`
+    counts as that section."""
     before, after = _model_keys(saved), _model_keys(new)
+
+    def decides(key: str) -> bool:
+        return key == "stage" or any(part in ARCHITECTURE_KEYS for part in key.split(".")[1:])
+
     return [(k, before[k], after[k]) for k in sorted(before.keys() & after.keys(), key=lambda k: (k != "stage", k))
-            if before[k] != after[k] and k.rsplit(".", 1)[-1] not in TRAINING_MODEL_KEYS]
+            if before[k] != after[k] and decides(k)]
 
 
 def check_same_model(out_dir: str | Path, new: dict[str, Any], ckpt: Path) -> None:

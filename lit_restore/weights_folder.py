@@ -73,7 +73,8 @@ def check_values(tree: Any, where: str, key: str = "") -> None:
     elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
         limit = MAX_COUNT if _is_count(key.rsplit(".", 1)[-1]) else MAX_VALUE
         if not -limit <= tree <= limit:
-            raise WeightsError(f"{where}: {key} = {tree:g} is beyond what any model of this kind uses (at most "
+            shown = f"{tree:g}" if abs(tree) < 1e300 else repr(tree)[:40]
+            raise WeightsError(f"{where}: {key} = {shown} is beyond what any model of this kind uses (at most "
                                f"{limit}); refused before building anything")
 
 

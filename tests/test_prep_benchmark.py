@@ -18,7 +18,7 @@ from lit_restore.data.shards import iter_samples
 RNG = np.random.default_rng(0)
 
 
-def image(path: Path, size: int = 24) -> None:
+def image(path: Path, size: int = 40) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(RNG.integers(0, 256, (size, size + 4, 3), dtype=np.uint8)).save(path)
 
@@ -228,3 +228,21 @@ def test_the_autodir_stages_train_on_a_protocols_data(tmp_path, monkeypatch, sta
     import torch
 
     assert torch.load(tmp_path / "runs" / stage / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+
+
+def test_release_folders_beside_a_set_are_not_mixed_into_it(tmp_path):
+    """Rain100L's test pairs with its `train/` folder inside, and CBSD68 with its pre-noised
+    `noisy25/` copies beside the originals: each set holds only its own files."""
+    for i in (1, 2):
+        image(tmp_path / "Rain100L" / f"rain-{i:03d}.png")
+        image(tmp_path / "Rain100L" / f"norain-{i:03d}.png")
+        image(tmp_path / "Rain100L" / "train" / f"rain-{i}.png")
+        image(tmp_path / "Rain100L" / "train" / f"norain-{i}.png")
+        image(tmp_path / "CBSD68" / f"{i:04d}.png")
+        image(tmp_path / "CBSD68" / "noisy25" / f"{i:04d}.png")
+    found = survey(PROTOCOLS["aio3"], tmp_path)
+    assert sorted((q.name, g.name) for q, g in found["rain100l"].pairs) == [
+        ("rain-001.png", "norain-001.png"), ("rain-002.png", "norain-002.png")]
+    assert sorted((q.name, g.parent.name) for q, g in found["rain100l_train"].pairs) == [
+        ("rain-1.png", "train"), ("rain-2.png", "train")]
+    assert [p.relative_to(tmp_path).as_posix() for p in found["cbsd68"].clean] == ["CBSD68/0001.png", "CBSD68/0002.png"]

@@ -121,3 +121,26 @@ def test_out_dir_that_is_a_file_is_one_line(tmp_path):
     cfg = probe_config(tmp_path / "file")
     with pytest.raises(UserError, match="cannot make the run dir there"):
         fit(cfg, stage=Probe(cfg), datamodule=ProbeData())
+
+
+def test_a_filesystem_without_locks_falls_back_on_the_holder_record(tmp_path, monkeypatch):
+    """ENOLCK (an NFS mount without a lock manager): a warning, and a live holder on this host is
+    still seen through its record (its process exists), a dead one's record is not."""
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "lockf", no_locks)
+    with pytest.warns(UserWarning, match="refuses file locks"):
+        first = RunDirLock(tmp_path).acquire()
+    with pytest.raises(RunDirBusy, match=f"pid {os.getpid()}"):
+        with pytest.warns(UserWarning):
+            RunDirLock(tmp_path).acquire()
+    first.release()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout),
+                                                  "started": time.time()}))
+    with pytest.warns(UserWarning):
+        RunDirLock(tmp_path).acquire().release()

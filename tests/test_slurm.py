@@ -77,7 +77,7 @@ def test_render_has_slurm_essentials(tmp_path):
     for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gres=gpu:8",
                  "#SBATCH --cpus-per-task=12", "#SBATCH --signal=SIGUSR1@90", "#SBATCH --requeue",
                  "#SBATCH --partition=gpu", "#SBATCH --time=24:00:00", "#SBATCH --job-name=ldm-a",
-                 "#SBATCH --open-mode=append", "srun lit-restore fit /r/sbatch_config.yaml"):
+                 "#SBATCH --open-mode=append", "srun --kill-on-bad-exit=1 lit-restore fit /r/sbatch_config.yaml"):
         assert line in text.splitlines(), line
     # The log lives in the run dir and is named by the job, not by a date: stable across requeues.
     assert f"#SBATCH --output={tmp_path}/run/slurm-%x.out" in text

@@ -98,6 +98,7 @@ def _check_values(cfg: RunConfig) -> None:
         "data.max_pixels": data.max_pixels,
         "data.network.connect_timeout": data.network.connect_timeout,
         "data.network.stall_timeout": data.network.stall_timeout,
+        "checkpoint.signal_grace": cfg.checkpoint.signal_grace,
     }
     for key, value in positive.items():
         if not value > 0:  # NaN too
@@ -109,7 +110,6 @@ def _check_values(cfg: RunConfig) -> None:
         "data.shuffle_buffer": data.shuffle_buffer,
         "data.network.retries": data.network.retries,
         "checkpoint.requeue_lock_wait": cfg.checkpoint.requeue_lock_wait,
-        "checkpoint.signal_grace": cfg.checkpoint.signal_grace,
     }
     for key, value in non_negative.items():
         if value < 0 or value != value:

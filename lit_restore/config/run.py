@@ -59,10 +59,11 @@ class CheckpointConfig:
     # A requeued SLURM job finding its run dir still held by its own earlier instance (ending on
     # another node) waits this many seconds for it; any other holder is refused at once.
     requeue_lock_wait: int = 300
-    # A SIGTERM or SIGUSR1 is handled at the next step boundary. When the loader has delivered
-    # nothing for this many seconds after the signal (a shard server that stalls), the run ends
-    # anyway: a single-process run first saves the last completed step as an hpc checkpoint.
-    signal_grace: int = 60
+    # A SIGTERM or SIGUSR1 is handled at the next step boundary. When the training loader has
+    # delivered nothing for this many seconds after the signal (a shard server that stalls), the
+    # run ends anyway: a single-process run first saves the last completed step as an hpc
+    # checkpoint. Below SLURM's default KillWait (30 s), the time between its SIGTERM and SIGKILL.
+    signal_grace: int = 20
 
 
 def _default_trainer() -> dict[str, Any]:
