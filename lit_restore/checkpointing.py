@@ -258,12 +258,7 @@ class PreemptionCheckpoint(L.Callback):
         try:
             saved = "no checkpoint saved (several ranks: the last periodic checkpoint stays)"
             if trainer is not None and trainer.world_size == 1 and trainer.global_step > 0:
-                path = trainer._checkpoint_connector.hpc_save_path(self.out_dir)
-                trainer.save_checkpoint(path)
-                if isinstance(trainer.strategy.checkpoint_io, AsyncCheckpointIO):
-                    trainer.strategy.checkpoint_io.teardown()
-                saved = f"saved {path} at step {trainer.global_step}"
-                prune_hpc(self.out_dir, self.keep_hpc)
+                saved = f"saved {self._save_hpc(trainer)} at step {trainer.global_step}"
             if self.requeue and not terminate and (trainer is None or trainer.is_global_zero):
                 requeue_slurm_job()
             rank_zero_info(f"{why}: the data loader delivered nothing for {self.grace:g} s after the signal "
@@ -305,12 +300,18 @@ class PreemptionCheckpoint(L.Callback):
 
         if isinstance(exception, CorruptDataError) and trainer.world_size == 1 and trainer.global_step > 0 \
                 and self._phase == "loader" and not trainer.sanity_checking:
-            path = trainer._checkpoint_connector.hpc_save_path(self.out_dir)
-            trainer.save_checkpoint(path)
-            if isinstance(trainer.strategy.checkpoint_io, AsyncCheckpointIO):
-                trainer.strategy.checkpoint_io.teardown()
+            rank_zero_info(f"unreadable data: saved {self._save_hpc(trainer)} at step {trainer.global_step}")
+
+    def _save_hpc(self, trainer: L.Trainer) -> Path:
+        """`hpc_ckpt_N.ckpt` of the current state, written to the end (every rank takes part; rank
+        0 writes and prunes the older ones); returns its path."""
+        path = trainer._checkpoint_connector.hpc_save_path(self.out_dir)
+        trainer.save_checkpoint(path)
+        if isinstance(trainer.strategy.checkpoint_io, AsyncCheckpointIO):
+            trainer.strategy.checkpoint_io.teardown()  # the write must end before a requeue or an exit ends the job
+        if trainer.is_global_zero:
             prune_hpc(self.out_dir, self.keep_hpc)
-            rank_zero_info(f"unreadable data: saved {path} at step {trainer.global_step}")
+        return path
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         self._phase = "step"
@@ -345,16 +346,11 @@ class PreemptionCheckpoint(L.Callback):
                 self._watchdog.cancel()
                 self._watchdog = None
         terminate = trainer.strategy.reduce_boolean_decision(signal.SIGTERM in self._received, all=False)
-        path = trainer._checkpoint_connector.hpc_save_path(self.out_dir)
-        trainer.save_checkpoint(path)  # every rank takes part; rank 0 writes
-        if isinstance(trainer.strategy.checkpoint_io, AsyncCheckpointIO):
-            trainer.strategy.checkpoint_io.teardown()  # the write must end before the requeue ends the job
+        path = self._save_hpc(trainer)
         why = "SIGTERM" if terminate else "preemption"
         rank_zero_info(f"{why}: saved {path} at step {trainer.global_step}")
-        if trainer.is_global_zero:
-            prune_hpc(self.out_dir, self.keep_hpc)
-            if self.requeue and not terminate:
-                requeue_slurm_job()
+        if trainer.is_global_zero and self.requeue and not terminate:
+            requeue_slurm_job()
         if terminate:
             self.terminated = f"stopped by SIGTERM at step {trainer.global_step}; saved {path}, the same command resumes"
         trainer.should_stop = True

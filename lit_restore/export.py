@@ -33,6 +33,7 @@ from torch import nn
 from lit_restore.config import CLIPTextConfig, ConfigError, RunConfig, schema_for, to_yaml
 from lit_restore.data.degrade.types import DEGRADATION_TYPES, TYPES_KEY, align_type_rows, recorded_types
 from lit_restore.errors import DiskFullError, UserError, is_disk_full
+from lit_restore.rundir import process_alive
 from lit_restore.exported import offline_model
 from lit_restore.settings import SamplerSettings
 from lit_restore.weights import WeightsError, load_checkpoint, load_sharded_checkpoint
@@ -316,13 +317,8 @@ def remove_dead_exports(folder: Path) -> list[Path]:
         pid = parts[-2]
         if not (work.is_dir() and not work.is_symlink() and pid.isdigit() and ".".join(parts[2:-2]) == host):
             continue
-        try:
-            os.kill(int(pid), 0)
+        if process_alive(pid):
             continue  # a live export
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue  # another user's live process
         shutil.rmtree(work, ignore_errors=True)
         removed.append(work)
     return removed

@@ -45,6 +45,21 @@ def slurm_job() -> str:
     return os.environ.get("SLURM_JOB_ID", "")
 
 
+def process_alive(pid: Any) -> bool:
+    """Whether `pid` (a value read from a file) names a running process on this host; another
+    user's process counts as running."""
+    try:
+        pid = int(pid)
+        if pid <= 0:
+            return False
+        os.kill(pid, 0)
+    except (ProcessLookupError, TypeError, ValueError, OverflowError):
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
 def describe(holder: dict[str, Any]) -> str:
     job = f", SLURM job {holder['job']}" if holder.get("job") else ""
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder["started"])) if "started" in holder else "?"
@@ -97,8 +112,9 @@ class RunDirLock:
             raise
 
     def _live_foreign_record(self) -> Optional[dict[str, Any]]:
-        """A record that another host refreshed lately: a holder the lock did not see. On this host
-        the granted lock is the truth (a record left by a killed process is just stale)."""
+        """A record refreshed lately by a holder the lock did not see: on another host (locks that
+        stay on one node), or, where the filesystem has no locks, a live process on this host. On
+        this host a granted lock is the truth (a record left by a killed process is just stale)."""
         holder = self._holder()
         if not holder or self._age() >= STALE_S:
             return None
@@ -106,13 +122,7 @@ class RunDirLock:
             return holder
         if not self._no_locks:
             return None
-        try:  # no lock to trust: a holder on this host is live while its process is
-            os.kill(int(holder.get("pid", 0)), 0)
-        except (ProcessLookupError, ValueError, OverflowError):
-            return None
-        except PermissionError:
-            pass
-        return holder
+        return holder if process_alive(holder.get("pid")) else None
 
     def acquire(self) -> "RunDirLock":
         try:

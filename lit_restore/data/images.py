@@ -182,22 +182,14 @@ def write_bytes_atomic(path: Union[str, Path], data: bytes) -> None:
     """Write a file so readers see either the old or the complete new contents, never a part."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # A sibling temp file (same filesystem, so os.replace is atomic) created with the usual
-    # permissions, unlike mkstemp's owner-only ones.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_files_atomic([(path, data)])
 
 
 def write_files_atomic(files: Sequence[tuple[Union[str, Path], bytes]]) -> None:
     """Write several files as one: every temporary is written first, then each is renamed over
     its target; a failure while writing (a full disk) removes the temporaries and leaves every
-    target as it was."""
+    target as it was. The temporaries are siblings of their targets (same filesystem, so the
+    rename is atomic) created with the usual permissions, unlike mkstemp's owner-only ones."""
     temps = []
     try:
         for path, data in files:
