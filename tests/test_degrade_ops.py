@@ -11,7 +11,8 @@ from PIL import Image
 from skimage import data
 
 from lit_restore.data.degrade.kernels import gaussian_kernels, line_kernels, resample_matrices
-from lit_restore.data.degrade.op import quantize
+from lit_restore.data.degrade.op import Draws, quantize, quantize_
+from lit_restore.data.degrade.ops import OPS
 from lit_restore.data.degrade.ops.blur import blur
 from lit_restore.data.degrade.ops.haze import depth_prior, haze
 from lit_restore.data.degrade.ops.jpeg import jpeg
@@ -172,3 +173,32 @@ def test_quantize_lands_on_the_8bit_grid():
     q = quantize(x)
     assert q.min() >= 0 and q.max() <= 1
     assert torch.allclose(q * 255, (q * 255).round(), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", [name for name, op in OPS.items() if op.in_range])
+def test_in_range_ops_need_no_clamp_before_rounding(name):
+    """An op marked `in_range` is rounded without a clamp: on flat black and white images, hard
+    edges and noise, at the extremes of its bounds and at random draws, clamping first changes
+    no 8-bit value. The ops not marked go beyond [0, 1] (noise, bicubic overshoot, read noise)."""
+    op, g = OPS[name], torch.Generator().manual_seed(0)
+    edges = (torch.arange(64) // 4 % 2).float().expand(3, 64, 64)
+    images = torch.stack([torch.zeros(3, 64, 64), torch.ones(3, 64, 64), edges, edges.transpose(1, 2),
+                          torch.rand(3, 64, 64, generator=g)]).repeat(4, 1, 1, 1)
+    for extreme in ("low", "high", None):
+        cfg = op.config()
+        if extreme is not None:
+            for key, (lo, hi) in op.bounds.items():
+                value = getattr(cfg, key, None)
+                if isinstance(value, list):
+                    setattr(cfg, key, [lo if extreme == "low" else hi] * 2)
+        if op.check is not None:
+            try:
+                op.check(cfg, name)
+            except Exception:
+                continue  # an extreme the op refuses is never applied
+        params = op.draw(cfg, Draws(images.shape, g, images.device))
+        y = op.apply(images.clone(), params, cfg)
+        assert torch.equal(quantize_(y.clone(), clamp=False), quantize_(y.clone())), (name, extreme)
+    noisy = OPS["noise"].apply(torch.ones(1, 3, 8, 8), OPS["noise"].draw(
+        OPS["noise"].config(sigma=[50.0, 50.0]), Draws((1, 3, 8, 8), g, torch.device("cpu"))), None)
+    assert noisy.max() > 1 and not OPS["noise"].in_range

@@ -39,6 +39,10 @@ class Op:
     grid: tuple[Mapping[str, Any], ...]  # strengths shown by `lit-restore degrade --grid`, low to high
     # Checks beyond `bounds`: (op config, key path) → raises ConfigError naming the key.
     check: Optional[Callable[[Any, str], None]] = None
+    # `apply` keeps images in [0, 1] within [0, 1], up to float error that 8-bit rounding absorbs
+    # (convex mixes, filters with non-negative weights, clipped outputs): the Degrader then rounds
+    # its output without clamping first, one pass fewer (tests/test_degrade_ops.py checks it).
+    in_range: bool = False
 
 
 class Draws:
@@ -83,9 +87,10 @@ def per_image(t: Tensor) -> Tensor:
     return t.view(-1, 1, 1, 1)
 
 
-def quantize_(x: Tensor) -> Tensor:
-    """Round to 8 bits in place (what saving the image as PNG would do)."""
-    return x.clamp_(0, 1).mul_(255).round_().div_(255)
+def quantize_(x: Tensor, clamp: bool = True) -> Tensor:
+    """Round to 8 bits in place (what saving the image as PNG would do); `clamp=False` for
+    values known to round into [0, 255] already."""
+    return (x.clamp_(0, 1) if clamp else x).mul_(255).round_().div_(255)
 
 
 def quantize(x: Tensor) -> Tensor:

@@ -73,4 +73,5 @@ OP = Op(
     bounds={"kernel_size": (3, 63), "sigma": (0.1, 20), "aniso_prob": (0, 1), "angle": (-360, 360),
             "motion_prob": (0, 1), "motion_length": (1, 63)},
     grid=({"sigma": 1}, {"sigma": 2}, {"sigma": 3}), check=check,
+    in_range=True,
 )

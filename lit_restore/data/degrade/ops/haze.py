@@ -35,10 +35,10 @@ def depth_prior(b: int, h: int, w: int, generator: Optional[torch.Generator] = N
     yy = torch.linspace(1, 0, h, device=device).view(1, 1, h, 1)
     xx = torch.linspace(-0.5, 0.5, w, device=device).view(1, 1, 1, w)
     ramp = yy + per_image(r[:, 0] - 0.5) * 0.6 * xx  # tilted horizon
-    d = per_image(0.5 + 0.4 * r[:, 1]) * ramp + per_image(0.2 + 0.4 * r[:, 2]) * field
-    lo = d.amin(dim=(2, 3), keepdim=True)
-    hi = d.amax(dim=(2, 3), keepdim=True)
-    return (d - lo) / (hi - lo).clamp_min(1e-6)
+    # In place from here on (an image-sized temporary costs more than its arithmetic on a CPU).
+    d = ramp.mul_(per_image(0.5 + 0.4 * r[:, 1])).add_(field.mul_(per_image(0.2 + 0.4 * r[:, 2])))
+    lo, hi = (per_image(v) for v in torch.aminmax(d.view(b, -1), dim=1))
+    return d.sub_(lo).div_((hi - lo).clamp_min(1e-6))
 
 
 def haze(x: Tensor, depth: Tensor, beta: Tensor, airlight: Tensor) -> Tensor:
@@ -79,4 +79,5 @@ def severity(p: Params) -> Tensor:
 OP = Op(
     name="haze", config=HazeOpConfig, draw=draw, apply=apply, severity=severity, prompt_word="haze", chain_rank=10,
     bounds={"beta": (0, 10), "airlight": (0, 1)}, grid=({"beta": 0.5}, {"beta": 1.5}, {"beta": 2.5}),
+    in_range=True,
 )

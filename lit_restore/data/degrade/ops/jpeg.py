@@ -129,4 +129,5 @@ def severity(p: Params) -> Tensor:
 OP = Op(
     name="jpeg", config=JpegOpConfig, draw=draw, apply=apply, severity=severity, prompt_word="jpeg compression",
     chain_rank=70, bounds={"quality": (1, 100)}, grid=({"quality": 70}, {"quality": 40}, {"quality": 10}),
+    in_range=True,
 )

@@ -33,8 +33,8 @@ def lowres(x: Tensor, scale: Tensor, mode: Tensor, modes: tuple[str, ...], up_mo
     """
     b, _, h, w = x.shape
     scale = scale.clamp_min(min_scale)
-    downs, ups = [], []
-    for size in (h, w):
+    matrices = {}  # side → (down, up); a square image builds them once (~half the op's time)
+    for size in {h, w}:
         small = torch.floor(size / scale).clamp(1, size)
         small_max = max(1, math.floor(size / min_scale))
         full = torch.full_like(small, size)
@@ -42,8 +42,8 @@ def lowres(x: Tensor, scale: Tensor, mode: Tensor, modes: tuple[str, ...], up_mo
         for k, name in enumerate(modes):
             m = resample_matrices(full, small, size, small_max, name)
             down = torch.where((mode == k).view(-1, 1, 1), m, down)
-        downs.append(down)
-        ups.append(resample_matrices(small, full, small_max, size, up_mode))
+        matrices[size] = down, resample_matrices(small, full, small_max, size, up_mode)
+    downs, ups = zip(matrices[h], matrices[w])
     # Separate down and up products (cheaper than one H×H matrix per axis when the low-res side
     # is ≤ H/2). Column products fold the channels into rows and row products repeat the small
     # matrices per channel, so no image-sized operand is ever copied by broadcasting.

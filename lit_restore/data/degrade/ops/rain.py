@@ -104,4 +104,5 @@ OP = Op(
     name="rain", config=RainOpConfig, draw=draw, apply=apply, severity=severity, prompt_word="rain", chain_rank=20,
     bounds={"amount": (0, 2000), "length": (1, 63), "angle": (-90, 90), "width": (1, 21)},
     grid=({"amount": 50}, {"amount": 75}, {"amount": 99}),
+    in_range=True,
 )
