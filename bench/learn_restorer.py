@@ -10,6 +10,7 @@ then scores each on the held-out val shard: every crop degraded by each syntheti
 `--seeds` seeded draws per type, so each type weighs alike in the mean.
 
     python bench/learn_restorer.py [--steps 3000] [--pretrain-steps 1000] [--jobs 2] [--models ...] [--set key=value ...]
+                                   [--encoder-set key=value ...]
 
 Prints mean PSNR per degradation type of the degraded input, of each restorer before training
 (step 0: the nets start as the identity, so this equals the input) and after, and the mean over
@@ -59,7 +60,8 @@ def pretrain_constyle(args: argparse.Namespace, out: Path) -> Path:
         f"out_dir={out / 'constyle'}", "logger=none", f"data.train={args.data}/train-{{000000..000003}}.tar",
         f"data.val={args.data}/val-000000.tar", f"data.crop={args.crop}", f"trainer.max_steps={args.pretrain_steps}",
         f"trainer.val_check_interval={args.pretrain_steps}", f"checkpoint.every_n_steps={args.pretrain_steps}",
-        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", f"seed={args.seed}"])
+        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", f"seed={args.seed}",
+        *(f"model.{kv}" for kv in args.encoder_set)])
     L.seed_everything(cfg.seed, verbose=False)
     fit(cfg)
     return out / "constyle" / "checkpoints" / "last.ckpt"
@@ -70,7 +72,7 @@ def encoder_accuracy(ckpt: Path, args: argparse.Namespace) -> dict[str, float]:
     """The pretrained encoder's degradation-type accuracy on each held-out set (its classifier head,
     ConStyle v2's pretext task): how well its code can tell the restorer what it faces."""
     cfg = load_config(CONFIG, [f"data.val={args.data}/val-000000.tar", "data.val_crop=128", f"seed={args.seed}"])
-    encoder = build_encoder(load_config(CONSTYLE_CONFIG).model).eval()
+    encoder = build_encoder(load_config(CONSTYLE_CONFIG, [f"model.{kv}" for kv in args.encoder_set]).model).eval()
     prefix = "moco.encoder_q."
     encoder.load_state_dict({k[len(prefix):]: v for k, v in read_weights(ckpt).items() if k.startswith(prefix)})
     _, sets = degraded_sets(cfg, args.seeds)
@@ -113,7 +115,7 @@ def run(name: str, overrides: list[str], args: argparse.Namespace, out: Path) ->
         f"data.val={args.data}/val-000000.tar", f"data.crop={args.crop}", "data.val_crop=128",
         f"data.batch_size={args.batch}", f"trainer.max_steps={args.steps}", f"trainer.val_check_interval={args.steps}",
         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", f"seed={args.seed}",
-        *overrides, *args.set,
+        *overrides, *args.set, *(f"model.constyle.{kv}" for kv in args.encoder_set),
     ])
     L.seed_everything(cfg.seed, verbose=False)
     stage = build_stage(cfg)
@@ -152,6 +154,8 @@ def main() -> None:
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     p.add_argument("--pretrain-steps", type=int, default=1000, help="constyle stage steps before constyle_frozen")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for both runs")
+    p.add_argument("--encoder-set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="ConStyle encoder settings (e.g. base_channels=16), for its pretraining and every restorer's encoder")
     p.add_argument("--data", default=str(ROOT / "data" / "sample"), help="`lit-restore prep-sample` output")
     args = p.parse_args()
     if not (Path(args.data) / "manifest.json").exists():
@@ -188,7 +192,7 @@ def main() -> None:
     load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"\n{args.steps} steps, batch {args.batch}, crop {args.crop}, {args.threads} torch thread(s) per model, "
           f"{args.jobs} model(s) at a time, {os.cpu_count()} CPU cores, load average at the end {load}; "
-          f"overrides {args.set or 'none'}; held-out val shard: each 128 px crop degraded by each type alone, "
+          f"overrides {args.set or 'none'}, encoder {args.encoder_set or 'as configured'}; held-out val shard: each 128 px crop degraded by each type alone, "
           f"{args.seeds} seeded draw(s), n = {n} per type\n")
     print("| model | params | train wall / CPU | " + " | ".join(inputs) + " | mean over types |")
     print("|---|---|---|" + "---|" * (len(inputs) + 1))
