@@ -33,6 +33,18 @@ from lit_restore.data.degrade.composer import Degrader
 from lit_restore.data.degrade.op import Draws
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux), so a figure says which host gave it: the Degrader's ratio to
+    BasicSR moved from ~4.9× to ~8× between two hosts with the same code (docs/benchmarks.md)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -144,7 +156,7 @@ def main() -> None:
     gt = gt.mul(255).round().div(255)
     degrader = Degrader(DegradeConfig(mode="mixed"))
     single = Degrader(DegradeConfig(mode="single"))
-    print(f"device {device}, threads {torch.get_num_threads()}, batch {a.batch}×3×{a.size}×{a.size}, "
+    print(f"device {device} ({cpu_model()}, {torch.backends.cpu.get_cpu_capability()}), threads {torch.get_num_threads()}, batch {a.batch}×3×{a.size}×{a.size}, "
           f"chain {'→'.join(degrader.chain)}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
           f"load average {os.getloadavg()[0]:.2f}")
 
