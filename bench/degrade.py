@@ -156,7 +156,8 @@ def main() -> None:
     gt = gt.mul(255).round().div(255)
     degrader = Degrader(DegradeConfig(mode="mixed"))
     single = Degrader(DegradeConfig(mode="single"))
-    print(f"device {device} ({cpu_model()}, {torch.backends.cpu.get_cpu_capability()}), threads {torch.get_num_threads()}, batch {a.batch}×3×{a.size}×{a.size}, "
+    print(f"device {device} ({cpu_model()}, {torch.backends.cpu.get_cpu_capability()}), "
+          f"threads {torch.get_num_threads()}, batch {a.batch}×3×{a.size}×{a.size}, "
           f"chain {'→'.join(degrader.chain)}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
           f"load average {os.getloadavg()[0]:.2f}")
 
