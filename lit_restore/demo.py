@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from lit_restore.jobs import REPO, Runner, StepFailed, loss_story
+from lit_restore.jobs import REPO, Beside, Runner, StepFailed, loss_story
 
 # One task per degradation type; the evaluation's subset of the suite.
 EVAL_TASKS = ("noise_s25", "blur_s2", "jpeg_q50", "lowres_x4", "haze_b1.5", "rain_a75", "lowlight_g2")
@@ -53,6 +53,8 @@ FINE_TUNE_LR = 5e-4
 RESTORER_CLEAN_FRACTION = "degrade.clean_fraction=0.25"
 # Crops of each photo in the val shard (prep-sample --val-crops): the evaluation's images.
 VAL_CROPS = 2
+# The training steps as the summary lists them.
+STEP_ORDER = ("BIQA", "ConStyle", "restorer", "LDM", "SCM")
 TINY_NOTE = "tiny models, minutes of CPU training: proof that the method runs end to end, not full-scale quality"
 
 
@@ -124,34 +126,45 @@ def write_degraded_inputs(data: Path, folder: Path) -> list[Path]:
 
 def run_demo(out: Path, plan: DemoPlan) -> int:
     start = time.perf_counter()
-    r = Runner(out, total=9)
+    r = Runner(out, total=8)
     data, runs, weights, early = out / "data", out / "runs", out / "weights", out / "weights_early"
-    stories: list[tuple[str, str, str]] = []  # (step, starts from, loss)
+    stories: dict[str, tuple[str, str]] = {}  # step → (starts from, loss)
+    beside: Optional[Beside] = None
 
-    def train(name: str, title: str, starts_from: str, config: str, steps: int, *overrides: str, every: int = 0) -> None:
+    def train(name: str, title: str, starts_from: str, config: str, steps: int, *overrides: str) -> None:
         r.stage(f"{title} ({steps} steps)")
         r.console.print(f"  starts from: {starts_from}")
         run = runs / config
-        r.cli(f"fit-{config}", *fit_args(config, run, data, steps, *overrides, every=every), steps=steps, run_dir=run)
-        story = loss_story(run)
-        r.console.print(f"  {story}")
-        stories.append((name, starts_from, story))
+        r.cli(f"fit-{config}", *fit_args(config, run, data, steps, *overrides), steps=steps, run_dir=run)
+        tell(name, starts_from, config)
+
+    def tell(name: str, starts_from: str, config: str) -> None:
+        stories[name] = (starts_from, loss_story(runs / config))
+        r.console.print(f"  {name}: {stories[name][1]}")
 
     try:
         r.stage("Sample shards from scikit-image's photos")
         r.cli("prep-sample", "prep-sample", "--out", str(data), "--crop", "128", "--train-crops", "32",
               "--val-crops", str(VAL_CROPS), "--overwrite")
         biqa_ckpt = runs / "biqa" / "checkpoints" / "last.ckpt"
+        # ConStyle and the restorer need nothing of BIQA, the LDM or the SCM: they train on the
+        # other core meanwhile (each fit takes one thread on a 2-core machine).
+        restorer = REPO / "foundations" / "tiny" / "restorer" / "model.safetensors"
+        constyle_from = "the tiny restorer foundation's encoder (foundations/tiny/restorer)"
+        restorer_from = "the tiny restorer foundation + the ConStyle encoder above, frozen"
+        r.stage(f"Fine-tune ConStyle ({plan.constyle_steps} steps), then the restorer ({plan.restorer_steps} steps), "
+                "in the background")
+        r.console.print(f"  ConStyle starts from: {constyle_from}\n  restorer starts from: {restorer_from}")
+        beside = Beside(r, [
+            ("fit-constyle", fit_args("constyle", runs / "constyle", data, plan.constyle_steps,
+                                      f"model.pretrained={restorer}", f"optim.lr={FINE_TUNE_LR}")),
+            ("fit-restorer", fit_args("restorer", runs / "restorer", data, plan.restorer_steps, f"model.pretrained={restorer}",
+                                      "model.constyle_mode=frozen",
+                                      f"model.constyle_weights={runs / 'constyle' / 'checkpoints' / 'last.ckpt'}",
+                                      f"optim.lr={FINE_TUNE_LR}", RESTORER_CLEAN_FRACTION, every=plan.restorer_early_step)),
+        ])
         train("BIQA", "Fine-tune BIQA's image tower", "the tiny CLIP foundation (foundations/tiny/clip), text tower frozen",
               "biqa", plan.biqa_steps)
-        restorer = REPO / "foundations" / "tiny" / "restorer" / "model.safetensors"
-        train("ConStyle", "Fine-tune the ConStyle encoder (MoCo)", "the tiny restorer foundation's encoder "
-              "(foundations/tiny/restorer)", "constyle", plan.constyle_steps, f"model.pretrained={restorer}",
-              f"optim.lr={FINE_TUNE_LR}")
-        train("restorer", "Fine-tune the ConStyle-NAFNet restorer", "the tiny restorer foundation + the ConStyle "
-              "encoder above, frozen", "restorer", plan.restorer_steps, f"model.pretrained={restorer}",
-              "model.constyle_mode=frozen", f"model.constyle_weights={runs / 'constyle' / 'checkpoints' / 'last.ckpt'}",
-              f"optim.lr={FINE_TUNE_LR}", RESTORER_CLEAN_FRACTION, every=plan.restorer_early_step)
         train("LDM", "Fine-tune the LDM (InstructPix2Pix-style)",
               "the tiny LDM foundation (foundations/tiny/ldm: UNet, frozen VAE, v-prediction), BIQA's frozen text tower",
               "ldm", plan.ldm_steps, f"model.clip.pretrained={biqa_ckpt}")
@@ -164,6 +177,9 @@ def run_demo(out: Path, plan: DemoPlan) -> int:
               f"model.ldm_checkpoint={runs / 'ldm' / 'checkpoints' / 'last.ckpt'}", f"model.ldm.clip.pretrained={biqa_ckpt}",
               "model.ldm_input=sample", f"model.sample_steps={plan.diffusion_steps}",
               f"model.sample_strength={plan.strength}", f"optim.lr={FINE_TUNE_LR}")
+        beside.join()
+        tell("ConStyle", constyle_from, "constyle")
+        tell("restorer", restorer_from, "restorer")
 
         r.stage("Export weights (safetensors, config, model card)")
         r.cli("export", "export", *(str(runs / s / "checkpoints" / "last.ckpt") for s in ("biqa", "constyle", "restorer", "ldm", "scm")),
@@ -194,7 +210,10 @@ def run_demo(out: Path, plan: DemoPlan) -> int:
               str(plan.max_passes), *loop_flags(plan), "--compare-fast", *common)
     except StepFailed:
         return 1
-    summarize(r, out, stories, time.perf_counter() - start)
+    finally:
+        if beside is not None:
+            beside.stop()
+    summarize(r, out, [(name, *stories[name]) for name in STEP_ORDER], time.perf_counter() - start)
     return 0
 
 

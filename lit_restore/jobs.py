@@ -1,12 +1,14 @@
 """Jobs of `lit-restore` commands run one after another with a header, a spinner and a log file
-each: what `make demo` and `make foundations` run. Also the CSV-log readers they summarise with."""
+each, and a chain of them beside (`Beside`): what `make demo` and `make foundations` run. Also the CSV-log readers they summarise with."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -38,29 +40,100 @@ class Runner:
             ) -> str:
         """`python -m lit_restore.cli ARGS`; returns its stdout+stderr, raises StepFailed on a bad exit
         code. A training command (`steps`, `run_dir`) shows its step and the time left."""
-        cmd = [sys.executable, "-m", "lit_restore.cli", *args]
-        log = self.logs / f"{name}.log"
-        start = time.perf_counter()
         label = f"lit-restore {' '.join(args[:2])}"
-        with self.console.status(f"{label} …  (log: {log})") as status:
-            with open(log, "w") as f:
-                f.write("$ lit-restore " + " ".join(args) + "\n")
-                f.flush()
-                proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=f, stderr=subprocess.STDOUT)
-                while proc.poll() is None:
-                    time.sleep(1.0)
-                    if steps and run_dir is not None:
-                        status.update(f"{label}: {progress_text(run_dir, steps, time.perf_counter() - start)}")
-                code = proc.returncode
-        seconds = time.perf_counter() - start
-        self.times[name] = seconds
-        text = log.read_text(errors="replace")
+        with self.console.status(f"{label} …  (log: {self.logs / f'{name}.log'})") as status:
+            job = self.start(name, args)
+            while job.proc.poll() is None:
+                time.sleep(1.0)
+                if steps and run_dir is not None:
+                    status.update(f"{label}: {progress_text(run_dir, steps, time.perf_counter() - job.started)}")
+        text = self.finish(job, ok_codes)
+        self.console.print(f"  {name}: done in {self.times[name]:.0f} s")
+        return text
+
+    def start(self, name: str, args: Sequence[str]) -> "Job":
+        """Launch `python -m lit_restore.cli ARGS` with its output going to logs/NAME.log."""
+        log = self.logs / f"{name}.log"
+        with open(log, "w") as f:
+            f.write("$ lit-restore " + " ".join(args) + "\n")
+            f.flush()
+            proc = subprocess.Popen([sys.executable, "-m", "lit_restore.cli", *args], cwd=REPO, env=self.env,
+                                    stdout=f, stderr=subprocess.STDOUT)
+        return Job(name, proc, log, time.perf_counter())
+
+    def finish(self, job: "Job", ok_codes: Sequence[int] = (0,)) -> str:
+        """Wait for a job; its output, or StepFailed (with the log's last lines shown) on a bad exit code."""
+        code = job.proc.wait()
+        job.ended = job.ended or time.perf_counter()
+        self.times[job.name] = job.ended - job.started
+        text = job.log.read_text(errors="replace")
         if code not in ok_codes:
             tail = "\n".join(text.splitlines()[-15:])
-            self.console.print(f"[red]{name} failed (exit code {code}); last lines of {log}:[/red]\n{tail}")
-            raise StepFailed(name)
-        self.console.print(f"  {name}: done in {seconds:.0f} s")
+            self.console.print(f"[red]{job.name} failed (exit code {code}); last lines of {job.log}:[/red]\n{tail}")
+            raise StepFailed(job.name)
         return text
+
+
+@dataclass
+class Job:
+    name: str
+    proc: subprocess.Popen
+    log: Path
+    started: float
+    ended: Optional[float] = None  # set by whoever saw it end first
+
+
+class Beside:
+    """Commands run one after another in a thread while the Runner's own steps go on. A tiny `fit`
+    gives torch one thread per core it leaves free (lit_restore.threads), one on a 2-core machine,
+    and a second thread would not pay: the tiny SCM's step took 50 s for 60 steps at two threads
+    against 37 s at one. So a second chain of independent steps uses the other core at little
+    cost to the first (docs/benchmarks.md, "Demo")."""
+
+    def __init__(self, runner: Runner, steps: Sequence[tuple[str, Sequence[str]]]) -> None:
+        self.runner, self.steps = runner, list(steps)
+        self.jobs: list[Job] = []
+        self.error: Optional[Exception] = None
+        self.stopped = False
+        self.lock = threading.Lock()  # a job is started and recorded, or the chain is stopped: not both at once
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        for name, args in self.steps:
+            with self.lock:
+                if self.stopped:
+                    return
+                try:
+                    job = self.runner.start(name, args)
+                except OSError as e:
+                    self.error = e
+                    return
+                self.jobs.append(job)
+            code = job.proc.wait()
+            job.ended = time.perf_counter()
+            if code != 0:
+                return
+
+    def join(self) -> None:
+        """Wait for the chain; print each step's time, or raise StepFailed for the first that failed."""
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        for job in self.jobs:
+            self.runner.finish(job)
+            self.runner.console.print(f"  {job.name}: done in {self.runner.times[job.name]:.0f} s (in the background)")
+        if len(self.jobs) < len(self.steps):
+            raise StepFailed(self.steps[len(self.jobs)][0])
+
+    def stop(self) -> None:
+        """End the chain early (the main steps failed): the running command is terminated."""
+        with self.lock:
+            self.stopped = True
+            for job in self.jobs:
+                if job.proc.poll() is None:
+                    job.proc.terminate()
+        self.thread.join()
 
 
 def progress_text(run_dir: Path, steps: int, elapsed: float) -> str:

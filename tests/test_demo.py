@@ -1,16 +1,20 @@
 """The demo's pieces that run without training: the plan, the fit arguments (valid configs),
-the degraded inputs and reading run metrics. The whole demo is `make demo` (minutes)."""
+the degraded inputs, reading run metrics and the chain of steps run beside the others. The whole demo is `make demo` (minutes)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from lit_restore.config import load_config
 from lit_restore.demo import RESTORE_TASKS, DemoPlan, fit_args, write_degraded_inputs
-from lit_restore.jobs import last_metric
+from lit_restore.jobs import Beside, Job, Runner, StepFailed, last_metric
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -74,3 +78,47 @@ def test_figures_name_the_tasks_worse_than_their_input():
     f = figures(metrics)
     assert f.gain == 2.0 and f.worst_task == "b" and f.worst_gain == -1.0 and f.worse == ["b"]
     assert biqa_accuracy(metrics) == 7 / 8
+
+
+class PythonRunner(Runner):
+    """Runs Python snippets (`python -c ARG`) instead of lit-restore commands: the Beside tests."""
+
+    def start(self, name, args):
+        log = self.logs / f"{name}.log"
+        with open(log, "w") as f:
+            proc = subprocess.Popen([sys.executable, "-c", *args], stdout=f, stderr=subprocess.STDOUT)
+        return Job(name, proc, log, time.perf_counter())
+
+
+def test_beside_runs_its_chain_in_order_and_times_each_step(tmp_path):
+    r = PythonRunner(tmp_path, total=1)
+    marker = tmp_path / "order.txt"
+    chain = Beside(r, [(f"step{i}", [f"import time; time.sleep(0.3); open({str(marker)!r}, 'a').write('{i}')"])
+                       for i in range(2)])
+    assert chain.thread.is_alive()  # the caller goes on meanwhile
+    chain.join()
+    assert marker.read_text() == "01"
+    assert all(0.3 <= r.times[f"step{i}"] < 30 for i in range(2))
+
+
+def test_beside_stops_at_a_failed_step_and_names_it(tmp_path):
+    r = PythonRunner(tmp_path, total=1)
+    marker = tmp_path / "ran.txt"
+    chain = Beside(r, [("bad", ["print('the reason'); raise SystemExit(3)"]),
+                       ("after", [f"open({str(marker)!r}, 'w').write('x')"])])
+    with pytest.raises(StepFailed, match="bad"):
+        chain.join()
+    assert not marker.exists()  # nothing after the failed step runs
+    assert "the reason" in (tmp_path / "logs" / "bad.log").read_text()
+
+
+def test_beside_stop_ends_the_running_step_and_starts_no_more(tmp_path):
+    r = PythonRunner(tmp_path, total=1)
+    marker = tmp_path / "ran.txt"
+    chain = Beside(r, [("long", ["import time; time.sleep(60)"]), ("after", [f"open({str(marker)!r}, 'w').write('x')"])])
+    while not chain.jobs:
+        time.sleep(0.05)
+    start = time.perf_counter()
+    chain.stop()
+    assert time.perf_counter() - start < 30 and not chain.thread.is_alive()
+    assert chain.jobs[0].proc.returncode != 0 and not marker.exists()
