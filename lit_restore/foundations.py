@@ -5,7 +5,7 @@ the LDM's text context), Stable Diffusion 1.5's VAE and UNet (LDM), or released 
 stage itself to fine-tune (AutoDIR's LDM and SCM, a ConStyle-NAFNet). The tiny pipeline
 (`configs/tiny/`, `make demo`) starts from these instead, each made by this project's own stages
 from the scikit-image sample photos, each in the order of the table (a foundation is trained on
-the ones above it):
+the ones above it; the restorer, which needs none of them, trains in the background beside them):
 
 | foundation | stands in for | recipe | made by stage |
 |---|---|---|---|
@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Optional
 
 from data_prep.shards import file_sha256
-from lit_restore.jobs import REPO, Runner, StepFailed, last_metric
+from lit_restore.jobs import REPO, Beside, Runner, StepFailed, last_metric
 
 @dataclass(frozen=True)
 class Foundation:
@@ -54,6 +54,8 @@ class Foundation:
     ldm_source: str = ""
     ldm_key: str = "model."
     starts_from: str = "random initialisation"
+    # Needs none of the other foundations and none of them needs it: made in the background.
+    independent: bool = False
 
 
 FOUNDATIONS: dict[str, Foundation] = {
@@ -73,7 +75,8 @@ FOUNDATIONS: dict[str, Foundation] = {
                       starts_from="the UNet foundation (sd/unet, conv_in widened to take the condition latent)"),
     "restorer": Foundation("restorer", "restorer", "a released restorer (ConStyle-NAFNet) to fine-tune",
                            {"model.safetensors": "restorer/model.safetensors"}, "restorer", "val/psnr",
-                           "restored PSNR (dB) on the 128-px val crops, one synthetic degradation each"),
+                           "restored PSNR (dB) on the 128-px val crops, one synthetic degradation each",
+                           independent=True),
     "scm": Foundation("scm", "scm", "a released structure corrector (AutoDIR's SCM) to fine-tune",
                       {"model.safetensors": "scm/model.safetensors"}, "scm", "val/psnr",
                       "corrected PSNR (dB) of the LDM foundation's samples (from pure noise, 10 steps), 32-px val crops",
@@ -149,39 +152,65 @@ def run_foundations(out: Path, work: Path, plan: FoundationPlan, only: Optional[
     r = Runner(work, total=1 + len(chosen))
     data, runs, exports = work / "data", work / "runs", work / "weights"
     cards, fits = {}, {}
+    beside: Optional[Beside] = None
+
+    def fit_args(name: str, f: Foundation) -> list[str]:
+        steps = plan.steps(f.recipe)
+        args = ["fit", f"configs/foundations/{f.recipe}.yaml", f"out_dir={runs / name}",
+                f"data.train={data}/train-{{000000..000003}}.tar", f"data.val={data}/val-000000.tar",
+                "resume=never", "logger=csv"]
+        if out != DEFAULT_OUT and f.ldm_source:  # the recipes read their LDM and CLIP from foundations/tiny/
+            args += [f"{f.ldm_key}pretrained={out / f.ldm_source}",
+                     f"{f.ldm_key}clip.pretrained={out / 'clip' / 'open_clip_model.safetensors'}"]
+        if steps is not None:
+            args += [f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
+                     f"checkpoint.every_n_steps={steps}", "optim.warmup_steps=1"]
+        fits[name] = "lit-restore " + " ".join(a for a in args if not a.startswith(("out_dir=", "data.", "model.")))
+        return args
+
+    def export_args(name: str) -> list[str]:
+        return ["export", str(runs / name / "checkpoints" / "last.ckpt"), "--out", str(exports / name), "--no-onnx"]
+
+    def collect(name: str, f: Foundation) -> None:
+        """Copy an exported foundation into `out` and note its card's figures."""
+        for src, dst in f.copies.items():
+            source, target = exports / name / f.stage / src, out / dst
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.exists():
+                shutil.rmtree(target) if target.is_dir() else target.unlink()
+            shutil.copytree(source, target) if source.is_dir() else shutil.copy2(source, target)
+        steps = plan.steps(f.recipe)
+        done = steps if steps is not None else int(last_metric(runs / name, "step") or 0) + 1
+        cards[name] = (r.times[f"fit-{name}"], done, last_metric(runs / name, f.metric))
+        r.console.print(f"  {name}: {f.metric} = {cards[name][2]}")
+
     try:
         r.stage("Sample shards from scikit-image's photos")
         r.cli("prep-sample", "prep-sample", "--out", str(data), "--crop", "128", "--train-crops", "64",
               "--val-crops", "4", "--overwrite")
+        # A foundation that needs none of the others, and none of them it, trains on the other core
+        # meanwhile (each fit takes one thread on a 2-core machine: lit_restore.jobs.Beside).
+        background = [n for n, f in chosen.items() if f.independent] if len(chosen) > 1 else []
+        if background:
+            r.stage(f"Foundation {', '.join(background)}, in the background")
+            beside = Beside(r, [step for n in background for step in
+                                ((f"fit-{n}", fit_args(n, chosen[n])), (f"export-{n}", export_args(n)))])
         for name, f in chosen.items():
-            steps = plan.steps(f.recipe)
+            if name in background:
+                continue
             r.stage(f"Foundation {name}: {f.stands_in} ({f.recipe} recipe)")
-            run = runs / name
-            args = ["fit", f"configs/foundations/{f.recipe}.yaml", f"out_dir={run}",
-                    f"data.train={data}/train-{{000000..000003}}.tar", f"data.val={data}/val-000000.tar",
-                    "resume=never", "logger=csv"]
-            if out != DEFAULT_OUT and f.ldm_source:  # the recipes read their LDM and CLIP from foundations/tiny/
-                args += [f"{f.ldm_key}pretrained={out / f.ldm_source}",
-                         f"{f.ldm_key}clip.pretrained={out / 'clip' / 'open_clip_model.safetensors'}"]
-            if steps is not None:
-                args += [f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
-                         f"checkpoint.every_n_steps={steps}", "optim.warmup_steps=1"]
-            began = time.perf_counter()
-            fits[name] = "lit-restore " + " ".join(a for a in args if not a.startswith(("out_dir=", "data.", "model.")))
-            r.cli(f"fit-{name}", *args)
-            seconds = time.perf_counter() - began
-            r.cli(f"export-{name}", "export", str(run / "checkpoints" / "last.ckpt"), "--out", str(exports / name), "--no-onnx")
-            for src, dst in f.copies.items():
-                source, target = exports / name / f.stage / src, out / dst
-                target.parent.mkdir(parents=True, exist_ok=True)
-                if target.exists():
-                    shutil.rmtree(target) if target.is_dir() else target.unlink()
-                shutil.copytree(source, target) if source.is_dir() else shutil.copy2(source, target)
-            done = steps if steps is not None else int(last_metric(run, "step") or 0) + 1
-            cards[name] = (seconds, done, last_metric(run, f.metric))
-            r.console.print(f"  {name}: {f.metric} = {cards[name][2]}")
+            r.cli(f"fit-{name}", *fit_args(name, f))
+            r.cli(f"export-{name}", *export_args(name))
+            collect(name, f)
+        if beside is not None:
+            beside.join()
+            for name in background:
+                collect(name, chosen[name])
     except StepFailed:
         return 1
+    finally:
+        if beside is not None:
+            beside.stop()
     command = "make foundations" if plan.scale == 1.0 else f"python -m lit_restore.foundations --scale {plan.scale}"
     if only:
         command = f"python -m lit_restore.foundations --only {' '.join(chosen)}" + (f" --scale {plan.scale}" if plan.scale != 1.0 else "")

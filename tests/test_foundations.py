@@ -120,18 +120,21 @@ def test_recipe_runs_its_first_steps_and_exports(recipe, sample_shards, tmp_path
         assert (tmp_path / "weights" / f.stage / src).exists(), src
 
 
-def test_only_remakes_the_named_foundation_and_keeps_the_others(tmp_path):
-    """`--only vae` retrains the VAE into OUT; the CLIP and UNet files stay byte for byte, and the
-    manifest covers every file with the VAE's new hashes."""
+def test_only_remakes_the_named_foundations_and_keeps_the_others(tmp_path):
+    """`--only vae restorer` retrains the VAE, and the restorer in the background beside it, into
+    OUT; the CLIP and UNet files stay byte for byte, and the manifest covers every file with the
+    new hashes."""
     from lit_restore.foundations import FoundationPlan, run_foundations
 
     out = tmp_path / "out"
     shutil.copytree(SHIPPED, out)
     before = json.loads((out / "MANIFEST.json").read_text())["files"]
-    assert run_foundations(out, tmp_path / "work", FoundationPlan(0.001), only=["vae"]) == 0
+    assert run_foundations(out, tmp_path / "work", FoundationPlan(0.001), only=["vae", "restorer"]) == 0
     after = json.loads((out / "MANIFEST.json").read_text())["files"]
     assert verify_manifest(out) == [] and after.keys() == before.keys()
     changed = {name for name in after if after[name]["sha256"] != before[name]["sha256"]}
-    assert changed == {"sd/vae/diffusion_pytorch_model.safetensors", "sd/vae/config.json"}, changed
-    assert "--only vae --scale 0.001`" in (out / "sd" / "vae" / "README.md").read_text()
+    assert changed == {"sd/vae/diffusion_pytorch_model.safetensors", "sd/vae/config.json",
+                       "restorer/model.safetensors"}, changed
+    for card in ("sd/vae", "restorer"):
+        assert "--only vae restorer --scale 0.001`" in (out / card / "README.md").read_text()
     assert (out / "clip" / "README.md").read_text() == (SHIPPED / "clip" / "README.md").read_text()
