@@ -6,7 +6,8 @@ degradation type (two val crops of each of the 8 photos per task) → report. Th
 AutoDIR runs it: BIQA names the degradation, the LDM samples from pure noise, the SCM corrects,
 and BIQA looks again. Every step is a real `lit-restore` command (run as
 `python -m lit_restore.cli`), so the demo exercises what a user types; each command's output goes
-to `demo_out/logs/<step>.log`.
+to `demo_out/logs/<step>.log`. ConStyle and the restorer, which need none of the other steps,
+train in the background beside BIQA → LDM → SCM (`lit_restore.jobs.Beside`).
 
 What each step starts from mirrors the full pipeline, in miniature: BIQA fine-tunes the image tower
 of the tiny CLIP foundation (OpenAI's CLIP at full scale), the LDM fine-tunes the tiny LDM
