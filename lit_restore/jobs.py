@@ -123,8 +123,6 @@ class Beside:
         for job in self.jobs:
             self.runner.finish(job)
             self.runner.console.print(f"  {job.name}: done in {self.runner.times[job.name]:.0f} s (in the background)")
-        if len(self.jobs) < len(self.steps):
-            raise StepFailed(self.steps[len(self.jobs)][0])
 
     def stop(self) -> None:
         """End the chain early (the main steps failed): the running command is terminated."""
