@@ -9,15 +9,23 @@ prints per task the mean PSNR (dB, as `evaluate` computes it) of
 for each `--strength` given, as a Markdown table for docs/benchmarks.md, with the mean over the
 tasks and how many tasks each column beats the input on.
 
-    python bench/loop_parts.py --weights demo_out/weights --data demo_out/data/val-000000.tar [--strength 1 0.3]
+`--bands SIGMA` adds a second table: each column split into its low frequencies (a Gaussian blur
+of σ SIGMA px) and the rest, the PSNR of each part against the same part of the ground truth
+(MSE pooled over the task's images), plus `vae(gt)`, the VAE's round trip of the clean image: the
+part of an LDM sample's error its decoder makes on its own.
+
+    python bench/loop_parts.py --weights demo_out/weights --data demo_out/data/val-000000.tar [--strength 1 0.3] [--bands 4]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 from collections import defaultdict
 
 import torch
+from torch import Tensor
+from torchvision.transforms.functional import gaussian_blur
 
 from lit_restore.data.degrade.suite import build_task_set
 from lit_restore.data.degrade.types import prompt_for
@@ -28,6 +36,33 @@ from lit_restore.restorers import AutoRestorer, image_generator, load_biqa, load
 from lit_restore.settings import LoopSettings, SamplerSettings, TileSettings
 
 COLUMNS = ("input", "vae", "ldm", "ldm+scm", "loop")
+BAND_COLUMNS = ("input", "vae(gt)", "ldm", "ldm+scm", "loop")
+BORDER = 4  # as the PSNR of `evaluate`
+
+
+def round_trip(ldm, images: Tensor) -> Tensor:
+    """[0,1] images through the LDM's VAE and back (the condition latent's posterior mode)."""
+    h, w = images.shape[-2:]
+    return ldm.decode(ldm.encode_condition(ldm.pad(images)) * ldm.vae.config.scaling_factor)[..., :h, :w]
+
+
+def split_bands(x: Tensor, sigma: float) -> tuple[Tensor, Tensor]:
+    """(low, rest) of (N,C,H,W) images: a Gaussian blur of σ `sigma` px (reflected borders) and
+    what it leaves out; low + rest == x."""
+    low = gaussian_blur(x, [2 * round(3 * sigma) + 1] * 2, [sigma, sigma])
+    return low, x - low
+
+
+def band_errors(x: Tensor, gt: Tensor, sigma: float) -> tuple[float, float]:
+    """Summed squared error of the low and the rest band of `x` against `gt`'s, inside the border."""
+    inner = (..., slice(BORDER, -BORDER), slice(BORDER, -BORDER))
+    bands = zip(split_bands(x, sigma), split_bands(gt, sigma))
+    return tuple(float((a - b)[inner].double().pow(2).sum()) for a, b in bands)
+
+
+def band_psnr(errors: list[tuple[float, float]], values: int) -> tuple[float, float]:
+    """PSNR (dB) of each band from summed squared errors over `values` pixel values in all."""
+    return tuple(10 * math.log10(values / e) if e > 0 else math.inf for e in map(sum, zip(*errors)))
 
 
 def main() -> None:
@@ -39,6 +74,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=plan.diffusion_steps, help="sampler steps at strength 1")
     p.add_argument("--max-passes", type=int, default=plan.max_passes, help="of the whole loop")
     p.add_argument("--images", type=int, default=plan.eval_images, help="per task")
+    p.add_argument("--bands", type=float, metavar="SIGMA", help="also split each column at a Gaussian of σ SIGMA px")
     p.add_argument("--scm-every-pass", action=argparse.BooleanOptionalAction, default=plan.scm_every_pass,
                    help="the loop's SCM also after a low-resolution pass (the demo's setting)")
     a = p.parse_args()
@@ -52,32 +88,48 @@ def main() -> None:
         loop = AutoRestorer(biqa, diffusion, device, LoopSettings(a.max_passes, a.scm_every_pass))
         ldm = diffusion.ldm
         means: dict[str, list[float]] = defaultdict(list)
+        band_rows: list[str] = []
         for task in tasks:
             context = diffusion.contexts([prompt_for(classes[true_class(task, classes)])])
             scores: dict[str, list[float]] = defaultdict(list)
+            bands: dict[str, list[tuple[float, float]]] = defaultdict(list)
+            values = 0
             for _, gt8, lq8 in build_task_set(task, a.data, max_images=a.images):
                 gt, lq = gt8[None].float() / 255, lq8[None].float() / 255
-                h, w = lq.shape[-2:]
                 with torch.no_grad():
-                    vae = ldm.decode(ldm.encode_condition(ldm.pad(lq)) * ldm.vae.config.scaling_factor)[..., :h, :w]
+                    vae = round_trip(ldm, lq)
                     out = diffusion.sample(lq, context, image_generator(0, device))
                     parts = {"input": lq, "vae": vae, "ldm": out,
                              "loop": loop.restore(lq, image_generator(0, device))[0]}
                     if diffusion.scm is not None:
                         parts["ldm+scm"] = diffusion.correct(lq, out)
+                    if a.bands:
+                        parts["vae(gt)"] = round_trip(ldm, gt)
                 for name, image in parts.items():
-                    scores[name].append(float(psnr(quantize_8bit(image), gt, 4, False)))
+                    image = quantize_8bit(image)
+                    scores[name].append(float(psnr(image, gt, BORDER, False)))
+                    if a.bands:
+                        bands[name].append(band_errors(image, gt, a.bands))
+                values += gt[..., BORDER:-BORDER, BORDER:-BORDER].numel()
             row = {n: sum(scores[n]) / len(scores[n]) for n in COLUMNS if scores[n]}
             for n, v in row.items():
                 means[n].append(v)
             cells = [f"{row[n]:.2f}" if n in row else "–" for n in COLUMNS]
             print(f"| {task.name} | {strength:g} | " + " | ".join(cells) + " |", flush=True)
+            if a.bands:
+                cells = ["%.2f / %.2f" % band_psnr(bands[n], values) if bands[n] else "–"
+                         for n in BAND_COLUMNS]
+                band_rows.append(f"| {task.name} | {strength:g} | " + " | ".join(cells) + " |")
         mean = {n: sum(v) / len(v) for n, v in means.items()}
         cells = [f"**{mean[n]:.2f}**" if n in mean else "–" for n in COLUMNS]
         print(f"| mean | {strength:g} | " + " | ".join(cells) + " |")
         beats = [f"{sum(v > i for v, i in zip(means[n], means['input']))}/{len(tasks)}" if n in means else "–"
                  for n in COLUMNS[1:]]
         print(f"| tasks above the input | {strength:g} | – | " + " | ".join(beats) + " |", flush=True)
+        if a.bands:
+            print(f"\nPSNR (dB) of the low frequencies (Gaussian σ {a.bands:g} px) / of the rest, MSE pooled over each task's images:\n")
+            print("| task | strength | " + " | ".join(BAND_COLUMNS) + " |\n|---|---|" + "---|" * len(BAND_COLUMNS))
+            print("\n".join(band_rows), flush=True)
 
 
 if __name__ == "__main__":
