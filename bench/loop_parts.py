@@ -53,11 +53,11 @@ def split_bands(x: Tensor, sigma: float) -> tuple[Tensor, Tensor]:
     return low, x - low
 
 
-def band_errors(x: Tensor, gt: Tensor, sigma: float) -> tuple[float, float]:
-    """Summed squared error of the low and the rest band of `x` against `gt`'s, inside the border."""
+def band_errors(x: Tensor, gt_bands: tuple[Tensor, Tensor], sigma: float) -> tuple[float, float]:
+    """Summed squared error of the low and the rest band of `x` against the ground truth's
+    (`split_bands(gt, sigma)`, split once per image), inside the border."""
     inner = (..., slice(BORDER, -BORDER), slice(BORDER, -BORDER))
-    bands = zip(split_bands(x, sigma), split_bands(gt, sigma))
-    return tuple(float((a - b)[inner].double().pow(2).sum()) for a, b in bands)
+    return tuple(float((a - b)[inner].double().pow(2).sum()) for a, b in zip(split_bands(x, sigma), gt_bands))
 
 
 def band_psnr(errors: list[tuple[float, float]], values: int) -> tuple[float, float]:
@@ -105,11 +105,12 @@ def main() -> None:
                         parts["ldm+scm"] = diffusion.correct(lq, out)
                     if a.bands:
                         parts["vae(gt)"] = round_trip(ldm, gt)
+                gt_bands = split_bands(gt, a.bands) if a.bands else None
                 for name, image in parts.items():
                     image = quantize_8bit(image)
                     scores[name].append(float(psnr(image, gt, BORDER, False)))
                     if a.bands:
-                        bands[name].append(band_errors(image, gt, a.bands))
+                        bands[name].append(band_errors(image, gt_bands, a.bands))
                 values += gt[..., BORDER:-BORDER, BORDER:-BORDER].numel()
             row = {n: sum(scores[n]) / len(scores[n]) for n in COLUMNS if scores[n]}
             for n, v in row.items():

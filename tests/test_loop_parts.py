@@ -32,7 +32,7 @@ def test_an_error_lands_in_its_band(kind):
     else:  # a one-pixel checkerboard: nothing a σ 4 px Gaussian keeps
         yy, xx = torch.meshgrid(torch.arange(48), torch.arange(48), indexing="ij")
         error = ((yy + xx) % 2 * 2 - 1).to(gt.dtype).expand_as(gt) * 0.05
-    low, rest = loop_parts.band_errors(gt + error, gt, 4.0)
+    low, rest = loop_parts.band_errors(gt + error, loop_parts.split_bands(gt, 4.0), 4.0)
     total = float(error[..., 4:-4, 4:-4].double().pow(2).sum())
     big, small = (low, rest) if kind == "offset" else (rest, low)
     assert big == pytest.approx(total, rel=0.01)
