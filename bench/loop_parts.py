@@ -14,7 +14,10 @@ of σ SIGMA px) and the rest, the PSNR of each part against the same part of the
 (MSE pooled over the task's images), plus `vae(gt)`, the VAE's round trip of the clean image: the
 part of an LDM sample's error its decoder makes on its own.
 
-    python bench/loop_parts.py --weights demo_out/weights --data demo_out/data/val-000000.tar [--strength 1 0.3] [--bands 4]
+`--per-image` adds a table of every image's PSNR in each column: which crops a task's mean gains
+or loses on.
+
+    python bench/loop_parts.py --weights demo_out/weights --data demo_out/data/val-000000.tar [--strength 1 0.3] [--bands 4] [--per-image]
 """
 
 from __future__ import annotations
@@ -75,6 +78,7 @@ def main() -> None:
     p.add_argument("--max-passes", type=int, default=plan.max_passes, help="of the whole loop")
     p.add_argument("--images", type=int, default=plan.eval_images, help="per task")
     p.add_argument("--bands", type=float, metavar="SIGMA", help="also split each column at a Gaussian of σ SIGMA px")
+    p.add_argument("--per-image", action="store_true", help="also a table of every image's PSNR per column")
     p.add_argument("--scm-every-pass", action=argparse.BooleanOptionalAction, default=plan.scm_every_pass,
                    help="the loop's SCM also after a low-resolution pass (the demo's setting)")
     a = p.parse_args()
@@ -89,12 +93,13 @@ def main() -> None:
         ldm = diffusion.ldm
         means: dict[str, list[float]] = defaultdict(list)
         band_rows: list[str] = []
+        image_rows: list[str] = []
         for task in tasks:
             context = diffusion.contexts([prompt_for(classes[true_class(task, classes)])])
             scores: dict[str, list[float]] = defaultdict(list)
             bands: dict[str, list[tuple[float, float]]] = defaultdict(list)
             values = 0
-            for _, gt8, lq8 in build_task_set(task, a.data, max_images=a.images):
+            for key, gt8, lq8 in build_task_set(task, a.data, max_images=a.images):
                 gt, lq = gt8[None].float() / 255, lq8[None].float() / 255
                 with torch.no_grad():
                     vae = round_trip(ldm, lq)
@@ -112,6 +117,9 @@ def main() -> None:
                     if a.bands:
                         bands[name].append(band_errors(image, gt_bands, a.bands))
                 values += gt[..., BORDER:-BORDER, BORDER:-BORDER].numel()
+                if a.per_image:
+                    cells = [f"{scores[n][-1]:.2f}" if scores[n] else "–" for n in COLUMNS]
+                    image_rows.append(f"| {task.name} | {key} | " + " | ".join(cells) + " |")
             row = {n: sum(scores[n]) / len(scores[n]) for n in COLUMNS if scores[n]}
             for n, v in row.items():
                 means[n].append(v)
@@ -131,6 +139,10 @@ def main() -> None:
             print(f"\nPSNR (dB) of the low frequencies (Gaussian σ {a.bands:g} px) / of the rest, MSE pooled over each task's images:\n")
             print("| task | strength | " + " | ".join(BAND_COLUMNS) + " |\n|---|---|" + "---|" * len(BAND_COLUMNS))
             print("\n".join(band_rows), flush=True)
+        if a.per_image:
+            print(f"\nPSNR (dB) per image, strength {strength:g}:\n")
+            print("| task | image | " + " | ".join(COLUMNS) + " |\n|---|---|" + "---|" * len(COLUMNS))
+            print("\n".join(image_rows), flush=True)
 
 
 if __name__ == "__main__":
