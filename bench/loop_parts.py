@@ -68,6 +68,16 @@ def band_psnr(errors: list[tuple[float, float]], values: int) -> tuple[float, fl
     return tuple(10 * math.log10(values / e) if e > 0 else math.inf for e in map(sum, zip(*errors)))
 
 
+def table_row(*cells: str) -> str:
+    """One line of a Markdown table."""
+    return "| " + " | ".join(cells) + " |"
+
+
+def table_header(*names: str) -> str:
+    """A Markdown table's header and separator lines."""
+    return table_row(*names) + "\n|" + "---|" * len(names)
+
+
 def main() -> None:
     plan = DemoPlan()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -86,7 +96,7 @@ def main() -> None:
     biqa = load_biqa(a.weights, device)
     classes = biqa.class_names
     tasks = select_tasks("gir", a.data, ",".join(EVAL_TASKS))
-    print("| task | strength | " + " | ".join(COLUMNS) + " |\n|---|---|" + "---|" * len(COLUMNS))
+    print(table_header("task", "strength", *COLUMNS))
     for strength in a.strength:
         diffusion = load_diffusion(a.weights, device, SamplerSettings(steps=a.steps, strength=strength), TileSettings())
         loop = AutoRestorer(biqa, diffusion, device, LoopSettings(a.max_passes, a.scm_every_pass))
@@ -119,29 +129,29 @@ def main() -> None:
                 values += gt[..., BORDER:-BORDER, BORDER:-BORDER].numel()
                 if a.per_image:
                     cells = [f"{scores[n][-1]:.2f}" if scores[n] else "–" for n in COLUMNS]
-                    image_rows.append(f"| {task.name} | {key} | " + " | ".join(cells) + " |")
+                    image_rows.append(table_row(task.name, str(key), *cells))
             row = {n: sum(scores[n]) / len(scores[n]) for n in COLUMNS if scores[n]}
             for n, v in row.items():
                 means[n].append(v)
             cells = [f"{row[n]:.2f}" if n in row else "–" for n in COLUMNS]
-            print(f"| {task.name} | {strength:g} | " + " | ".join(cells) + " |", flush=True)
+            print(table_row(task.name, f"{strength:g}", *cells), flush=True)
             if a.bands:
                 cells = ["%.2f / %.2f" % band_psnr(bands[n], values) if bands[n] else "–"
                          for n in BAND_COLUMNS]
-                band_rows.append(f"| {task.name} | {strength:g} | " + " | ".join(cells) + " |")
+                band_rows.append(table_row(task.name, f"{strength:g}", *cells))
         mean = {n: sum(v) / len(v) for n, v in means.items()}
         cells = [f"**{mean[n]:.2f}**" if n in mean else "–" for n in COLUMNS]
-        print(f"| mean | {strength:g} | " + " | ".join(cells) + " |")
+        print(table_row("mean", f"{strength:g}", *cells))
         beats = [f"{sum(v > i for v, i in zip(means[n], means['input']))}/{len(tasks)}" if n in means else "–"
                  for n in COLUMNS[1:]]
-        print(f"| tasks above the input | {strength:g} | – | " + " | ".join(beats) + " |", flush=True)
+        print(table_row("tasks above the input", f"{strength:g}", "–", *beats), flush=True)
         if a.bands:
             print(f"\nPSNR (dB) of the low frequencies (Gaussian σ {a.bands:g} px) / of the rest, MSE pooled over each task's images:\n")
-            print("| task | strength | " + " | ".join(BAND_COLUMNS) + " |\n|---|---|" + "---|" * len(BAND_COLUMNS))
+            print(table_header("task", "strength", *BAND_COLUMNS))
             print("\n".join(band_rows), flush=True)
         if a.per_image:
             print(f"\nPSNR (dB) per image, strength {strength:g}:\n")
-            print("| task | image | " + " | ".join(COLUMNS) + " |\n|---|---|" + "---|" * len(COLUMNS))
+            print(table_header("task", "image", *COLUMNS))
             print("\n".join(image_rows), flush=True)
 
 

@@ -44,3 +44,8 @@ def test_band_psnr_pools_the_squared_errors_over_all_values():
     low, rest = loop_parts.band_psnr([(0.01, 0.0), (0.03, 0.2)], 200)
     assert low == pytest.approx(10 * math.log10(1 / 2e-4))
     assert rest == pytest.approx(30.0)  # 0.2 over 200 values
+
+
+def test_tables_are_markdown_with_one_separator_per_column():
+    assert loop_parts.table_header("task", "image", "input") == "| task | image | input |\n|---|---|---|"
+    assert loop_parts.table_row("mean", "1", "–", "3/7") == "| mean | 1 | – | 3/7 |"
